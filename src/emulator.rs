@@ -1,0 +1,1 @@
+//! A local Cloudflare Queues HTTP API (pull, ack, publish) with real lease semantics.
