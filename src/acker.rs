@@ -1,0 +1,205 @@
+//! The one owner of a consumer's ack traffic: coalesces acks and retries from the workers into
+//! calls of at most 100 items, flushes when 100 are held, after a short interval, and before any
+//! held lease runs out; retries failed calls with backoff until the items' leases expire.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::cloudflare::{AckEntry, ApiError, Op, QueueClient, RetryEntry, short_lease};
+use crate::metrics::ConsumerMetrics;
+
+/// Items per ack call.
+pub const MAX_ITEMS_PER_CALL: usize = 100;
+/// How long an item may wait for companions before it is flushed.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Ack calls in flight at once per consumer: one call at a time would cap throughput at
+/// 100 items per round trip.
+pub const MAX_CALLS_IN_FLIGHT: usize = 4;
+
+/// What to tell Cloudflare about one lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    Ack,
+    Retry { delay_seconds: u32 },
+}
+
+/// One lease to acknowledge or retry.
+#[derive(Debug)]
+pub struct AckItem {
+    pub lease_id: String,
+    pub kind: AckKind,
+    /// The lease's end; the item must reach Cloudflare before it.
+    pub deadline: Instant,
+}
+
+/// Everything the acker needs; `run` consumes it.
+pub struct Acker {
+    pub queue: String,
+    pub client: QueueClient,
+    pub metrics: ConsumerMetrics,
+    /// Flush this long before the earliest held lease expires.
+    pub lease_margin: Duration,
+    /// Cancelled when the shutdown grace has run out: make one last attempt, no more retries.
+    pub hard_stop: CancellationToken,
+}
+
+impl Acker {
+    /// Run until every sender of `rx` is gone and every item is sent (or its lease expired).
+    pub async fn run(self, mut rx: mpsc::Receiver<AckItem>) {
+        let this = Arc::new(self);
+        let permits = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+        let mut calls = JoinSet::new();
+        let mut pending: Vec<AckItem> = Vec::with_capacity(MAX_ITEMS_PER_CALL);
+        // When the oldest pending item arrived, and the earliest pending deadline.
+        let mut oldest: Option<Instant> = None;
+        let mut earliest: Option<Instant> = None;
+        loop {
+            let flush_at = oldest.map(|o| {
+                let by_interval = o + FLUSH_INTERVAL;
+                match earliest {
+                    Some(d) => by_interval.min(d.checked_sub(this.lease_margin).unwrap_or(d)),
+                    None => by_interval,
+                }
+            });
+            tokio::select! {
+                item = rx.recv() => match item {
+                    Some(item) => {
+                        oldest.get_or_insert_with(Instant::now);
+                        earliest = Some(earliest.map_or(item.deadline, |e| e.min(item.deadline)));
+                        pending.push(item);
+                        if pending.len() >= MAX_ITEMS_PER_CALL {
+                            let batch = std::mem::replace(&mut pending, Vec::with_capacity(MAX_ITEMS_PER_CALL));
+                            (oldest, earliest) = (None, None);
+                            this.dispatch(batch, &permits, &mut calls).await;
+                        }
+                    }
+                    None => break,
+                },
+                _ = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                    let batch = std::mem::replace(&mut pending, Vec::with_capacity(MAX_ITEMS_PER_CALL));
+                    (oldest, earliest) = (None, None);
+                    this.dispatch(batch, &permits, &mut calls).await;
+                }
+                Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            }
+        }
+        if !pending.is_empty() {
+            this.dispatch(pending, &permits, &mut calls).await;
+        }
+        while calls.join_next().await.is_some() {}
+        debug!(queue = %this.queue, "acker finished");
+    }
+
+    async fn dispatch(
+        self: &Arc<Self>,
+        batch: Vec<AckItem>,
+        permits: &Arc<Semaphore>,
+        calls: &mut JoinSet<()>,
+    ) {
+        // Waiting for a call slot here stops the acker from reading its channel; the bounded
+        // channel then holds the workers back, which holds the poller back: backpressure.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let this = self.clone();
+        calls.spawn(async move {
+            this.send(batch).await;
+            drop(permit);
+        });
+    }
+
+    /// Send one batch, retrying with backoff; gives up on items whose lease has expired.
+    async fn send(&self, mut batch: Vec<AckItem>) {
+        let mut backoff = crate::poller::api_backoff();
+        loop {
+            let now = Instant::now();
+            let before = batch.len();
+            batch.retain(|i| i.deadline > now);
+            let expired = before - batch.len();
+            if expired > 0 {
+                self.metrics.leases_expired.inc_by(expired as u64);
+                error!(queue = %self.queue, items = expired,
+                    "ack API unreachable until these leases expired: the messages will be redelivered");
+            }
+            if batch.is_empty() {
+                return;
+            }
+            let acks: Vec<AckEntry<'_>> = batch
+                .iter()
+                .filter(|i| i.kind == AckKind::Ack)
+                .map(|i| AckEntry {
+                    lease_id: &i.lease_id,
+                })
+                .collect();
+            let retries: Vec<RetryEntry<'_>> = batch
+                .iter()
+                .filter_map(|i| match i.kind {
+                    AckKind::Retry { delay_seconds } => Some(RetryEntry {
+                        lease_id: &i.lease_id,
+                        delay_seconds,
+                    }),
+                    AckKind::Ack => None,
+                })
+                .collect();
+            let started = Instant::now();
+            let result = self.client.ack(&acks, &retries).await;
+            let elapsed = started.elapsed().as_secs_f64();
+            let err = match result {
+                Ok(r) => {
+                    self.metrics.api(Op::Ack, "ok", elapsed);
+                    self.metrics.acks_sent.inc_by(acks.len() as u64);
+                    self.metrics.retries_sent.inc_by(retries.len() as u64);
+                    if !r.warnings.is_empty() {
+                        self.metrics.ack_warnings.inc_by(r.warnings.len() as u64);
+                        for w in r.warnings.iter().take(10) {
+                            warn!(queue = %self.queue, warning = %w, "ack API warning");
+                        }
+                    }
+                    debug!(queue = %self.queue, acks = acks.len(), retries = retries.len(),
+                        ack_count = ?r.ack_count, retry_count = ?r.retry_count, "ack call done");
+                    return;
+                }
+                Err(e) => e,
+            };
+            self.metrics.api(Op::Ack, err.class(), elapsed);
+            if self.hard_stop.is_cancelled() {
+                error!(queue = %self.queue, items = batch.len(), error = %err,
+                    first_lease = %short_lease(&batch[0].lease_id),
+                    "ack call failed during shutdown; these messages return when their leases expire");
+                return;
+            }
+            let wait = retry_wait(&err, &mut backoff);
+            if err.is_auth() {
+                error!(queue = %self.queue, error = %err, retry_in = ?wait, "ack call rejected");
+            } else {
+                warn!(queue = %self.queue, items = batch.len(), error = %err, retry_in = ?wait, "ack call failed; retrying");
+            }
+            tokio::select! {
+                _ = sleep(wait) => {}
+                _ = self.hard_stop.cancelled() => {
+                    info!(queue = %self.queue, "shutdown: one last ack attempt");
+                }
+            }
+        }
+    }
+}
+
+/// The wait before retrying a failed API call: the next backoff step, at least the server's
+/// `Retry-After`, and at least 30 s after an authentication failure (a token problem is not
+/// fixed by hammering the API).
+pub fn retry_wait(err: &ApiError, backoff: &mut impl Iterator<Item = Duration>) -> Duration {
+    let mut wait = backoff.next().unwrap_or(Duration::from_secs(30));
+    if let Some(after) = err.retry_after() {
+        wait = wait.max(after);
+    }
+    if err.is_auth() {
+        wait = wait.max(Duration::from_secs(30));
+    }
+    wait
+}

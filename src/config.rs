@@ -1,0 +1,892 @@
+//! The configuration file: serde structs with documented defaults, loading (TOML + environment),
+//! token resolution and validation that names the offending key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::header::{HeaderName, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Prefix of environment variables that override configuration keys, e.g.
+/// `CFQ_RELAY__CLOUDFLARE__ACCOUNT_ID` or `CFQ_RELAY__LOG__LEVEL`.
+pub const ENV_PREFIX: &str = "CFQ_RELAY";
+/// The environment variable that carries the Cloudflare API token (highest precedence).
+pub const TOKEN_ENV: &str = "CLOUDFLARE_API_TOKEN";
+
+const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 3600);
+
+/// A configuration error. Its `Display` is one line that names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a key has the wrong type or is unknown.
+    #[error("{0}")]
+    Parse(String),
+    /// A value is out of its allowed range or otherwise invalid.
+    #[error("`{key}` {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Cloudflare account and API access.
+    pub cloudflare: CloudflareConfig,
+    /// The admin HTTP server (/metrics, /healthz, /readyz).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// One entry per queue to consume; they run side by side in one process.
+    #[serde(default)]
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+/// `[cloudflare]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudflareConfig {
+    /// Cloudflare account id (32 hex characters in the dashboard URL). Required.
+    #[serde(default)]
+    pub account_id: String,
+    /// Base URL of the API; point it at `cfq-relay emulate` for local work.
+    #[serde(default = "default_api_base_url")]
+    pub api_base_url: String,
+    /// API token in the file itself (least preferred: use the environment or a file).
+    #[serde(default)]
+    pub api_token: Option<SecretString>,
+    /// Path of a file that holds the API token (e.g. a systemd credential or a Kubernetes secret).
+    #[serde(default)]
+    pub api_token_file: Option<PathBuf>,
+    /// Timeout of one pull or ack API call.
+    #[serde(default = "default_api_timeout", with = "humantime_serde")]
+    pub api_timeout: Duration,
+}
+
+fn default_api_base_url() -> String {
+    "https://api.cloudflare.com/client/v4".into()
+}
+fn default_api_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+impl fmt::Debug for CloudflareConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CloudflareConfig")
+            .field("account_id", &self.account_id)
+            .field("api_base_url", &self.api_base_url)
+            .field("api_token", &self.api_token.as_ref().map(|_| "[REDACTED]"))
+            .field("api_token_file", &self.api_token_file)
+            .field("api_timeout", &self.api_timeout)
+            .finish()
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP server serving /metrics, /healthz and /readyz.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Level filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive list).
+    /// `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `text` (human-readable) or `json` (one JSON object per line).
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::default(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long in-flight deliveries may take to finish after SIGTERM/SIGINT before they are
+    /// abandoned and their messages handed back. Must be shorter than every visibility timeout.
+    #[serde(default = "default_grace_period", with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+fn default_grace_period() -> Duration {
+    Duration::from_secs(25)
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace_period: default_grace_period(),
+        }
+    }
+}
+
+/// `[[consumers]]`: one queue delivered to one webhook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// A short name used in logs and as the `queue` metric label; defaults to `queue_id`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The queue id (32 hex characters; `wrangler queues info NAME` shows it). Required.
+    #[serde(default)]
+    pub queue_id: String,
+    /// Messages asked for per pull, 1..=100.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Lease length of a pulled message, 1s..=12h. A message not acked in time is redelivered.
+    #[serde(default = "default_visibility_timeout", with = "humantime_serde")]
+    pub visibility_timeout: Duration,
+    /// Maximum deliveries in flight (and messages held) for this consumer, 1..=10000.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Maximum pull calls in flight at once, 1..=32; several are used when the free
+    /// delivery slots exceed one batch.
+    #[serde(default = "default_max_pulls_in_flight")]
+    pub max_pulls_in_flight: usize,
+    /// Upper bound of the (jittered, exponential) wait between pulls of an empty queue.
+    #[serde(default = "default_max_idle_backoff", with = "humantime_serde")]
+    pub max_idle_backoff: Duration,
+    /// The webhook every message is POSTed to.
+    #[serde(default)]
+    pub webhook: WebhookConfig,
+    /// Delays of retried messages.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+fn default_batch_size() -> u32 {
+    100
+}
+fn default_visibility_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_concurrency() -> usize {
+    64
+}
+fn default_max_pulls_in_flight() -> usize {
+    4
+}
+fn default_max_idle_backoff() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl ConsumerConfig {
+    /// The label used for this consumer in logs and metrics.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.queue_id)
+    }
+}
+
+/// `[consumers.webhook]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// URL the bodies are POSTed to (http or https). Required.
+    #[serde(default)]
+    pub url: String,
+    /// Timeout of one webhook request (connect to last response byte); shorter than
+    /// `visibility_timeout`.
+    #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Extra request headers, e.g. `{ "X-Tenant" = "blue" }`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Statuses besides 2xx that count as delivered (e.g. `[409]` for idempotent receivers).
+    #[serde(default)]
+    pub success_statuses: Vec<u16>,
+    /// Statuses that drop the message: it is acked without delivery, counted and logged.
+    /// Empty by default: nothing is dropped unless configured.
+    #[serde(default)]
+    pub drop_statuses: Vec<u16>,
+}
+
+fn default_webhook_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            timeout: default_webhook_timeout(),
+            headers: BTreeMap::new(),
+            success_statuses: Vec::new(),
+            drop_statuses: Vec::new(),
+        }
+    }
+}
+
+/// `[consumers.retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Delay before the first redelivery of a failed message; doubles with each attempt.
+    #[serde(default = "default_base_delay", with = "humantime_serde")]
+    pub base_delay: Duration,
+    /// Cap of the retry delay (and of a webhook's Retry-After), at most 24h.
+    #[serde(default = "default_max_delay", with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+fn default_base_delay() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_delay() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            base_delay: default_base_delay(),
+            max_delay: default_max_delay(),
+        }
+    }
+}
+
+impl Config {
+    /// Read `path` (TOML), apply `CFQ_RELAY__SECTION__KEY` environment overrides, and validate.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let raw = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Parse(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml_with_env(&raw)
+    }
+
+    /// Parse TOML text, apply environment overrides, validate.
+    pub fn from_toml_with_env(text: &str) -> Result<Config, ConfigError> {
+        let env = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(env)
+            .build()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parse TOML text without environment overrides, validate.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check every value against its allowed range. The first problem wins.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let cf = &self.cloudflare;
+        if cf.account_id.trim().is_empty() {
+            return Err(invalid("cloudflare.account_id", "is required"));
+        }
+        if !cf.account_id.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(invalid(
+                "cloudflare.account_id",
+                "must be letters and digits only (the 32-character id)",
+            ));
+        }
+        check_http_url("cloudflare.api_base_url", &cf.api_base_url)?;
+        check_range(
+            "cloudflare.api_timeout",
+            cf.api_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+        )?;
+        if let Some(token) = &cf.api_token
+            && token.expose_secret().trim().is_empty()
+        {
+            return Err(invalid("cloudflare.api_token", "is empty"));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "is empty"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "must be a level (error, warn, info, debug, trace) or a tracing directive, got {:?}",
+                    self.log.level
+                ),
+            ));
+        }
+        check_range(
+            "shutdown.grace_period",
+            self.shutdown.grace_period,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+        )?;
+        if self.consumers.is_empty() {
+            return Err(invalid(
+                "consumers",
+                "needs at least one [[consumers]] entry",
+            ));
+        }
+        let mut labels = std::collections::HashSet::new();
+        for (i, c) in self.consumers.iter().enumerate() {
+            let key = |k: &str| format!("consumers[{i}].{k}");
+            if c.queue_id.trim().is_empty() {
+                return Err(invalid(key("queue_id"), "is required"));
+            }
+            if !c
+                .queue_id
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+            {
+                return Err(invalid(
+                    key("queue_id"),
+                    "must be letters, digits, '-' or '_' (the queue id, not its URL)",
+                ));
+            }
+            if let Some(name) = &c.name
+                && (name.is_empty()
+                    || name.len() > 64
+                    || !name
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)))
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "must be 1 to 64 characters of letters, digits, '-', '_', '.', got {name:?}"
+                    ),
+                ));
+            }
+            if !labels.insert(c.label().to_owned()) {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?} is used by two consumers; give each a distinct `name`",
+                        c.label()
+                    ),
+                ));
+            }
+            if !(1..=100).contains(&c.batch_size) {
+                return Err(invalid(
+                    key("batch_size"),
+                    format!("must be between 1 and 100, got {}", c.batch_size),
+                ));
+            }
+            check_range(
+                &key("visibility_timeout"),
+                c.visibility_timeout,
+                Duration::from_secs(1),
+                MAX_VISIBILITY,
+            )?;
+            if !(1..=10_000).contains(&c.concurrency) {
+                return Err(invalid(
+                    key("concurrency"),
+                    format!("must be between 1 and 10000, got {}", c.concurrency),
+                ));
+            }
+            if !(1..=32).contains(&c.max_pulls_in_flight) {
+                return Err(invalid(
+                    key("max_pulls_in_flight"),
+                    format!("must be between 1 and 32, got {}", c.max_pulls_in_flight),
+                ));
+            }
+            check_range(
+                &key("max_idle_backoff"),
+                c.max_idle_backoff,
+                Duration::from_millis(100),
+                Duration::from_secs(60),
+            )?;
+            let w = &c.webhook;
+            if w.url.trim().is_empty() {
+                return Err(invalid(key("webhook.url"), "is required"));
+            }
+            check_http_url(&key("webhook.url"), &w.url)?;
+            check_range(
+                &key("webhook.timeout"),
+                w.timeout,
+                Duration::from_millis(100),
+                MAX_VISIBILITY,
+            )?;
+            if w.timeout >= c.visibility_timeout {
+                return Err(invalid(
+                    key("webhook.timeout"),
+                    format!(
+                        "must be shorter than visibility_timeout ({}), got {}",
+                        fmt_duration(c.visibility_timeout),
+                        fmt_duration(w.timeout)
+                    ),
+                ));
+            }
+            if self.shutdown.grace_period >= c.visibility_timeout {
+                return Err(invalid(
+                    "shutdown.grace_period",
+                    format!(
+                        "must be shorter than the visibility_timeout of consumers[{i}] ({}), got {}",
+                        fmt_duration(c.visibility_timeout),
+                        fmt_duration(self.shutdown.grace_period)
+                    ),
+                ));
+            }
+            for (name, value) in &w.headers {
+                if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(invalid(
+                        key("webhook.headers"),
+                        format!("has an invalid header name {name:?}"),
+                    ));
+                }
+                if HeaderValue::from_str(value).is_err() {
+                    // The value may be a secret: name the header, never echo the value.
+                    return Err(invalid(
+                        format!("{}.{name}", key("webhook.headers")),
+                        "has an invalid header value (control characters or non-ASCII)",
+                    ));
+                }
+            }
+            for (field, list) in [
+                ("webhook.success_statuses", &w.success_statuses),
+                ("webhook.drop_statuses", &w.drop_statuses),
+            ] {
+                if let Some(s) = list.iter().find(|s| !(100..=599).contains(*s)) {
+                    return Err(invalid(
+                        key(field),
+                        format!("must hold HTTP statuses between 100 and 599, got {s}"),
+                    ));
+                }
+            }
+            if let Some(s) = w
+                .drop_statuses
+                .iter()
+                .find(|s| (200..300).contains(*s) || w.success_statuses.contains(s))
+            {
+                return Err(invalid(
+                    key("webhook.drop_statuses"),
+                    format!("{s} already counts as delivered"),
+                ));
+            }
+            let r = &c.retry;
+            check_range(
+                &key("retry.max_delay"),
+                r.max_delay,
+                Duration::ZERO,
+                MAX_RETRY_DELAY,
+            )?;
+            check_range(
+                &key("retry.base_delay"),
+                r.base_delay,
+                Duration::ZERO,
+                r.max_delay,
+            )
+            .map_err(|_| {
+                invalid(
+                    key("retry.base_delay"),
+                    format!(
+                        "must be between 0s and retry.max_delay ({}), got {}",
+                        fmt_duration(r.max_delay),
+                        fmt_duration(r.base_delay)
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Resolve the API token: `CLOUDFLARE_API_TOKEN`, then `api_token_file`, then `api_token`.
+    pub fn resolve_token(&self) -> Result<SecretString, ConfigError> {
+        resolve_token_from(&self.cloudflare, std::env::var(TOKEN_ENV).ok())
+    }
+
+    /// One line for `check-config` and the startup log; never contains secrets.
+    pub fn summary(&self) -> String {
+        let consumers: Vec<String> = self
+            .consumers
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} (batch {}, visibility {}, concurrency {}) -> {}",
+                    c.label(),
+                    c.batch_size,
+                    fmt_duration(c.visibility_timeout),
+                    c.concurrency,
+                    redact_url(&c.webhook.url)
+                )
+            })
+            .collect();
+        format!(
+            "config ok: account {}, api {}, admin {}, {} consumer(s): {}",
+            self.cloudflare.account_id,
+            redact_url(&self.cloudflare.api_base_url),
+            self.admin.listen,
+            self.consumers.len(),
+            consumers.join("; ")
+        )
+    }
+}
+
+fn resolve_token_from(
+    cf: &CloudflareConfig,
+    env: Option<String>,
+) -> Result<SecretString, ConfigError> {
+    if let Some(t) = env {
+        let t = t.trim().to_owned();
+        if t.is_empty() {
+            return Err(invalid(TOKEN_ENV, "is set but empty"));
+        }
+        return Ok(SecretString::from(t));
+    }
+    if let Some(path) = &cf.api_token_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            invalid(
+                "cloudflare.api_token_file",
+                format!("cannot be read ({}): {}", path.display(), e.kind()),
+            )
+        })?;
+        let t = text.trim().to_owned();
+        if t.is_empty() {
+            return Err(invalid(
+                "cloudflare.api_token_file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        return Ok(SecretString::from(t));
+    }
+    if let Some(t) = &cf.api_token {
+        return Ok(SecretString::from(t.expose_secret().trim().to_owned()));
+    }
+    Err(invalid(
+        "cloudflare.api_token",
+        format!("no API token: set {TOKEN_ENV}, cloudflare.api_token_file or cloudflare.api_token"),
+    ))
+}
+
+fn check_range(key: &str, v: Duration, min: Duration, max: Duration) -> Result<(), ConfigError> {
+    if v < min || v > max {
+        return Err(invalid(
+            key,
+            format!(
+                "must be between {} and {}, got {}",
+                fmt_duration(min),
+                fmt_duration(max),
+                fmt_duration(v)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
+        Ok(u) => Err(invalid(
+            key,
+            format!("must be an http or https URL, got scheme {:?}", u.scheme()),
+        )),
+        Err(e) => Err(invalid(key, format!("is not a valid URL: {e}"))),
+    }
+}
+
+/// Strip userinfo and query (which may carry credentials) from a URL for display.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                u.set_query(Some("REDACTED"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<invalid url>".into(),
+    }
+}
+
+/// Human-readable duration, e.g. `1h 30m`, `250ms`.
+pub fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[cloudflare]
+account_id = "0123456789abcdef0123456789abcdef"
+api_token = "secret-token-value"
+
+[[consumers]]
+queue_id = "q1"
+[consumers.webhook]
+url = "http://127.0.0.1:8080/hook"
+"#;
+
+    fn with(extra_cloudflare: &str, consumer: &str) -> String {
+        format!(
+            "[cloudflare]\naccount_id = \"abc\"\napi_token = \"t\"\n{extra_cloudflare}\n[[consumers]]\nqueue_id = \"q1\"\n{consumer}\n[consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n"
+        )
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::from_toml(GOOD).unwrap();
+        let q = &c.consumers[0];
+        assert_eq!(q.batch_size, 100);
+        assert_eq!(q.visibility_timeout, Duration::from_secs(60));
+        assert_eq!(q.concurrency, 64);
+        assert_eq!(q.webhook.timeout, Duration::from_secs(10));
+        assert_eq!(q.retry.base_delay, Duration::from_secs(5));
+        assert_eq!(q.retry.max_delay, Duration::from_secs(3600));
+        assert_eq!(c.admin.listen, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(c.shutdown.grace_period, Duration::from_secs(25));
+        assert_eq!(
+            c.cloudflare.api_base_url,
+            "https://api.cloudflare.com/client/v4"
+        );
+        assert_eq!(q.label(), "q1");
+    }
+
+    fn err_of(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases: &[(String, &str)] = &[
+            (
+                GOOD.replace("account_id = \"0123456789abcdef0123456789abcdef\"", ""),
+                "`cloudflare.account_id` is required",
+            ),
+            (with("", "batch_size = 0"), "`consumers[0].batch_size` must be between 1 and 100, got 0"),
+            (with("", "batch_size = 101"), "`consumers[0].batch_size` must be between 1 and 100, got 101"),
+            (
+                with("", "visibility_timeout = \"13h\""),
+                "`consumers[0].visibility_timeout` must be between 1s and 12h, got 13h",
+            ),
+            (with("", "concurrency = 0"), "`consumers[0].concurrency` must be between 1 and 10000"),
+            (
+                with("", "visibility_timeout = \"10s\""),
+                "`consumers[0].webhook.timeout` must be shorter than visibility_timeout (10s), got 10s",
+            ),
+            (
+                with("", "").replace("http://127.0.0.1/h", "ftp://example.com/x"),
+                "`consumers[0].webhook.url` must be an http or https URL, got scheme \"ftp\"",
+            ),
+            (with("", "").replace("http://127.0.0.1/h", "not a url"), "`consumers[0].webhook.url` is not a valid URL"),
+            (with("api_base_url = \"file:///x\"", ""), "`cloudflare.api_base_url` must be an http or https URL"),
+            (
+                with("", "").replace("url = \"http://127.0.0.1/h\"", ""),
+                "`consumers[0].webhook.url` is required",
+            ),
+            (
+                format!("{}\n[consumers.retry]\nmax_delay = \"25h\"\n", with("", "")),
+                "`consumers[0].retry.max_delay` must be between 0s and 1day, got 1day 1h",
+            ),
+            (
+                format!("{}\n[consumers.retry]\nbase_delay = \"2h\"\n", with("", "")),
+                "`consumers[0].retry.base_delay` must be between 0s and retry.max_delay (1h), got 2h",
+            ),
+            (with("", "").replace("api_token = \"t\"", "api_token = \"  \""), "`cloudflare.api_token` is empty"),
+            (
+                format!("{}\n[shutdown]\ngrace_period = \"60s\"\n", with("", "")),
+                "`shutdown.grace_period` must be shorter than the visibility_timeout of consumers[0] (1m), got 1m",
+            ),
+            (
+                "[cloudflare]\naccount_id = \"abc\"\n".to_string(),
+                "`consumers` needs at least one [[consumers]] entry",
+            ),
+            (
+                format!("{}\n[consumers.webhook.headers]\n\"bad name\" = \"x\"\n", with("", "")).replace("[consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n\n[consumers.webhook.headers]", "[consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n[consumers.webhook.headers]"),
+                "`consumers[0].webhook.headers` has an invalid header name",
+            ),
+            (
+                format!("{}drop_statuses = [200]\n", with("", "")),
+                "`consumers[0].webhook.drop_statuses` 200 already counts as delivered",
+            ),
+            (
+                format!("{}success_statuses = [700]\n", with("", "")),
+                "`consumers[0].webhook.success_statuses` must hold HTTP statuses between 100 and 599, got 700",
+            ),
+            (with("", "name = \"a b\""), "`consumers[0].name` must be 1 to 64 characters"),
+            (with("", "max_pulls_in_flight = 0"), "`consumers[0].max_pulls_in_flight` must be between 1 and 32"),
+            (
+                format!("{}\n[log]\nlevel = \"loud=?=\"\n", with("", "")),
+                "`log.level` must be a level",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = err_of(text);
+            assert!(
+                got.contains(want),
+                "config:\n{text}\nwant error containing {want:?}\ngot {got:?}"
+            );
+            assert!(!got.contains('\n'), "error must be one line: {got:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let got = err_of(&format!("{}\nbogus = 1\n", GOOD));
+        assert!(got.contains("bogus"), "{got}");
+        let got = err_of(&with("", "batchsize = 5"));
+        assert!(got.contains("batchsize"), "{got}");
+        let got = err_of(&GOOD.replace("[cloudflare]", "[cloudflare]\ntypo_key = 1"));
+        assert!(got.contains("typo_key"), "{got}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let got = err_of(&with("", "batch_size = \"many\""));
+        assert!(got.contains("batch_size"), "{got}");
+        let got = err_of(&with("", "visibility_timeout = \"forever\""));
+        assert!(got.contains("visibility_timeout"), "{got}");
+    }
+
+    #[test]
+    fn token_precedence_env_then_file_then_inline() {
+        let c = Config::from_toml(GOOD).unwrap();
+        let t = resolve_token_from(&c.cloudflare, Some("from-env".into())).unwrap();
+        assert_eq!(t.expose_secret(), "from-env");
+        let t = resolve_token_from(&c.cloudflare, None).unwrap();
+        assert_eq!(t.expose_secret(), "secret-token-value");
+
+        let dir = std::env::temp_dir().join(format!("cfq-relay-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut cf = c.cloudflare.clone();
+        cf.api_token_file = Some(file.clone());
+        assert_eq!(
+            resolve_token_from(&cf, None).unwrap().expose_secret(),
+            "from-file"
+        );
+
+        std::fs::write(&file, "  \n").unwrap();
+        let e = resolve_token_from(&cf, None).unwrap_err().to_string();
+        assert!(
+            e.contains("`cloudflare.api_token_file`") && e.contains("is empty"),
+            "{e}"
+        );
+
+        cf.api_token_file = Some(dir.join("missing"));
+        let e = resolve_token_from(&cf, None).unwrap_err().to_string();
+        assert!(
+            e.contains("`cloudflare.api_token_file` cannot be read"),
+            "{e}"
+        );
+
+        cf.api_token_file = None;
+        cf.api_token = None;
+        let e = resolve_token_from(&cf, None).unwrap_err().to_string();
+        assert!(e.contains("no API token"), "{e}");
+        let e = resolve_token_from(&cf, Some(" ".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CLOUDFLARE_API_TOKEN"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn debug_and_summary_hide_secrets() {
+        let mut text = GOOD.replace(
+            "http://127.0.0.1:8080/hook",
+            "https://user:pw@example.com/hook?sig=abc",
+        );
+        text.push_str("[consumers.webhook.headers]\nAuthorization = \"Bearer hunter2\"\n");
+        let c = Config::from_toml(&text).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("secret-token-value"), "{debug}");
+        let summary = c.summary();
+        for secret in ["secret-token-value", "pw@", "sig=abc", "hunter2"] {
+            assert!(!summary.contains(secret), "{summary}");
+        }
+        assert!(summary.starts_with("config ok: account 0123456789abcdef0123456789abcdef"));
+    }
+
+    #[test]
+    fn environment_overrides_keys() {
+        // Setting variables in this process would race the other tests (and is `unsafe` in
+        // edition 2024), so the test re-runs itself in a child process with the variables set.
+        let exe = std::env::current_exe().unwrap();
+        if std::env::var("CFQ_RELAY_ENV_CHILD").is_ok() {
+            let c = Config::from_toml_with_env(GOOD).unwrap();
+            assert_eq!(c.cloudflare.account_id, "fromenv");
+            assert_eq!(c.log.level, "debug");
+            assert_eq!(c.admin.listen, "127.0.0.1:9999".parse().unwrap());
+            return;
+        }
+        let status = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "config::tests::environment_overrides_keys",
+                "--nocapture",
+            ])
+            .env("CFQ_RELAY_ENV_CHILD", "1")
+            .env("CFQ_RELAY__CLOUDFLARE__ACCOUNT_ID", "fromenv")
+            .env("CFQ_RELAY__LOG__LEVEL", "debug")
+            .env("CFQ_RELAY__ADMIN__LISTEN", "127.0.0.1:9999")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&status.stdout);
+        assert!(status.status.success(), "{out}");
+        assert!(out.contains("1 passed"), "the child ran no test: {out}");
+    }
+}

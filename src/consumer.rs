@@ -1,0 +1,127 @@
+//! One consumer (one queue → one webhook): wires the poller, the worker pool and the acker
+//! together and runs them until shutdown, then drains.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::acker::{AckItem, Acker};
+use crate::cloudflare::QueueClient;
+use crate::config::ConsumerConfig;
+use crate::delivery::Webhook;
+use crate::metrics::ConsumerMetrics;
+use crate::policy::Policy;
+
+/// Readiness of one consumer: true after a successful pull, false again after several
+/// failures in a row.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pub ready: AtomicBool,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// What every task of one consumer shares.
+pub struct Ctx {
+    pub label: String,
+    pub config: ConsumerConfig,
+    pub client: QueueClient,
+    pub webhook: Webhook,
+    pub policy: Policy,
+    pub metrics: ConsumerMetrics,
+    pub readiness: Arc<Readiness>,
+    /// Sends outcomes to the acker.
+    pub acks: mpsc::Sender<AckItem>,
+    /// Bounds deliveries in flight plus messages held: one permit per message.
+    pub slots: Arc<Semaphore>,
+    /// Deliveries in progress.
+    pub workers: TaskTracker,
+    /// Stop pulling (first signal).
+    pub shutdown: CancellationToken,
+    /// Grace over: abandon deliveries, hand their messages back.
+    pub hard_stop: CancellationToken,
+    /// A delivery starts only if `webhook.timeout + lease_margin` fit before the lease ends.
+    pub lease_margin: Duration,
+}
+
+/// The time kept free before a lease's end for the ack to reach Cloudflare.
+pub fn lease_margin(visibility_timeout: Duration) -> Duration {
+    (visibility_timeout / 10).clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+/// A configured consumer, ready to run.
+pub struct Consumer {
+    ctx: Arc<Ctx>,
+    acker: Acker,
+    rx: mpsc::Receiver<AckItem>,
+}
+
+impl Consumer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: ConsumerConfig,
+        client: QueueClient,
+        webhook: Webhook,
+        metrics: ConsumerMetrics,
+        readiness: Arc<Readiness>,
+        shutdown: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> Self {
+        let label = config.label().to_owned();
+        // Room for every in-flight outcome plus a few batches: workers rarely wait on it, but
+        // when the ack API is slow they do, and that is the backpressure we want.
+        let (tx, rx) = mpsc::channel(config.concurrency + 4 * crate::acker::MAX_ITEMS_PER_CALL);
+        let margin = lease_margin(config.visibility_timeout);
+        let acker = Acker {
+            queue: label.clone(),
+            client: client.clone(),
+            metrics: metrics.clone(),
+            lease_margin: margin,
+            hard_stop: hard_stop.clone(),
+        };
+        let ctx = Arc::new(Ctx {
+            label,
+            policy: Policy::from_config(&config),
+            slots: Arc::new(Semaphore::new(config.concurrency)),
+            config,
+            client,
+            webhook,
+            metrics,
+            readiness,
+            acks: tx,
+            workers: TaskTracker::new(),
+            shutdown,
+            hard_stop,
+            lease_margin: margin,
+        });
+        Self { ctx, acker, rx }
+    }
+
+    /// Run until shutdown, then drain: finish pulls in flight (handing their messages back),
+    /// let deliveries finish (until the hard stop), flush every ack and retry.
+    pub async fn run(self) {
+        let Consumer { ctx, acker, rx } = self;
+        let acker = tokio::spawn(acker.run(rx));
+        info!(queue = %ctx.label, queue_id = %ctx.config.queue_id, concurrency = ctx.config.concurrency,
+            batch_size = ctx.config.batch_size, "consumer started");
+        crate::poller::run(ctx.clone()).await;
+        ctx.workers.close();
+        ctx.workers.wait().await;
+        let label = ctx.label.clone();
+        // The last sender goes with the context; the acker then flushes and ends.
+        drop(ctx);
+        if let Err(e) = acker.await {
+            tracing::error!(queue = %label, error = %e, "acker task failed");
+        }
+        info!(queue = %label, "consumer stopped");
+    }
+}

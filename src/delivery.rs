@@ -1,0 +1,338 @@
+//! One delivery: decode a message body by its `CF-Content-Type` and POST it, byte for byte, to
+//! the webhook; classify what happened as a [`policy::Attempt`].
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use tokio::time::Instant;
+
+use crate::config::ConsumerConfig;
+use crate::policy::{Attempt, parse_retry_after};
+
+/// Header carrying the Cloudflare message id (stable across redeliveries).
+pub const HEADER_MESSAGE_ID: &str = "cfq-message-id";
+/// Header carrying the delivery attempt (1 on the first delivery).
+pub const HEADER_ATTEMPT: &str = "cfq-attempt";
+/// Header carrying the publish time, Unix milliseconds (absent when Cloudflare gave none).
+pub const HEADER_TIMESTAMP: &str = "cfq-timestamp-ms";
+/// Header carrying the queue id.
+pub const HEADER_QUEUE_ID: &str = "cfq-queue-id";
+/// Header carrying the original `CF-Content-Type` (absent when the message had none).
+pub const HEADER_CONTENT_TYPE: &str = "cfq-content-type";
+
+/// How much of a webhook answer is read (for connection reuse and log excerpts); the rest is
+/// discarded unread, so a huge or endless answer costs nothing.
+const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// A pulled message the relay holds a lease on.
+#[derive(Debug)]
+pub struct Message {
+    pub id: String,
+    pub lease_id: String,
+    /// Cloudflare's delivery count, from 1.
+    pub attempts: u32,
+    /// Publish time, Unix ms.
+    pub timestamp_ms: Option<u64>,
+    pub content_type: Option<String>,
+    pub body: String,
+    /// When the lease runs out (pull start + visibility timeout: conservative).
+    pub deadline: Instant,
+}
+
+/// A decoded body ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    pub bytes: Bytes,
+    pub content_type: &'static str,
+}
+
+/// Why a body cannot be forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("v8-serialized body: only a Worker can decode it")]
+    V8,
+    #[error("{0} body is not valid base64")]
+    Base64(&'static str),
+    #[error("json body is neither JSON nor base64 of JSON")]
+    Json,
+}
+
+const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
+    .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+    .with_decode_allow_trailing_bits(true);
+const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
+const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    STANDARD.decode(s).or_else(|_| URL_SAFE.decode(s)).ok()
+}
+
+/// Decode a body as `cloudflare-queues.md` says: `text` (or no content type, or one this relay
+/// does not know) as is; `bytes` base64-decoded; `json` as is when it already parses as JSON,
+/// else base64-decoded (and then it must be JSON); `v8` cannot be decoded.
+///
+/// The raw-JSON-first rule is unambiguous: a base64 text that also parses as JSON is a run of
+/// digits, whose decoding is not UTF-8 and so was never a JSON document.
+pub fn decode_body(content_type: Option<&str>, body: String) -> Result<Payload, DecodeError> {
+    match content_type.map(str::to_ascii_lowercase).as_deref() {
+        Some("json") => {
+            if serde_json::from_str::<serde::de::IgnoredAny>(&body).is_ok() {
+                return Ok(Payload {
+                    bytes: Bytes::from(body),
+                    content_type: "application/json",
+                });
+            }
+            let raw = base64_decode(&body).ok_or(DecodeError::Json)?;
+            if serde_json::from_slice::<serde::de::IgnoredAny>(&raw).is_err() {
+                return Err(DecodeError::Json);
+            }
+            Ok(Payload {
+                bytes: Bytes::from(raw),
+                content_type: "application/json",
+            })
+        }
+        Some("bytes") => Ok(Payload {
+            bytes: Bytes::from(base64_decode(&body).ok_or(DecodeError::Base64("bytes"))?),
+            content_type: "application/octet-stream",
+        }),
+        Some("v8") => Err(DecodeError::V8),
+        // "text", absent, or unknown: forward as text.
+        _ => Ok(Payload {
+            bytes: Bytes::from(body),
+            content_type: "text/plain; charset=utf-8",
+        }),
+    }
+}
+
+/// What one POST produced.
+#[derive(Debug)]
+pub struct Response {
+    pub attempt: Attempt,
+    /// A short excerpt of a non-2xx answer, or the error text, for logs.
+    pub detail: String,
+}
+
+/// The webhook of one consumer: URL, fixed headers, timeout, shared client.
+#[derive(Clone)]
+pub struct Webhook {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    headers: HeaderMap,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &crate::config::redact_url(self.url.as_str()))
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Webhook {
+    pub fn new(client: reqwest::Client, c: &ConsumerConfig) -> anyhow::Result<Self> {
+        let url = reqwest::Url::parse(&c.webhook.url)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("cfq-relay/", env!("CARGO_PKG_VERSION"))),
+        );
+        headers.insert(HEADER_QUEUE_ID, HeaderValue::from_str(&c.queue_id)?);
+        for (name, value) in &c.webhook.headers {
+            let mut value = HeaderValue::from_str(value)
+                .map_err(|_| anyhow::anyhow!("invalid value for header {name}"))?;
+            // Operators put credentials here; keep them out of any debug output of hyper.
+            value.set_sensitive(true);
+            headers.insert(HeaderName::from_bytes(name.as_bytes())?, value);
+        }
+        Ok(Self {
+            client,
+            url,
+            headers,
+            timeout: c.webhook.timeout,
+        })
+    }
+
+    /// POST one payload. Never fails: every error becomes an [`Attempt`].
+    pub async fn post(&self, msg: &Message, payload: Payload) -> Response {
+        let mut headers = self.headers.clone();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(payload.content_type));
+        if let Ok(v) = HeaderValue::from_str(&msg.id) {
+            headers.insert(HEADER_MESSAGE_ID, v);
+        }
+        headers.insert(HEADER_ATTEMPT, HeaderValue::from(msg.attempts));
+        if let Some(ts) = msg.timestamp_ms {
+            headers.insert(HEADER_TIMESTAMP, HeaderValue::from(ts));
+        }
+        if let Some(ct) = msg
+            .content_type
+            .as_deref()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            headers.insert(HEADER_CONTENT_TYPE, ct);
+        }
+        let sent = self
+            .client
+            .post(self.url.clone())
+            .headers(headers)
+            .timeout(self.timeout)
+            .body(payload.bytes)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => return classify_error(e),
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        // Read (a bounded part of) the answer so the connection can be reused and a failure
+        // can be logged with an excerpt. The request timeout covers this read too.
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        let mut broken = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    let room = MAX_RESPONSE_BODY.saturating_sub(body.len());
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if body.len() >= MAX_RESPONSE_BODY {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        let success = (200..300).contains(&status);
+        if let Some(e) = broken
+            && !success
+        {
+            // A failure status whose body broke off: the status already says "retry".
+            return Response {
+                attempt: Attempt::Status {
+                    status,
+                    retry_after,
+                },
+                detail: crate::cloudflare::error_chain(&e.without_url()),
+            };
+        }
+        // A 2xx counts even if the rest of its body broke off: the receiver said it has it.
+        Response {
+            attempt: Attempt::Status {
+                status,
+                retry_after,
+            },
+            detail: if success {
+                String::new()
+            } else {
+                crate::cloudflare::excerpt(&body)
+            },
+        }
+    }
+}
+
+fn classify_error(e: reqwest::Error) -> Response {
+    let attempt = if e.is_timeout() {
+        Attempt::Timeout
+    } else if e.is_connect() {
+        Attempt::Connect
+    } else {
+        Attempt::Transport
+    };
+    Response {
+        attempt,
+        // Without the URL: its query string may carry a credential.
+        detail: crate::cloudflare::error_chain(&e.without_url()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(ct: Option<&str>, body: &str) -> Result<Payload, DecodeError> {
+        decode_body(ct, body.to_string())
+    }
+
+    #[test]
+    fn text_is_forwarded_as_is() {
+        for body in [
+            "hello",
+            "",
+            "ünïcødé ✓",
+            "{\"looks\":\"like json\"}",
+            "aGVsbG8=",
+        ] {
+            let p = dec(Some("text"), body).unwrap();
+            assert_eq!(p.bytes, body.as_bytes());
+            assert_eq!(p.content_type, "text/plain; charset=utf-8");
+        }
+    }
+
+    #[test]
+    fn absent_or_unknown_type_is_text() {
+        assert_eq!(dec(None, "x=1").unwrap().bytes, "x=1");
+        assert_eq!(
+            dec(None, "x=1").unwrap().content_type,
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(dec(Some("mystery"), "abc").unwrap().bytes, "abc");
+    }
+
+    #[test]
+    fn json_base64_or_raw() {
+        let doc = r#"{"a":[1,2,3],"b":"ü"}"#;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(doc);
+        for wire in [
+            b64.clone(),
+            b64.trim_end_matches('=').to_string(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(doc),
+            doc.to_string(),
+        ] {
+            let p = dec(Some("json"), &wire).unwrap();
+            assert_eq!(p.bytes, doc.as_bytes(), "wire {wire:?}");
+            assert_eq!(p.content_type, "application/json");
+        }
+        // Scalars are JSON too, raw or encoded.
+        assert_eq!(dec(Some("json"), "1234").unwrap().bytes, "1234");
+        assert_eq!(dec(Some("json"), "dHJ1ZQ==").unwrap().bytes, "true");
+        assert_eq!(dec(Some("json"), "not json!"), Err(DecodeError::Json));
+        // Valid base64 whose content is not JSON.
+        assert_eq!(dec(Some("json"), "aGVsbG8="), Err(DecodeError::Json));
+        assert_eq!(dec(Some("JSON"), "{}").unwrap().bytes, "{}");
+    }
+
+    #[test]
+    fn bytes_are_base64_decoded_exactly() {
+        let raw: Vec<u8> = (0..=255u8).rev().collect();
+        for engine in [
+            base64::engine::general_purpose::STANDARD,
+            base64::engine::general_purpose::STANDARD_NO_PAD,
+            base64::engine::general_purpose::URL_SAFE,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            let p = dec(Some("bytes"), &engine.encode(&raw)).unwrap();
+            assert_eq!(p.bytes, raw);
+            assert_eq!(p.content_type, "application/octet-stream");
+        }
+        assert_eq!(dec(Some("bytes"), "").unwrap().bytes, "");
+        assert_eq!(dec(Some("bytes"), "%%%"), Err(DecodeError::Base64("bytes")));
+    }
+
+    #[test]
+    fn v8_is_not_forwarded() {
+        assert_eq!(dec(Some("v8"), "/w9vIgFh"), Err(DecodeError::V8));
+    }
+}

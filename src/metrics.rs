@@ -1,0 +1,384 @@
+//! Every Prometheus metric of the relay, registered once in a per-process registry, and the
+//! per-consumer handles the hot path uses (label lookups happen at start-up, not per message).
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+const PREFIX: &str = "cfq_relay";
+
+/// Outcomes of a delivery (the `outcome` label).
+pub const OUTCOMES: [&str; 4] = ["acked", "retried", "dropped", "undecodable"];
+/// Status classes of a webhook answer (the `status_class` label).
+pub const STATUS_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "error"];
+/// Results of an API call (the `result` label).
+pub const API_RESULTS: [&str; 6] = ["ok", "429", "4xx", "5xx", "malformed", "transport_error"];
+/// Why a held message was handed back without delivery (the `reason` label).
+pub const RELEASE_REASONS: [&str; 2] = ["lease", "shutdown"];
+
+/// The process-wide metric families.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    backlog_messages: IntGaugeVec,
+    backlog_bytes: IntGaugeVec,
+    oldest_age: GaugeVec,
+    pulled: IntCounterVec,
+    invalid: IntCounterVec,
+    deliveries: IntCounterVec,
+    acks_sent: IntCounterVec,
+    retries_sent: IntCounterVec,
+    ack_warnings: IntCounterVec,
+    leases_expired: IntCounterVec,
+    released: IntCounterVec,
+    webhook_duration: HistogramVec,
+    webhook_responses: IntCounterVec,
+    api_duration: HistogramVec,
+    api_requests: IntCounterVec,
+    message_age: HistogramVec,
+    in_flight: IntGaugeVec,
+    concurrency: IntGaugeVec,
+    last_pull: GaugeVec,
+}
+
+fn name(n: &str) -> String {
+    format!("{PREFIX}_{n}")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let q = &["queue"];
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definition is valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric registered once");
+                m
+            }};
+        }
+        let build_info = reg!(IntGaugeVec::new(
+            Opts::new(name("build_info"), "Build information; always 1."),
+            &["version"]
+        ));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let webhook_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        let age_buckets = vec![
+            0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0,
+            86400.0,
+        ];
+        Self {
+            backlog_messages: reg!(IntGaugeVec::new(
+                Opts::new(
+                    name("queue_backlog_messages"),
+                    "Unacknowledged messages in the queue, as reported by the last pull."
+                ),
+                q
+            )),
+            backlog_bytes: reg!(IntGaugeVec::new(
+                Opts::new(
+                    name("queue_backlog_bytes"),
+                    "Bytes of unacknowledged messages in the queue, as reported by the last pull."
+                ),
+                q
+            )),
+            oldest_age: reg!(GaugeVec::new(
+                Opts::new(
+                    name("queue_oldest_message_age_seconds"),
+                    "Age of the oldest unacknowledged message at the last pull (0 when unknown or empty)."
+                ),
+                q
+            )),
+            pulled: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("messages_pulled_total"),
+                    "Messages received from pulls."
+                ),
+                q
+            )),
+            invalid: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("messages_invalid_total"),
+                    "Pulled messages skipped because they had no lease id (they return by lease expiry)."
+                ),
+                q
+            )),
+            deliveries: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("messages_delivered_total"),
+                    "Messages handled, by outcome: acked (webhook 2xx), retried, dropped by policy, undecodable."
+                ),
+                &["queue", "outcome"]
+            )),
+            acks_sent: reg!(IntCounterVec::new(
+                Opts::new(name("acks_sent_total"), "Acks accepted by the ack API."),
+                q
+            )),
+            retries_sent: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("retries_sent_total"),
+                    "Retries (with delay_seconds) accepted by the ack API."
+                ),
+                q
+            )),
+            ack_warnings: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("ack_warnings_total"),
+                    "Warnings returned by the ack API."
+                ),
+                q
+            )),
+            leases_expired: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("leases_expired_total"),
+                    "Acks or retries given up because their lease expired before the ack API took them."
+                ),
+                q
+            )),
+            released: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("messages_released_total"),
+                    "Held messages handed back with a zero-delay retry without delivery, by reason."
+                ),
+                &["queue", "reason"]
+            )),
+            webhook_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    name("webhook_request_duration_seconds"),
+                    "Webhook request duration, by status class."
+                )
+                .buckets(webhook_buckets.clone()),
+                &["queue", "status_class"]
+            )),
+            webhook_responses: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("webhook_responses_total"),
+                    "Webhook answers, by status class."
+                ),
+                &["queue", "status_class"]
+            )),
+            api_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    name("api_request_duration_seconds"),
+                    "Cloudflare API call duration, by op (pull, ack)."
+                )
+                .buckets(webhook_buckets),
+                &["queue", "op"]
+            )),
+            api_requests: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("api_requests_total"),
+                    "Cloudflare API calls, by op and result."
+                ),
+                &["queue", "op", "result"]
+            )),
+            message_age: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    name("message_age_at_delivery_seconds"),
+                    "End-to-end age of a message when its webhook answered (now - publish time)."
+                )
+                .buckets(age_buckets),
+                q
+            )),
+            in_flight: reg!(IntGaugeVec::new(
+                Opts::new(
+                    name("deliveries_in_flight"),
+                    "Webhook deliveries in progress."
+                ),
+                q
+            )),
+            concurrency: reg!(IntGaugeVec::new(
+                Opts::new(
+                    name("concurrency"),
+                    "Configured maximum deliveries in flight."
+                ),
+                q
+            )),
+            last_pull: reg!(GaugeVec::new(
+                Opts::new(
+                    name("last_successful_pull_timestamp_seconds"),
+                    "Unix time of the last successful pull."
+                ),
+                q
+            )),
+            registry,
+        }
+    }
+
+    /// Resolve every labelled child for one consumer.
+    pub fn consumer(&self, queue: &str, concurrency: usize) -> ConsumerMetrics {
+        let q = [queue];
+        self.concurrency
+            .with_label_values(&q)
+            .set(i64::try_from(concurrency).unwrap_or(i64::MAX));
+        let by = |v: &IntCounterVec, second: &[&str]| -> Vec<IntCounter> {
+            second
+                .iter()
+                .map(|s| v.with_label_values(&[queue, s]))
+                .collect()
+        };
+        let api = |op: &str| -> Vec<IntCounter> {
+            API_RESULTS
+                .iter()
+                .map(|r| self.api_requests.with_label_values(&[queue, op, r]))
+                .collect()
+        };
+        ConsumerMetrics {
+            backlog_messages: self.backlog_messages.with_label_values(&q),
+            backlog_bytes: self.backlog_bytes.with_label_values(&q),
+            oldest_age: self.oldest_age.with_label_values(&q),
+            pulled: self.pulled.with_label_values(&q),
+            invalid: self.invalid.with_label_values(&q),
+            deliveries: by(&self.deliveries, &OUTCOMES),
+            acks_sent: self.acks_sent.with_label_values(&q),
+            retries_sent: self.retries_sent.with_label_values(&q),
+            ack_warnings: self.ack_warnings.with_label_values(&q),
+            leases_expired: self.leases_expired.with_label_values(&q),
+            released: by(&self.released, &RELEASE_REASONS),
+            webhook_duration: STATUS_CLASSES
+                .iter()
+                .map(|c| self.webhook_duration.with_label_values(&[queue, c]))
+                .collect(),
+            webhook_responses: by(&self.webhook_responses, &STATUS_CLASSES),
+            pull_duration: self.api_duration.with_label_values(&[queue, "pull"]),
+            ack_duration: self.api_duration.with_label_values(&[queue, "ack"]),
+            pull_results: api("pull"),
+            ack_results: api("ack"),
+            message_age: self.message_age.with_label_values(&q),
+            in_flight: self.in_flight.with_label_values(&q),
+            last_pull: self.last_pull.with_label_values(&q),
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One consumer's metric children.
+#[derive(Clone)]
+pub struct ConsumerMetrics {
+    pub backlog_messages: IntGauge,
+    pub backlog_bytes: IntGauge,
+    pub oldest_age: Gauge,
+    pub pulled: IntCounter,
+    pub invalid: IntCounter,
+    deliveries: Vec<IntCounter>,
+    pub acks_sent: IntCounter,
+    pub retries_sent: IntCounter,
+    pub ack_warnings: IntCounter,
+    pub leases_expired: IntCounter,
+    released: Vec<IntCounter>,
+    webhook_duration: Vec<Histogram>,
+    webhook_responses: Vec<IntCounter>,
+    pull_duration: Histogram,
+    ack_duration: Histogram,
+    pull_results: Vec<IntCounter>,
+    ack_results: Vec<IntCounter>,
+    pub message_age: Histogram,
+    pub in_flight: IntGauge,
+    pub last_pull: Gauge,
+}
+
+fn index(set: &[&str], value: &str) -> usize {
+    set.iter()
+        .position(|s| *s == value)
+        .unwrap_or(set.len() - 1)
+}
+
+impl ConsumerMetrics {
+    /// Count one handled message by outcome (one of [`OUTCOMES`]).
+    pub fn delivered(&self, outcome: &str) {
+        self.deliveries[index(&OUTCOMES, outcome)].inc();
+    }
+
+    /// Count a message handed back unprocessed (one of [`RELEASE_REASONS`]).
+    pub fn released(&self, reason: &str) {
+        self.released[index(&RELEASE_REASONS, reason)].inc();
+    }
+
+    /// Record one webhook answer (status class one of [`STATUS_CLASSES`]).
+    pub fn webhook(&self, class: &str, seconds: f64) {
+        let i = index(&STATUS_CLASSES, class);
+        self.webhook_duration[i].observe(seconds);
+        self.webhook_responses[i].inc();
+    }
+
+    /// Record one API call (`result` one of [`API_RESULTS`]).
+    pub fn api(&self, op: crate::cloudflare::Op, result: &str, seconds: f64) {
+        let i = index(&API_RESULTS, result);
+        match op {
+            crate::cloudflare::Op::Pull => {
+                self.pull_duration.observe(seconds);
+                self.pull_results[i].inc();
+            }
+            crate::cloudflare::Op::Ack => {
+                self.ack_duration.observe(seconds);
+                self.ack_results[i].inc();
+            }
+        }
+    }
+
+    /// The value of a delivery outcome counter (used by the demo summary and tests).
+    pub fn delivered_count(&self, outcome: &str) -> u64 {
+        self.deliveries[index(&OUTCOMES, outcome)].get()
+    }
+}
+
+/// The status class label of a webhook answer.
+pub fn status_class(attempt: &crate::policy::Attempt) -> &'static str {
+    use crate::policy::Attempt;
+    match attempt {
+        Attempt::Status { status, .. } => match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        },
+        Attempt::Timeout => "timeout",
+        Attempt::Connect | Attempt::Transport | Attempt::Undecodable => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_render_with_prefix_and_help() {
+        let m = Metrics::new();
+        let c = m.consumer("orders", 8);
+        c.delivered("acked");
+        c.webhook("2xx", 0.01);
+        c.api(crate::cloudflare::Op::Pull, "ok", 0.02);
+        let text = m.render();
+        assert!(text.contains("cfq_relay_build_info{version=\""));
+        assert!(
+            text.contains(
+                "cfq_relay_messages_delivered_total{outcome=\"acked\",queue=\"orders\"} 1"
+            )
+        );
+        assert!(text.contains("cfq_relay_concurrency{queue=\"orders\"} 8"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("cfq_relay_"), "{line}");
+        }
+        assert_eq!(c.delivered_count("acked"), 1);
+    }
+}

@@ -1,0 +1,244 @@
+//! The pull loop of one consumer: pulls only as many messages as there are free delivery slots,
+//! keeps several pulls in flight when the free slots exceed one batch, backs off on empty
+//! queues and API errors, and hands each pulled message to a worker.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, error, info, warn};
+
+use crate::acker::retry_wait;
+use crate::cloudflare::{ApiError, Op, PulledMessage};
+use crate::consumer::Ctx;
+use crate::delivery::Message;
+
+/// Pull failures in a row after which the consumer reports not ready.
+const UNREADY_AFTER_FAILURES: u32 = 3;
+
+/// Backoff of failed API calls: 500 ms doubling to 30 s, jittered.
+pub fn api_backoff() -> impl Iterator<Item = Duration> + Send {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Backoff between pulls of an empty queue: 50 ms doubling, jittered, up to `max` (with the
+/// jitter, the wait at the cap lies between `max/2` and `max`).
+pub fn idle_backoff(max: Duration) -> impl Iterator<Item = Duration> + Send {
+    let half = max / 2;
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50).min(half))
+        .with_max_delay(half)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .map(move |d| d.min(max))
+}
+
+/// How one pull call ended.
+enum Pulled {
+    Messages(usize),
+    Empty,
+    Failed(ApiError),
+}
+
+/// Run the pull loop until shutdown; returns after every pull in flight has finished and its
+/// messages were dispatched (or handed back).
+pub async fn run(ctx: Arc<Ctx>) {
+    let batch = ctx.config.batch_size as usize;
+    let concurrency = ctx.config.concurrency;
+    // Do not pull a handful of messages per round trip: wait until a useful share of a batch
+    // is free (pulls are billed operations and each costs a round trip).
+    let min_chunk = (batch.min(concurrency) / 4).max(1);
+    let max_pulls = ctx.config.max_pulls_in_flight;
+    let mut pulls: JoinSet<Pulled> = JoinSet::new();
+    let mut next_pull_at = Instant::now();
+    let mut idle = idle_backoff(ctx.config.max_idle_backoff);
+    let mut errors = api_backoff();
+    let mut failures_in_row = 0u32;
+
+    loop {
+        let can_launch = pulls.len() < max_pulls;
+        tokio::select! {
+            biased;
+            _ = ctx.shutdown.cancelled() => break,
+            Some(done) = pulls.join_next(), if !pulls.is_empty() => {
+                let outcome = match done {
+                    Ok(o) => o,
+                    Err(e) => {
+                        error!(queue = %ctx.label, error = %e, "pull task failed");
+                        continue;
+                    }
+                };
+                match outcome {
+                    Pulled::Messages(n) => {
+                        debug!(queue = %ctx.label, messages = n, "pulled");
+                        idle = idle_backoff(ctx.config.max_idle_backoff);
+                        errors = api_backoff();
+                        failures_in_row = 0;
+                        ctx.readiness.ready.store(true, Ordering::Relaxed);
+                    }
+                    Pulled::Empty => {
+                        errors = api_backoff();
+                        failures_in_row = 0;
+                        ctx.readiness.ready.store(true, Ordering::Relaxed);
+                        let wait = idle.next().unwrap_or(ctx.config.max_idle_backoff);
+                        next_pull_at = next_pull_at.max(Instant::now() + wait);
+                    }
+                    Pulled::Failed(err) => {
+                        failures_in_row += 1;
+                        if failures_in_row >= UNREADY_AFTER_FAILURES {
+                            ctx.readiness.ready.store(false, Ordering::Relaxed);
+                        }
+                        let wait = retry_wait(&err, &mut errors);
+                        next_pull_at = next_pull_at.max(Instant::now() + wait);
+                        if err.is_auth() {
+                            error!(queue = %ctx.label, error = %err, retry_in = ?wait, "pull rejected");
+                        } else {
+                            warn!(queue = %ctx.label, error = %err, retry_in = ?wait, "pull failed");
+                        }
+                    }
+                }
+            }
+            _ = sleep_until(next_pull_at), if can_launch && Instant::now() < next_pull_at => {}
+            permit = ctx.slots.clone().acquire_many_owned(min_chunk as u32),
+                if can_launch && Instant::now() >= next_pull_at =>
+            {
+                let Ok(mut permit) = permit else { break };
+                // Top up to a whole batch with whatever else is free right now.
+                let extra = ctx.slots.available_permits().min(batch - min_chunk);
+                if extra > 0
+                    && let Ok(more) = ctx.slots.clone().try_acquire_many_owned(extra as u32)
+                {
+                    permit.merge(more);
+                }
+                pulls.spawn(pull(ctx.clone(), permit));
+            }
+        }
+    }
+    info!(queue = %ctx.label, pulls_in_flight = pulls.len(), "stopped pulling");
+    // Pulls in flight finish; their messages are handed back since shutdown has begun.
+    while pulls.join_next().await.is_some() {}
+}
+
+/// One pull call for `permit.num_permits()` messages; dispatches what it gets.
+async fn pull(ctx: Arc<Ctx>, mut permit: OwnedSemaphorePermit) -> Pulled {
+    let n = permit.num_permits() as u32;
+    let visibility = ctx.config.visibility_timeout;
+    let started = Instant::now();
+    let result = ctx.client.pull(n, visibility).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.metrics.api(Op::Pull, e.class(), elapsed);
+            return Pulled::Failed(e);
+        }
+    };
+    ctx.metrics.api(Op::Pull, "ok", elapsed);
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    ctx.metrics.last_pull.set(now_unix.as_secs_f64());
+    let backlog = result.backlog();
+    if let Some(count) = backlog.backlog_count {
+        ctx.metrics.backlog_messages.set(clamp_i64(count));
+    }
+    if let Some(bytes) = backlog.backlog_bytes {
+        ctx.metrics.backlog_bytes.set(clamp_i64(bytes));
+    }
+    let oldest_age = match backlog.oldest_message_timestamp_ms {
+        Some(ts) if ts > 0 => (now_unix.as_millis() as f64 - ts as f64).max(0.0) / 1000.0,
+        _ => 0.0,
+    };
+    ctx.metrics.oldest_age.set(oldest_age);
+
+    let count = result.messages.len();
+    if count == 0 {
+        return Pulled::Empty;
+    }
+    ctx.metrics.pulled.inc_by(count as u64);
+    // The lease started no later than our request did: a conservative deadline.
+    let deadline = started + visibility;
+    for raw in result.messages {
+        let Some(msg) = to_message(&ctx, raw, deadline) else {
+            continue;
+        };
+        // One slot per message; a server that sent more than asked gets the extra back.
+        let Some(slot) = permit.split(1) else {
+            warn!(queue = %ctx.label, id = %msg.id, "pull returned more messages than asked for; handing the extra back");
+            crate::worker::release(&ctx, msg, "lease").await;
+            continue;
+        };
+        if ctx.shutdown.is_cancelled() {
+            crate::worker::release(&ctx, msg, "shutdown").await;
+            drop(slot);
+            continue;
+        }
+        ctx.workers
+            .spawn(crate::worker::deliver(ctx.clone(), msg, slot));
+    }
+    Pulled::Messages(count)
+}
+
+fn to_message(ctx: &Ctx, raw: PulledMessage, deadline: Instant) -> Option<Message> {
+    let content_type = raw.content_type().map(str::to_owned);
+    let Some(lease_id) = raw.lease_id.filter(|l| !l.is_empty()) else {
+        ctx.metrics.invalid.inc();
+        warn!(queue = %ctx.label, id = raw.id.as_deref().unwrap_or("?"),
+            "pulled message has no lease_id: it cannot be acked; skipped (it returns when its lease expires)");
+        return None;
+    };
+    Some(Message {
+        id: raw.id.unwrap_or_default(),
+        lease_id,
+        attempts: raw
+            .attempts
+            .map(|a| u32::try_from(a).unwrap_or(u32::MAX))
+            .unwrap_or(1)
+            .max(1),
+        timestamp_ms: raw.timestamp_ms.filter(|t| *t > 0),
+        content_type,
+        body: raw.body.unwrap_or_default(),
+        deadline,
+    })
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_backoff_grows_and_caps() {
+        let max = Duration::from_secs(2);
+        let waits: Vec<Duration> = idle_backoff(max).take(30).collect();
+        assert!(waits[0] < Duration::from_millis(200), "{waits:?}");
+        for w in &waits {
+            assert!(*w <= max, "{w:?}");
+        }
+        for w in &waits[20..] {
+            assert!(*w >= max / 2, "{w:?}");
+        }
+    }
+
+    #[test]
+    fn api_backoff_is_bounded() {
+        let waits: Vec<Duration> = api_backoff().take(40).collect();
+        assert!(waits[0] >= Duration::from_millis(500));
+        for w in &waits {
+            assert!(*w <= Duration::from_secs(60), "{w:?}");
+        }
+    }
+}

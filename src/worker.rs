@@ -1,0 +1,120 @@
+//! One worker of the pool: takes a held message, checks its lease still leaves time, delivers
+//! it, applies the outcome policy and hands the verdict to the acker.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
+
+use crate::acker::{AckItem, AckKind};
+use crate::consumer::Ctx;
+use crate::delivery::{Message, decode_body};
+use crate::metrics::status_class;
+use crate::policy::{Attempt, Decision, delay_seconds, jitter};
+
+/// Deliver one message; `slot` is its place in the pool and is released when this ends.
+pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit) {
+    let _in_flight = InFlight::new(&ctx);
+    // Start only if the webhook can answer and the ack can land before the lease ends;
+    // otherwise hand the message back now rather than deliver it twice.
+    if Instant::now() + ctx.config.webhook.timeout + ctx.lease_margin > msg.deadline {
+        warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts,
+            "lease too close to its end to deliver; handing the message back");
+        release(&ctx, msg, "lease").await;
+        return;
+    }
+    // The body moves into the request: no copy of it is made on the way to the socket.
+    let body = std::mem::take(&mut msg.body);
+    let (attempt, detail, outcome) = match decode_body(msg.content_type.as_deref(), body) {
+        Err(e) => (Attempt::Undecodable, e.to_string(), "undecodable"),
+        Ok(payload) => {
+            let started = Instant::now();
+            let response = tokio::select! {
+                r = ctx.webhook.post(&msg, payload) => r,
+                _ = ctx.hard_stop.cancelled() => {
+                    warn!(queue = %ctx.label, id = %msg.id, "shutdown grace over: abandoning the delivery and handing the message back");
+                    release(&ctx, msg, "shutdown").await;
+                    return;
+                }
+            };
+            let elapsed = started.elapsed();
+            ctx.metrics
+                .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
+            if let Some(ts) = msg.timestamp_ms {
+                let now_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as f64;
+                ctx.metrics
+                    .message_age
+                    .observe(((now_ms - ts as f64) / 1000.0).max(0.0));
+            }
+            (response.attempt, response.detail, "")
+        }
+    };
+    let decision = ctx.policy.decide(&attempt, msg.attempts, jitter());
+    let kind = match decision {
+        Decision::Ack => {
+            ctx.metrics.delivered("acked");
+            debug!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, "delivered");
+            AckKind::Ack
+        }
+        Decision::Drop => {
+            ctx.metrics.delivered("dropped");
+            warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, result = ?attempt,
+                response = %detail, "webhook status is configured to drop: acking without delivery");
+            AckKind::Ack
+        }
+        Decision::Retry { delay } => {
+            let outcome = if outcome.is_empty() {
+                "retried"
+            } else {
+                outcome
+            };
+            ctx.metrics.delivered(outcome);
+            warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, result = ?attempt,
+                detail = %detail, delay_s = delay_seconds(delay), "delivery failed; retrying later");
+            AckKind::Retry {
+                delay_seconds: delay_seconds(delay),
+            }
+        }
+    };
+    send(&ctx, msg, kind).await;
+    drop(slot);
+}
+
+/// Hand a held message back with a zero-delay retry, without delivering it.
+pub async fn release(ctx: &Ctx, msg: Message, reason: &'static str) {
+    ctx.metrics.released(reason);
+    send(ctx, msg, AckKind::Retry { delay_seconds: 0 }).await;
+}
+
+async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
+    let item = AckItem {
+        lease_id: msg.lease_id,
+        kind,
+        deadline: msg.deadline,
+    };
+    if ctx.acks.send(item).await.is_err() {
+        // Only possible if the acker died; the lease expiry returns the message.
+        error!(queue = %ctx.label, id = %msg.id, "acker is gone; the message returns when its lease expires");
+    }
+}
+
+/// Keeps the in-flight gauge right whatever path a delivery takes.
+struct InFlight<'a>(&'a Ctx);
+
+impl<'a> InFlight<'a> {
+    fn new(ctx: &'a Ctx) -> Self {
+        ctx.metrics.in_flight.inc();
+        Self(ctx)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.dec();
+    }
+}
