@@ -1,0 +1,121 @@
+//! The real binary: `check-config` and `run` exit codes and messages, example configs, `demo`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cfq-relay"));
+    c.env_remove("CLOUDFLARE_API_TOKEN").env_remove("RUST_LOG");
+    c
+}
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cfq-relay-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(args: &[&str], path: &Path) -> Output {
+    bin().args(args).arg("--config").arg(path).output().unwrap()
+}
+
+const BASE: &str = r#"
+[cloudflare]
+account_id = "0123456789abcdef0123456789abcdef"
+api_token = "tok-123"
+[[consumers]]
+queue_id = "q1"
+BATCH
+[consumers.webhook]
+url = "http://127.0.0.1:9/hook"
+"#;
+
+#[test]
+fn example_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            cfq_relay::Config::from_toml(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let out = bin()
+                .args(["check-config", "--config"])
+                .arg(&path)
+                .env("CLOUDFLARE_API_TOKEN", "t")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "expected the example configs in config/");
+}
+
+#[test]
+fn check_config_prints_one_line_summary() {
+    let path = temp_config("good.toml", &BASE.replace("BATCH", ""));
+    let out = run(&["check-config"], &path);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("config ok: "), "{stdout}");
+    assert!(!stdout.contains("tok-123"), "the token never shows: {stdout}");
+}
+
+#[test]
+fn bad_configs_exit_2_naming_the_key() {
+    let cases = [
+        ("batch0.toml", BASE.replace("BATCH", "batch_size = 0"), "consumers[0].batch_size"),
+        ("batch101.toml", BASE.replace("BATCH", "batch_size = 101"), "must be between 1 and 100, got 101"),
+        ("vis.toml", BASE.replace("BATCH", "visibility_timeout = \"13h\""), "consumers[0].visibility_timeout"),
+        ("unknown.toml", BASE.replace("BATCH", "colour = \"red\""), "colour"),
+        ("noaccount.toml", BASE.replace("account_id = \"0123456789abcdef0123456789abcdef\"", ""), "cloudflare.account_id"),
+        ("url.toml", BASE.replace("http://127.0.0.1:9/hook", "ftp://x/y"), "consumers[0].webhook.url"),
+        ("notoken.toml", BASE.replace("api_token = \"tok-123\"", "").replace("BATCH", ""), "no API token"),
+        (
+            "tokenfile.toml",
+            BASE.replace("api_token = \"tok-123\"", "api_token_file = \"/nonexistent/token\"").replace("BATCH", ""),
+            "cloudflare.api_token_file",
+        ),
+        ("syntax.toml", "[cloudflare\n".to_string(), "TOML"),
+    ];
+    for (name, text, want) in cases {
+        let path = temp_config(name, &text);
+        for cmd in ["check-config", "run"] {
+            let out = run(&[cmd], &path);
+            let stderr = String::from_utf8(out.stderr).unwrap();
+            assert_eq!(out.status.code(), Some(2), "{cmd} {name}: {stderr}");
+            assert!(stderr.contains(want), "{cmd} {name}: want {want:?} in {stderr:?}");
+            assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+            assert!(!stderr.contains("backtrace"), "{stderr}");
+            assert!(!stderr.contains("tok-123"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn missing_config_file_exits_2() {
+    let out = run(&["check-config"], Path::new("/nonexistent/cfq.toml"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cfq.toml"));
+}
+
+#[test]
+fn demo_ends_with_every_message_acked() {
+    let out = bin()
+        .args(["demo", "--messages", "200"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        last.contains("600 published, 600 delivered byte-exact and acked"),
+        "{last}"
+    );
+    assert!(last.contains("0 corrupted, 0 duplicates, 0 leases expired"), "{last}");
+}

@@ -1,0 +1,272 @@
+//! End-to-end: the real relay (`cfq_relay::start`) against the bundled emulator and a real
+//! webhook receiver on 127.0.0.1:0.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cfq_relay::emulator::{ContentType, EmulatorOptions};
+use common::{Answer, Receiver, config, emulator, wait_until};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn every_content_type_arrives_byte_exact_with_headers() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let hook = Receiver::start(|_, _| Answer::ok()).await;
+
+    let bytes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    let cases: Vec<(Option<ContentType>, Vec<u8>, &str)> = vec![
+        (Some(ContentType::Text), "plain ✓ ünïcødé \"q\"\n\ttab".into(), "text/plain; charset=utf-8"),
+        (Some(ContentType::Text), Vec::new(), "text/plain; charset=utf-8"),
+        (Some(ContentType::Json), br#"{"a":[1,2.5,null],"s":"\u00fc \ud83d\ude00","n":{"deep":true}}"#.to_vec(), "application/json"),
+        (Some(ContentType::Json), b"12345".to_vec(), "application/json"),
+        (Some(ContentType::Bytes), bytes.clone(), "application/octet-stream"),
+        (Some(ContentType::Bytes), vec![0], "application/octet-stream"),
+        (None, b"no content type at all".to_vec(), "text/plain; charset=utf-8"),
+    ];
+    let mut ids = HashMap::new();
+    for (ct, payload, want_ct) in &cases {
+        let id = emu.publish("q1", *ct, payload, Duration::ZERO).unwrap();
+        ids.insert(id, (payload.clone(), *want_ct, ct.map(|c| c.as_str())));
+    }
+    let cfg = config(&api, &[("q1", &hook.url(), "", "headers = { X-Tenant = \"blue\" }")]);
+    let relay_stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(10), "all acked", || {
+        emu.stats("q1").acked == cases.len() as u64
+    })
+    .await;
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+
+    let got = hook.received();
+    assert_eq!(got.len(), cases.len(), "one delivery per message");
+    for r in &got {
+        let id = r.header("cfq-message-id").expect("message id header");
+        let (payload, want_ct, cf_ct) = &ids[id];
+        assert_eq!(r.body.as_ref(), payload.as_slice(), "body of {id} must be byte-exact");
+        assert_eq!(r.header("content-type"), Some(*want_ct));
+        assert_eq!(r.header("cfq-attempt"), Some("1"));
+        assert_eq!(r.header("cfq-queue-id"), Some("q1"));
+        assert_eq!(r.header("cfq-content-type"), *cf_ct);
+        assert_eq!(r.header("x-tenant"), Some("blue"));
+        let ts: u64 = r.header("cfq-timestamp-ms").unwrap().parse().unwrap();
+        assert!(ts > 1_700_000_000_000, "publish timestamp in ms: {ts}");
+        assert!(r.header("user-agent").unwrap().starts_with("cfq-relay/"));
+        assert!(r.header("authorization").is_none(), "the API token never goes to the webhook");
+    }
+    let s = emu.stats("q1");
+    assert_eq!((s.acked, s.retried, s.lease_expired), (cases.len() as u64, 0, 0));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(
+        EmulatorOptions {
+            max_retries: 1,
+            ..EmulatorOptions::default()
+        },
+        &stop,
+    )
+    .await;
+    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    emu.publish("q1", Some(ContentType::V8), b"\xff\x0fo\"\x01a", Duration::ZERO)
+        .unwrap();
+    let cfg = config(
+        &api,
+        &[("q1", &hook.url(), "", "")],
+    );
+    let mut cfg = cfg;
+    cfg.consumers[0].retry.base_delay = Duration::ZERO;
+    let relay_stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(10), "dead-lettered", || {
+        emu.stats("q1").dead_lettered == 1
+    })
+    .await;
+    let metrics = relay.metrics().render();
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+    assert_eq!(hook.count(), 0, "a v8 body is never sent");
+    let s = emu.stats("q1");
+    assert_eq!((s.acked, s.retried), (0, 2));
+    assert!(
+        metrics.contains("cfq_relay_messages_delivered_total{outcome=\"undecodable\",queue=\"q1\"} 2"),
+        "{metrics}"
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acked_once() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    // 503 with no Retry-After, then a connection-level failure stand-in (500), then 200.
+    let hook = Receiver::start(|_, i| match i {
+        0 => Answer::status(503),
+        1 => Answer::status(500),
+        _ => Answer::ok(),
+    })
+    .await;
+    let id = emu
+        .publish("q1", Some(ContentType::Text), b"third time lucky", Duration::ZERO)
+        .unwrap();
+    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    let relay_stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(15), "acked", || emu.stats("q1").acked == 1).await;
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+
+    let tries = hook.for_id(&id);
+    assert_eq!(tries.len(), 3);
+    let attempts: Vec<&str> = tries.iter().map(|r| r.header("cfq-attempt").unwrap()).collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+    for r in &tries {
+        assert_eq!(r.body.as_ref(), b"third time lucky");
+    }
+    // base_delay 1s: attempt 1 waits 0.5..1s (sent as 1s), attempt 2 waits 1..2s.
+    let book = emu.books("q1").into_iter().find(|b| b.id == id).unwrap();
+    assert_eq!(book.retries.len(), 2, "{book:?}");
+    assert_eq!(book.retries[0], 1, "{book:?}");
+    assert!((1..=2).contains(&book.retries[1]), "{book:?}");
+    assert!(tries[1].at - tries[0].at >= Duration::from_secs(u64::from(book.retries[0])));
+    assert!(tries[2].at - tries[1].at >= Duration::from_secs(u64::from(book.retries[1])));
+    assert_eq!(book.acks, 1, "acked exactly once");
+    assert_eq!(book.deliveries, 3);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn never_acked_without_a_2xx() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(
+        EmulatorOptions {
+            max_retries: 2,
+            ..EmulatorOptions::default()
+        },
+        &stop,
+    )
+    .await;
+    // Every failure mode but success.
+    let hook = Receiver::start(|_, i| Answer::status([500, 404, 400, 429, 302, 408][i % 6])).await;
+    for i in 0..20 {
+        emu.publish("q1", Some(ContentType::Text), format!("m{i}").as_bytes(), Duration::ZERO)
+            .unwrap();
+    }
+    let mut cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    cfg.consumers[0].retry.base_delay = Duration::ZERO;
+    let relay_stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(15), "all dead-lettered", || {
+        emu.stats("q1").dead_lettered == 20
+    })
+    .await;
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+    let s = emu.stats("q1");
+    assert_eq!(s.acked, 0, "nothing acked without a 2xx: {s:?}");
+    assert_eq!(s.retried, 60, "three deliveries each, all retried: {s:?}");
+    assert_eq!(hook.count(), 60);
+    assert_eq!(s.lease_expired, 0);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn two_consumers_in_one_process() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let a = Receiver::start(|_, _| Answer::ok()).await;
+    let b = Receiver::start(|_, _| Answer::ok()).await;
+    for i in 0..300 {
+        emu.publish("qa", Some(ContentType::Json), format!("{{\"a\":{i}}}").as_bytes(), Duration::ZERO)
+            .unwrap();
+        emu.publish("qb", Some(ContentType::Bytes), &[i as u8, 0xff], Duration::ZERO)
+            .unwrap();
+    }
+    let cfg = config(
+        &api,
+        &[
+            ("qa", &a.url(), "name = \"alpha\"", ""),
+            ("qb", &b.url(), "name = \"beta\"\nconcurrency = 8", ""),
+        ],
+    );
+    let relay_stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(20), "both queues drained", || {
+        emu.stats("qa").acked == 300 && emu.stats("qb").acked == 300
+    })
+    .await;
+    let metrics = relay.metrics().render();
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+    assert_eq!(a.count(), 300);
+    assert_eq!(b.count(), 300);
+    assert!(a.received().iter().all(|r| r.header("cfq-queue-id") == Some("qa")));
+    assert!(b.received().iter().all(|r| r.header("cfq-queue-id") == Some("qb")));
+    assert!(b.max_in_flight.load(std::sync::atomic::Ordering::SeqCst) <= 8);
+    for q in ["alpha", "beta"] {
+        let line = format!("cfq_relay_messages_delivered_total{{outcome=\"acked\",queue=\"{q}\"}} 300");
+        assert!(metrics.contains(&line), "{line}\n{metrics}");
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let hook = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_millis(100))).await;
+    for i in 0..120 {
+        emu.publish("q1", Some(ContentType::Text), format!("m{i}").as_bytes(), Duration::ZERO)
+            .unwrap();
+    }
+    let cfg = config(&api, &[("q1", &hook.url(), "concurrency = 7\nbatch_size = 5", "")]);
+    let relay_stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(20), "all acked", || emu.stats("q1").acked == 120).await;
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+    let max = hook.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(max <= 7, "at most `concurrency` requests in flight, saw {max}");
+    assert!(max >= 5, "the pool was actually used in parallel, saw {max}");
+    let s = emu.stats("q1");
+    assert!(s.in_flight == 0 && s.lease_expired == 0, "{s:?}");
+    // The relay never held more leases than it had slots for.
+    assert_eq!(hook.count(), 120);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn webhook_retry_after_sets_the_retry_delay() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let hook = Receiver::start(|_, i| {
+        if i == 0 {
+            let mut a = Answer::status(429);
+            a.headers.push(("retry-after", "3".into()));
+            a
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
+    let id = emu
+        .publish("q1", Some(ContentType::Text), b"x", Duration::ZERO)
+        .unwrap();
+    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    let relay_stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(15), "acked", || emu.stats("q1").acked == 1).await;
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+    let book = emu.books("q1").into_iter().find(|b| b.id == id).unwrap();
+    assert_eq!(book.retries, vec![3]);
+    let tries = hook.for_id(&id);
+    assert!(tries[1].at - tries[0].at >= Duration::from_secs(3));
+    stop.cancel();
+}
