@@ -381,4 +381,28 @@ mod tests {
         }
         assert_eq!(c.delivered_count("acked"), 1);
     }
+
+    #[test]
+    fn readme_metrics_table_matches_the_registry() {
+        let m = Metrics::new();
+        // Children must exist for a family to be gathered.
+        let _ = m.consumer("q", 1);
+        let mut registered: Vec<String> = m
+            .registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        registered.sort();
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let mut documented: Vec<String> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `cfq_relay_"))
+            .filter_map(|l| l.split('`').next())
+            .map(|n| format!("cfq_relay_{n}"))
+            .collect();
+        documented.sort();
+        assert_eq!(documented, registered);
+    }
 }

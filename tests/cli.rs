@@ -48,7 +48,12 @@ fn example_configs_parse() {
                 .env("CLOUDFLARE_API_TOKEN", "t")
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             seen += 1;
         }
     }
@@ -63,22 +68,58 @@ fn check_config_prints_one_line_summary() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     assert!(stdout.starts_with("config ok: "), "{stdout}");
-    assert!(!stdout.contains("tok-123"), "the token never shows: {stdout}");
+    assert!(
+        !stdout.contains("tok-123"),
+        "the token never shows: {stdout}"
+    );
 }
 
 #[test]
 fn bad_configs_exit_2_naming_the_key() {
     let cases = [
-        ("batch0.toml", BASE.replace("BATCH", "batch_size = 0"), "consumers[0].batch_size"),
-        ("batch101.toml", BASE.replace("BATCH", "batch_size = 101"), "must be between 1 and 100, got 101"),
-        ("vis.toml", BASE.replace("BATCH", "visibility_timeout = \"13h\""), "consumers[0].visibility_timeout"),
-        ("unknown.toml", BASE.replace("BATCH", "colour = \"red\""), "colour"),
-        ("noaccount.toml", BASE.replace("account_id = \"0123456789abcdef0123456789abcdef\"", ""), "cloudflare.account_id"),
-        ("url.toml", BASE.replace("http://127.0.0.1:9/hook", "ftp://x/y"), "consumers[0].webhook.url"),
-        ("notoken.toml", BASE.replace("api_token = \"tok-123\"", "").replace("BATCH", ""), "no API token"),
+        (
+            "batch0.toml",
+            BASE.replace("BATCH", "batch_size = 0"),
+            "consumers[0].batch_size",
+        ),
+        (
+            "batch101.toml",
+            BASE.replace("BATCH", "batch_size = 101"),
+            "must be between 1 and 100, got 101",
+        ),
+        (
+            "vis.toml",
+            BASE.replace("BATCH", "visibility_timeout = \"13h\""),
+            "consumers[0].visibility_timeout",
+        ),
+        (
+            "unknown.toml",
+            BASE.replace("BATCH", "colour = \"red\""),
+            "colour",
+        ),
+        (
+            "noaccount.toml",
+            BASE.replace("account_id = \"0123456789abcdef0123456789abcdef\"", ""),
+            "cloudflare.account_id",
+        ),
+        (
+            "url.toml",
+            BASE.replace("http://127.0.0.1:9/hook", "ftp://x/y"),
+            "consumers[0].webhook.url",
+        ),
+        (
+            "notoken.toml",
+            BASE.replace("api_token = \"tok-123\"", "")
+                .replace("BATCH", ""),
+            "no API token",
+        ),
         (
             "tokenfile.toml",
-            BASE.replace("api_token = \"tok-123\"", "api_token_file = \"/nonexistent/token\"").replace("BATCH", ""),
+            BASE.replace(
+                "api_token = \"tok-123\"",
+                "api_token_file = \"/nonexistent/token\"",
+            )
+            .replace("BATCH", ""),
             "cloudflare.api_token_file",
         ),
         ("syntax.toml", "[cloudflare\n".to_string(), "TOML"),
@@ -89,7 +130,10 @@ fn bad_configs_exit_2_naming_the_key() {
             let out = run(&[cmd], &path);
             let stderr = String::from_utf8(out.stderr).unwrap();
             assert_eq!(out.status.code(), Some(2), "{cmd} {name}: {stderr}");
-            assert!(stderr.contains(want), "{cmd} {name}: want {want:?} in {stderr:?}");
+            assert!(
+                stderr.contains(want),
+                "{cmd} {name}: want {want:?} in {stderr:?}"
+            );
             assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
             assert!(!stderr.contains("backtrace"), "{stderr}");
             assert!(!stderr.contains("tok-123"), "{stderr}");
@@ -106,16 +150,20 @@ fn missing_config_file_exits_2() {
 
 #[test]
 fn demo_ends_with_every_message_acked() {
-    let out = bin()
-        .args(["demo", "--messages", "200"])
-        .output()
-        .unwrap();
+    let out = bin().args(["demo", "--messages", "200"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last = stdout.lines().last().unwrap();
     assert!(
         last.contains("600 published, 600 delivered byte-exact and acked"),
         "{last}"
     );
-    assert!(last.contains("0 corrupted, 0 duplicates, 0 leases expired"), "{last}");
+    assert!(
+        last.contains("0 corrupted, 0 duplicates, 0 leases expired"),
+        "{last}"
+    );
 }

@@ -18,20 +18,51 @@ async fn every_content_type_arrives_byte_exact_with_headers() {
 
     let bytes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
     let cases: Vec<(Option<ContentType>, Vec<u8>, &str)> = vec![
-        (Some(ContentType::Text), "plain ✓ ünïcødé \"q\"\n\ttab".into(), "text/plain; charset=utf-8"),
-        (Some(ContentType::Text), Vec::new(), "text/plain; charset=utf-8"),
-        (Some(ContentType::Json), br#"{"a":[1,2.5,null],"s":"\u00fc \ud83d\ude00","n":{"deep":true}}"#.to_vec(), "application/json"),
-        (Some(ContentType::Json), b"12345".to_vec(), "application/json"),
-        (Some(ContentType::Bytes), bytes.clone(), "application/octet-stream"),
-        (Some(ContentType::Bytes), vec![0], "application/octet-stream"),
-        (None, b"no content type at all".to_vec(), "text/plain; charset=utf-8"),
+        (
+            Some(ContentType::Text),
+            "plain ✓ ünïcødé \"q\"\n\ttab".into(),
+            "text/plain; charset=utf-8",
+        ),
+        (
+            Some(ContentType::Text),
+            Vec::new(),
+            "text/plain; charset=utf-8",
+        ),
+        (
+            Some(ContentType::Json),
+            br#"{"a":[1,2.5,null],"s":"\u00fc \ud83d\ude00","n":{"deep":true}}"#.to_vec(),
+            "application/json",
+        ),
+        (
+            Some(ContentType::Json),
+            b"12345".to_vec(),
+            "application/json",
+        ),
+        (
+            Some(ContentType::Bytes),
+            bytes.clone(),
+            "application/octet-stream",
+        ),
+        (
+            Some(ContentType::Bytes),
+            vec![0],
+            "application/octet-stream",
+        ),
+        (
+            None,
+            b"no content type at all".to_vec(),
+            "text/plain; charset=utf-8",
+        ),
     ];
     let mut ids = HashMap::new();
     for (ct, payload, want_ct) in &cases {
         let id = emu.publish("q1", *ct, payload, Duration::ZERO).unwrap();
         ids.insert(id, (payload.clone(), *want_ct, ct.map(|c| c.as_str())));
     }
-    let cfg = config(&api, &[("q1", &hook.url(), "", "headers = { X-Tenant = \"blue\" }")]);
+    let cfg = config(
+        &api,
+        &[("q1", &hook.url(), "", "headers = { X-Tenant = \"blue\" }")],
+    );
     let relay_stop = CancellationToken::new();
     let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
     wait_until(Duration::from_secs(10), "all acked", || {
@@ -46,7 +77,11 @@ async fn every_content_type_arrives_byte_exact_with_headers() {
     for r in &got {
         let id = r.header("cfq-message-id").expect("message id header");
         let (payload, want_ct, cf_ct) = &ids[id];
-        assert_eq!(r.body.as_ref(), payload.as_slice(), "body of {id} must be byte-exact");
+        assert_eq!(
+            r.body.as_ref(),
+            payload.as_slice(),
+            "body of {id} must be byte-exact"
+        );
         assert_eq!(r.header("content-type"), Some(*want_ct));
         assert_eq!(r.header("cfq-attempt"), Some("1"));
         assert_eq!(r.header("cfq-queue-id"), Some("q1"));
@@ -55,10 +90,16 @@ async fn every_content_type_arrives_byte_exact_with_headers() {
         let ts: u64 = r.header("cfq-timestamp-ms").unwrap().parse().unwrap();
         assert!(ts > 1_700_000_000_000, "publish timestamp in ms: {ts}");
         assert!(r.header("user-agent").unwrap().starts_with("cfq-relay/"));
-        assert!(r.header("authorization").is_none(), "the API token never goes to the webhook");
+        assert!(
+            r.header("authorization").is_none(),
+            "the API token never goes to the webhook"
+        );
     }
     let s = emu.stats("q1");
-    assert_eq!((s.acked, s.retried, s.lease_expired), (cases.len() as u64, 0, 0));
+    assert_eq!(
+        (s.acked, s.retried, s.lease_expired),
+        (cases.len() as u64, 0, 0)
+    );
     stop.cancel();
 }
 
@@ -74,12 +115,14 @@ async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
     )
     .await;
     let hook = Receiver::start(|_, _| Answer::ok()).await;
-    emu.publish("q1", Some(ContentType::V8), b"\xff\x0fo\"\x01a", Duration::ZERO)
-        .unwrap();
-    let cfg = config(
-        &api,
-        &[("q1", &hook.url(), "", "")],
-    );
+    emu.publish(
+        "q1",
+        Some(ContentType::V8),
+        b"\xff\x0fo\"\x01a",
+        Duration::ZERO,
+    )
+    .unwrap();
+    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
     let mut cfg = cfg;
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
     let relay_stop = CancellationToken::new();
@@ -95,7 +138,8 @@ async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
     let s = emu.stats("q1");
     assert_eq!((s.acked, s.retried), (0, 2));
     assert!(
-        metrics.contains("cfq_relay_messages_delivered_total{outcome=\"undecodable\",queue=\"q1\"} 2"),
+        metrics
+            .contains("cfq_relay_messages_delivered_total{outcome=\"undecodable\",queue=\"q1\"} 2"),
         "{metrics}"
     );
     stop.cancel();
@@ -113,18 +157,29 @@ async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acke
     })
     .await;
     let id = emu
-        .publish("q1", Some(ContentType::Text), b"third time lucky", Duration::ZERO)
+        .publish(
+            "q1",
+            Some(ContentType::Text),
+            b"third time lucky",
+            Duration::ZERO,
+        )
         .unwrap();
     let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
     let relay_stop = CancellationToken::new();
     let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    wait_until(Duration::from_secs(15), "acked", || emu.stats("q1").acked == 1).await;
+    wait_until(Duration::from_secs(15), "acked", || {
+        emu.stats("q1").acked == 1
+    })
+    .await;
     relay_stop.cancel();
     relay.wait().await.unwrap();
 
     let tries = hook.for_id(&id);
     assert_eq!(tries.len(), 3);
-    let attempts: Vec<&str> = tries.iter().map(|r| r.header("cfq-attempt").unwrap()).collect();
+    let attempts: Vec<&str> = tries
+        .iter()
+        .map(|r| r.header("cfq-attempt").unwrap())
+        .collect();
     assert_eq!(attempts, ["1", "2", "3"]);
     for r in &tries {
         assert_eq!(r.body.as_ref(), b"third time lucky");
@@ -155,8 +210,13 @@ async fn never_acked_without_a_2xx() {
     // Every failure mode but success.
     let hook = Receiver::start(|_, i| Answer::status([500, 404, 400, 429, 302, 408][i % 6])).await;
     for i in 0..20 {
-        emu.publish("q1", Some(ContentType::Text), format!("m{i}").as_bytes(), Duration::ZERO)
-            .unwrap();
+        emu.publish(
+            "q1",
+            Some(ContentType::Text),
+            format!("m{i}").as_bytes(),
+            Duration::ZERO,
+        )
+        .unwrap();
     }
     let mut cfg = config(&api, &[("q1", &hook.url(), "", "")]);
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
@@ -183,10 +243,20 @@ async fn two_consumers_in_one_process() {
     let a = Receiver::start(|_, _| Answer::ok()).await;
     let b = Receiver::start(|_, _| Answer::ok()).await;
     for i in 0..300 {
-        emu.publish("qa", Some(ContentType::Json), format!("{{\"a\":{i}}}").as_bytes(), Duration::ZERO)
-            .unwrap();
-        emu.publish("qb", Some(ContentType::Bytes), &[i as u8, 0xff], Duration::ZERO)
-            .unwrap();
+        emu.publish(
+            "qa",
+            Some(ContentType::Json),
+            format!("{{\"a\":{i}}}").as_bytes(),
+            Duration::ZERO,
+        )
+        .unwrap();
+        emu.publish(
+            "qb",
+            Some(ContentType::Bytes),
+            &[i as u8, 0xff],
+            Duration::ZERO,
+        )
+        .unwrap();
     }
     let cfg = config(
         &api,
@@ -206,11 +276,20 @@ async fn two_consumers_in_one_process() {
     relay.wait().await.unwrap();
     assert_eq!(a.count(), 300);
     assert_eq!(b.count(), 300);
-    assert!(a.received().iter().all(|r| r.header("cfq-queue-id") == Some("qa")));
-    assert!(b.received().iter().all(|r| r.header("cfq-queue-id") == Some("qb")));
+    assert!(
+        a.received()
+            .iter()
+            .all(|r| r.header("cfq-queue-id") == Some("qa"))
+    );
+    assert!(
+        b.received()
+            .iter()
+            .all(|r| r.header("cfq-queue-id") == Some("qb"))
+    );
     assert!(b.max_in_flight.load(std::sync::atomic::Ordering::SeqCst) <= 8);
     for q in ["alpha", "beta"] {
-        let line = format!("cfq_relay_messages_delivered_total{{outcome=\"acked\",queue=\"{q}\"}} 300");
+        let line =
+            format!("cfq_relay_messages_delivered_total{{outcome=\"acked\",queue=\"{q}\"}} 300");
         assert!(metrics.contains(&line), "{line}\n{metrics}");
     }
     stop.cancel();
@@ -222,18 +301,35 @@ async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let hook = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_millis(100))).await;
     for i in 0..120 {
-        emu.publish("q1", Some(ContentType::Text), format!("m{i}").as_bytes(), Duration::ZERO)
-            .unwrap();
+        emu.publish(
+            "q1",
+            Some(ContentType::Text),
+            format!("m{i}").as_bytes(),
+            Duration::ZERO,
+        )
+        .unwrap();
     }
-    let cfg = config(&api, &[("q1", &hook.url(), "concurrency = 7\nbatch_size = 5", "")]);
+    let cfg = config(
+        &api,
+        &[("q1", &hook.url(), "concurrency = 7\nbatch_size = 5", "")],
+    );
     let relay_stop = CancellationToken::new();
     let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    wait_until(Duration::from_secs(20), "all acked", || emu.stats("q1").acked == 120).await;
+    wait_until(Duration::from_secs(20), "all acked", || {
+        emu.stats("q1").acked == 120
+    })
+    .await;
     relay_stop.cancel();
     relay.wait().await.unwrap();
     let max = hook.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(max <= 7, "at most `concurrency` requests in flight, saw {max}");
-    assert!(max >= 5, "the pool was actually used in parallel, saw {max}");
+    assert!(
+        max <= 7,
+        "at most `concurrency` requests in flight, saw {max}"
+    );
+    assert!(
+        max >= 5,
+        "the pool was actually used in parallel, saw {max}"
+    );
     let s = emu.stats("q1");
     assert!(s.in_flight == 0 && s.lease_expired == 0, "{s:?}");
     // The relay never held more leases than it had slots for.
@@ -261,7 +357,10 @@ async fn webhook_retry_after_sets_the_retry_delay() {
     let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
     let relay_stop = CancellationToken::new();
     let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    wait_until(Duration::from_secs(15), "acked", || emu.stats("q1").acked == 1).await;
+    wait_until(Duration::from_secs(15), "acked", || {
+        emu.stats("q1").acked == 1
+    })
+    .await;
     relay_stop.cancel();
     relay.wait().await.unwrap();
     let book = emu.books("q1").into_iter().find(|b| b.id == id).unwrap();

@@ -97,9 +97,7 @@ async fn handle(State(s): State<Arc<RxState>>, headers: HeaderMap, body: Bytes) 
         tokio::time::sleep(answer.delay).await;
     }
     s.in_flight.fetch_sub(1, Ordering::SeqCst);
-    let mut resp = StatusCode::from_u16(answer.status)
-        .unwrap()
-        .into_response();
+    let mut resp = StatusCode::from_u16(answer.status).unwrap().into_response();
     for (k, v) in answer.headers {
         resp.headers_mut().insert(k, v.parse().unwrap());
     }
@@ -121,9 +119,7 @@ impl Receiver {
             max_in_flight: max_in_flight.clone(),
             script: Box::new(script),
         });
-        let app = Router::new()
-            .route("/hook", post(handle))
-            .with_state(state);
+        let app = Router::new().route("/hook", post(handle)).with_state(state);
         tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
