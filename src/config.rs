@@ -31,6 +31,12 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// Parser messages (the TOML one quotes the offending line over several lines) folded into one.
+fn parse_error(e: impl fmt::Display) -> ConfigError {
+    let text = e.to_string();
+    ConfigError::Parse(text.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -318,7 +324,7 @@ impl Config {
     /// Read `path` (TOML), apply `CFQ_RELAY__SECTION__KEY` environment overrides, and validate.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let raw = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Parse(format!("cannot read {}: {e}", path.display())))?;
+            .map_err(|e| parse_error(format!("cannot read {}: {e}", path.display())))?;
         Self::from_toml_with_env(&raw)
     }
 
@@ -332,10 +338,8 @@ impl Config {
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(env)
             .build()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let config: Config = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+            .map_err(parse_error)?;
+        let config: Config = built.try_deserialize().map_err(parse_error)?;
         config.validate()?;
         Ok(config)
     }
@@ -345,10 +349,8 @@ impl Config {
         let built = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let config: Config = built
-            .try_deserialize()
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+            .map_err(parse_error)?;
+        let config: Config = built.try_deserialize().map_err(parse_error)?;
         config.validate()?;
         Ok(config)
     }

@@ -1,1 +1,2317 @@
 //! A local Cloudflare Queues HTTP API (pull, ack, publish) with real lease semantics.
+//!
+//! It speaks the same wire format as `api.cloudflare.com/client/v4` for the pull-consumer calls
+//! (see `shared/cloudflare-queues.md`): envelopes, long opaque lease ids, `attempts`, backlog
+//! metrics, stale acks, retries with a delay, dead-lettering after `max_retries`. On top, it
+//! keeps books (per-queue counters and one [`MessageBook`] per message) so tests, the demo and
+//! benchmarks can check exactly what a consumer did, and it can inject faults ([`Fault`]).
+//!
+//! Every operation costs O(log n) in the number of messages: ready messages sit in a FIFO
+//! deque, delayed ones and leased ones in ordered sets keyed by their due instant, and lease
+//! ids resolve through a hash map. Leases and delays are measured with [`tokio::time::Instant`]
+//! plus an offset that [`Emulator::advance`] moves forward, and are evaluated lazily at every
+//! call (no background task).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State as Ctx};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::{IncomingStream, Listener};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use rand::{Rng, RngExt};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Largest `batch_size` of a pull.
+const MAX_BATCH: u64 = 100;
+/// `batch_size` when the pull does not say.
+const DEFAULT_BATCH: u64 = 5;
+/// `visibility_timeout_ms` when the pull does not say.
+const DEFAULT_VISIBILITY_MS: u64 = 30_000;
+/// Largest `visibility_timeout_ms` (12 h).
+const MAX_VISIBILITY_MS: u64 = 43_200_000;
+/// Largest `delay_seconds` of a retry or a publish (24 h).
+const MAX_DELAY_SECONDS: u64 = 86_400;
+/// Largest message (Cloudflare: 128 KB).
+pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
+/// Largest batch of a publish call.
+const MAX_PUBLISH_BATCH: usize = 100;
+/// Request bodies up to this size are read (a full publish batch of base64 bodies fits).
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
+/// Protected header of the lease ids: base64url of `{"alg":"dir","enc":"A256CBC-HS512"}`, the
+/// header of Cloudflare's own lease JWEs.
+const LEASE_HEADER: &str = "eyJhbGciOiJkaXIiLCJlbmMiOiJBMjU2Q0JDLUhTNTEyIn0";
+
+/// How the emulator behaves.
+#[derive(Clone, Debug)]
+pub struct EmulatorOptions {
+    /// If set, every request must carry `Authorization: Bearer <token>`, else 403 (code 10000).
+    pub token: Option<String>,
+    /// A message whose delivery failed (explicit retry or lease expiry) with
+    /// `attempts > max_retries` is dead-lettered (counted and removed).
+    pub max_retries: u32,
+    /// Added before answering every Cloudflare API call (not the `_emulator` routes).
+    pub latency: Duration,
+    /// `false`: json bodies go on the wire as base64 of the JSON text (what the docs describe);
+    /// `true`: as the raw JSON text (what some examples show).
+    pub json_raw: bool,
+}
+
+impl Default for EmulatorOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            max_retries: 3,
+            latency: Duration::ZERO,
+            json_raw: false,
+        }
+    }
+}
+
+/// The content type of a message (`metadata["CF-Content-Type"]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ContentType {
+    Text,
+    Json,
+    Bytes,
+    V8,
+}
+
+impl ContentType {
+    /// The wire name: `text`, `json`, `bytes` or `v8`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+            Self::Bytes => "bytes",
+            Self::V8 => "v8",
+        }
+    }
+}
+
+impl std::fmt::Display for ContentType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A content type name that is not `text`, `json`, `bytes` or `v8`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown content type {0:?} (expected text, json, bytes or v8)")]
+pub struct UnknownContentType(pub String);
+
+impl FromStr for ContentType {
+    type Err = UnknownContentType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            "bytes" => Ok(Self::Bytes),
+            "v8" => Ok(Self::V8),
+            other => Err(UnknownContentType(other.to_owned())),
+        }
+    }
+}
+
+/// An API operation that faults can be injected into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Pull,
+    Ack,
+}
+
+/// A one-shot fault for the next call of an [`Op`].
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer with this status and body (and a `Retry-After` header if set), doing nothing.
+    Status {
+        status: u16,
+        body: String,
+        retry_after: Option<String>,
+    },
+    /// Wait this long, then handle the call normally.
+    Delay(Duration),
+    /// Never answer; at shutdown the connection is reset.
+    Hang,
+    /// Reset the TCP connection (RST, no answer at all). Other requests that share the
+    /// connection (HTTP/2) fail with it.
+    Reset,
+}
+
+/// Counters of one queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    /// Messages published.
+    pub published: u64,
+    /// Messages handed out by pulls (each redelivery counts).
+    pub deliveries: u64,
+    /// Pull calls answered (faulted calls not included).
+    pub pull_calls: u64,
+    /// Pull calls that handed out nothing.
+    pub empty_pulls: u64,
+    /// Ack calls answered (faulted calls not included).
+    pub ack_calls: u64,
+    /// Acks accepted (stale ones included).
+    pub acked: u64,
+    /// Retries accepted.
+    pub retried: u64,
+    /// Leases that ran out without an ack or a retry.
+    pub lease_expired: u64,
+    /// Messages dropped after `max_retries`.
+    pub dead_lettered: u64,
+    /// Acks with a lease that had expired (accepted all the same, like Cloudflare).
+    pub stale_acks: u64,
+    /// Acks and retries naming a lease whose message is gone (answered with a warning).
+    pub unknown_leases: u64,
+    /// Messages not yet acked or dead-lettered (ready, delayed or leased).
+    pub backlog: u64,
+    /// Messages currently leased.
+    pub in_flight: u64,
+}
+
+/// What happened to one message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MessageBook {
+    pub id: String,
+    /// Times it was handed out by a pull.
+    pub deliveries: u32,
+    /// Accepted acks for it (1 when all goes right; never more, since an ack removes it).
+    pub acks: u32,
+    pub dead_lettered: bool,
+    /// `delay_seconds` of each explicit retry, in order.
+    pub retries: Vec<u32>,
+}
+
+/// Why [`Emulator::publish`] refused a message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("a text (or untyped) message must be UTF-8")]
+    NotUtf8,
+    #[error("a json message must be valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("message of {size} bytes is larger than the {max}-byte limit")]
+    TooLarge { size: usize, max: usize },
+    #[error("delay of {0:?} is longer than the 24 h maximum")]
+    DelayTooLong(Duration),
+}
+
+/// A local Cloudflare Queues API. Cheap to clone: clones share the queues.
+#[derive(Clone)]
+pub struct Emulator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: EmulatorOptions,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<String, Queue>,
+    pull_faults: VecDeque<Fault>,
+    ack_faults: VecDeque<Fault>,
+    /// Added to the tokio clock: see [`Emulator::advance`].
+    clock_offset: Duration,
+}
+
+impl State {
+    fn now(&self) -> Instant {
+        Instant::now() + self.clock_offset
+    }
+}
+
+impl Emulator {
+    pub fn new(opts: EmulatorOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                opts,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// Bind `addr` (e.g. 127.0.0.1:0), spawn the server on the current runtime, return the
+    /// bound address. The server stops when `shutdown` is cancelled.
+    pub async fn start(
+        &self,
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.serve(listener, shutdown).await {
+                warn!(error = %e, "queues emulator stopped with an error");
+            }
+        });
+        Ok(bound)
+    }
+
+    /// Serve on an existing listener until `shutdown` is cancelled.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
+        let app = self.router(shutdown.clone());
+        axum::serve(
+            ResetListener(listener),
+            app.into_make_service_with_connect_info::<Conn>(),
+        )
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    }
+
+    /// `http://{addr}/client/v4` — what goes into the relay's `cloudflare.api_base_url`.
+    pub fn base_url(addr: SocketAddr) -> String {
+        format!("http://{addr}/client/v4")
+    }
+
+    /// Publish in-process. `payload` is what the webhook should finally receive; it is encoded
+    /// for the wire per content type (text and untyped: the UTF-8 text; json: base64 of the
+    /// JSON text, or the text itself with `json_raw`; bytes and v8: base64). `None` publishes
+    /// a text body without a `CF-Content-Type` key. Returns the message id (32 hex chars).
+    pub fn publish(
+        &self,
+        queue_id: &str,
+        content_type: Option<ContentType>,
+        payload: &[u8],
+        delay: Duration,
+    ) -> Result<String, PublishError> {
+        let draft = self.draft(content_type, payload, delay)?;
+        let mut ids = self.publish_drafts(queue_id, vec![draft]);
+        Ok(ids.pop().unwrap_or_default())
+    }
+
+    /// Counters of a queue (all zero for a queue never used). Due leases and delays are
+    /// settled first, so the figures are those of now.
+    pub fn stats(&self, queue_id: &str) -> QueueStats {
+        let mut st = self.lock();
+        let now = st.now();
+        let max_retries = self.inner.opts.max_retries;
+        match st.queues.get_mut(queue_id) {
+            Some(q) => {
+                q.settle(now, max_retries);
+                q.stats()
+            }
+            None => QueueStats::default(),
+        }
+    }
+
+    /// One book per message ever published to the queue, in publish order.
+    pub fn books(&self, queue_id: &str) -> Vec<MessageBook> {
+        let mut st = self.lock();
+        let now = st.now();
+        let max_retries = self.inner.opts.max_retries;
+        match st.queues.get_mut(queue_id) {
+            Some(q) => {
+                q.settle(now, max_retries);
+                q.books.clone()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Queue a one-shot fault for the next API call of `op` on any queue (FIFO per op).
+    pub fn inject_fault(&self, op: Op, fault: Fault) {
+        let mut st = self.lock();
+        match op {
+            Op::Pull => st.pull_faults.push_back(fault),
+            Op::Ack => st.ack_faults.push_back(fault),
+        }
+    }
+
+    /// Move the emulator's clock forward by `by`: leases and delays that fall due by then are
+    /// settled at the next call. For tests that must not wait out a visibility timeout or a
+    /// retry delay (tokio's `test-util` clock is not available to this crate).
+    pub fn advance(&self, by: Duration) {
+        let mut st = self.lock();
+        st.clock_offset += by;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Check and encode one message for the wire.
+    fn draft(
+        &self,
+        content_type: Option<ContentType>,
+        payload: &[u8],
+        delay: Duration,
+    ) -> Result<Draft, PublishError> {
+        if payload.len() > MAX_MESSAGE_BYTES {
+            return Err(PublishError::TooLarge {
+                size: payload.len(),
+                max: MAX_MESSAGE_BYTES,
+            });
+        }
+        if delay > Duration::from_secs(MAX_DELAY_SECONDS) {
+            return Err(PublishError::DelayTooLong(delay));
+        }
+        let body = match content_type {
+            None | Some(ContentType::Text) => std::str::from_utf8(payload)
+                .map_err(|_| PublishError::NotUtf8)?
+                .to_owned(),
+            Some(ContentType::Json) => {
+                serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                    .map_err(|e| PublishError::InvalidJson(e.to_string()))?;
+                if self.inner.opts.json_raw {
+                    std::str::from_utf8(payload)
+                        .map_err(|e| PublishError::InvalidJson(e.to_string()))?
+                        .to_owned()
+                } else {
+                    STANDARD.encode(payload)
+                }
+            }
+            Some(ContentType::Bytes | ContentType::V8) => STANDARD.encode(payload),
+        };
+        Ok(Draft {
+            content_type,
+            body,
+            delay,
+        })
+    }
+
+    /// Publish checked messages under one lock; returns their ids.
+    fn publish_drafts(&self, queue_id: &str, drafts: Vec<Draft>) -> Vec<String> {
+        let timestamp_ms = unix_ms();
+        let mut st = self.lock();
+        let now = st.now();
+        let max_retries = self.inner.opts.max_retries;
+        let q = queue(&mut st, queue_id);
+        q.settle(now, max_retries);
+        drafts
+            .into_iter()
+            .map(|d| q.publish(now, timestamp_ms, d))
+            .collect()
+    }
+
+    fn take_fault(&self, op: Op) -> Option<Fault> {
+        let mut st = self.lock();
+        match op {
+            Op::Pull => st.pull_faults.pop_front(),
+            Op::Ack => st.ack_faults.pop_front(),
+        }
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.inner.opts.token else {
+            return true;
+        };
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .is_some_and(|t| t.trim() == token)
+    }
+
+    fn router(&self, shutdown: CancellationToken) -> Router {
+        let app = App {
+            emu: self.clone(),
+            shutdown,
+        };
+        let q = "/client/v4/accounts/{account_id}/queues/{queue_id}";
+        Router::new()
+            .route(&format!("{q}/messages/pull"), post(pull_handler))
+            .route(&format!("{q}/messages/ack"), post(ack_handler))
+            .route(&format!("{q}/messages"), post(publish_handler))
+            .route(&format!("{q}/messages/batch"), post(publish_batch_handler))
+            .route(
+                "/client/v4/_emulator/queues/{queue_id}/stats",
+                get(stats_handler),
+            )
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(DefaultBodyLimit::max(BODY_LIMIT))
+            .with_state(app)
+    }
+}
+
+fn queue<'a>(st: &'a mut State, queue_id: &str) -> &'a mut Queue {
+    st.queues.entry(queue_id.to_owned()).or_default()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A message checked and encoded for the wire, not yet in a queue.
+struct Draft {
+    content_type: Option<ContentType>,
+    body: String,
+    delay: Duration,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queue state
+
+#[derive(Default)]
+struct Queue {
+    /// Live messages (not acked, not dead-lettered) by publish sequence number; the first is
+    /// the oldest.
+    messages: BTreeMap<u64, Message>,
+    /// Ready messages in delivery order. May hold sequence numbers of messages removed
+    /// meanwhile (by a stale ack); those are skipped when popped.
+    ready: VecDeque<u64>,
+    /// Delayed messages by due instant.
+    delayed: BTreeSet<(Instant, u64)>,
+    /// Leased messages by lease expiry.
+    leased: BTreeSet<(Instant, u64)>,
+    /// Every lease id ever issued for a live message → its sequence number.
+    leases: HashMap<String, u64>,
+    /// Sum of the wire body sizes of live messages.
+    backlog_bytes: u64,
+    stats: QueueStats,
+    /// Indexed by sequence number.
+    books: Vec<MessageBook>,
+}
+
+struct Message {
+    id: String,
+    body: String,
+    content_type: Option<ContentType>,
+    timestamp_ms: u64,
+    attempts: u32,
+    place: Place,
+    /// Lease ids of every delivery; the last is the current one while `Leased`.
+    lease_ids: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Ready,
+    Delayed(Instant),
+    Leased(Instant),
+}
+
+/// One message handed out by a pull, as it goes on the wire.
+#[derive(Serialize)]
+struct WireMessage {
+    id: String,
+    body: String,
+    attempts: u32,
+    lease_id: String,
+    metadata: WireMetadata,
+    timestamp_ms: u64,
+}
+
+#[derive(Serialize)]
+struct WireMetadata {
+    #[serde(rename = "CF-Content-Type", skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Metrics {
+    backlog_count: u64,
+    backlog_bytes: u64,
+    oldest_message_timestamp_ms: u64,
+}
+
+/// The outcome of one ack call.
+#[derive(Default)]
+struct AckOutcome {
+    ack_count: u64,
+    retry_count: u64,
+    warnings: BTreeMap<String, String>,
+}
+
+impl Queue {
+    fn stats(&self) -> QueueStats {
+        QueueStats {
+            backlog: self.messages.len() as u64,
+            in_flight: self.leased.len() as u64,
+            ..self.stats.clone()
+        }
+    }
+
+    fn metrics(&self) -> Metrics {
+        Metrics {
+            backlog_count: self.messages.len() as u64,
+            backlog_bytes: self.backlog_bytes,
+            oldest_message_timestamp_ms: self
+                .messages
+                .first_key_value()
+                .map_or(0, |(_, m)| m.timestamp_ms),
+        }
+    }
+
+    fn publish(&mut self, now: Instant, timestamp_ms: u64, draft: Draft) -> String {
+        let seq = self.books.len() as u64;
+        let id = format!("{:032x}", rand::rng().random::<u128>());
+        let place = if draft.delay.is_zero() {
+            self.ready.push_back(seq);
+            Place::Ready
+        } else {
+            let due = now + draft.delay;
+            self.delayed.insert((due, seq));
+            Place::Delayed(due)
+        };
+        self.backlog_bytes += draft.body.len() as u64;
+        self.messages.insert(
+            seq,
+            Message {
+                id: id.clone(),
+                body: draft.body,
+                content_type: draft.content_type,
+                timestamp_ms,
+                attempts: 0,
+                place,
+                lease_ids: Vec::new(),
+            },
+        );
+        self.books.push(MessageBook {
+            id: id.clone(),
+            deliveries: 0,
+            acks: 0,
+            dead_lettered: false,
+            retries: Vec::new(),
+        });
+        self.stats.published += 1;
+        id
+    }
+
+    /// Expire due leases and release due delayed messages, in order of due time.
+    fn settle(&mut self, now: Instant, max_retries: u32) {
+        loop {
+            let lease = self.leased.first().copied().filter(|(t, _)| *t <= now);
+            let delay = self.delayed.first().copied().filter(|(t, _)| *t <= now);
+            match (lease, delay) {
+                (Some(l), Some(d)) if d < l => self.release(d),
+                (Some(l), _) => self.expire(l, max_retries),
+                (None, Some(d)) => self.release(d),
+                (None, None) => break,
+            }
+        }
+    }
+
+    fn release(&mut self, key: (Instant, u64)) {
+        self.delayed.remove(&key);
+        if let Some(m) = self.messages.get_mut(&key.1) {
+            m.place = Place::Ready;
+            self.ready.push_back(key.1);
+        }
+    }
+
+    fn expire(&mut self, key: (Instant, u64), max_retries: u32) {
+        self.leased.remove(&key);
+        let seq = key.1;
+        let Some(m) = self.messages.get_mut(&seq) else {
+            return;
+        };
+        self.stats.lease_expired += 1;
+        if m.attempts > max_retries {
+            self.dead_letter(seq);
+        } else {
+            m.place = Place::Ready;
+            self.ready.push_back(seq);
+        }
+    }
+
+    /// Remove a live message and everything that points to it.
+    fn remove(&mut self, seq: u64) -> Option<Message> {
+        let m = self.messages.remove(&seq)?;
+        match m.place {
+            Place::Ready => {} // its `ready` entry is skipped when popped
+            Place::Delayed(t) => {
+                self.delayed.remove(&(t, seq));
+            }
+            Place::Leased(t) => {
+                self.leased.remove(&(t, seq));
+            }
+        }
+        for lease in &m.lease_ids {
+            self.leases.remove(lease);
+        }
+        self.backlog_bytes = self.backlog_bytes.saturating_sub(m.body.len() as u64);
+        Some(m)
+    }
+
+    fn dead_letter(&mut self, seq: u64) {
+        if self.remove(seq).is_some() {
+            self.stats.dead_lettered += 1;
+            if let Some(b) = self.book(seq) {
+                b.dead_lettered = true;
+            }
+        }
+    }
+
+    fn book(&mut self, seq: u64) -> Option<&mut MessageBook> {
+        usize::try_from(seq)
+            .ok()
+            .and_then(|i| self.books.get_mut(i))
+    }
+
+    fn pull(
+        &mut self,
+        now: Instant,
+        batch_size: usize,
+        visibility: Duration,
+        max_retries: u32,
+    ) -> Vec<WireMessage> {
+        self.settle(now, max_retries);
+        self.stats.pull_calls += 1;
+        let until = now + visibility;
+        let mut rng = rand::rng();
+        let mut out = Vec::with_capacity(batch_size.min(self.messages.len()));
+        while out.len() < batch_size {
+            let Some(seq) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(m) = self.messages.get_mut(&seq) else {
+                continue; // removed while ready
+            };
+            if m.place != Place::Ready {
+                continue;
+            }
+            let lease_id = loop {
+                let candidate = lease_id(&mut rng);
+                if !self.leases.contains_key(&candidate) {
+                    break candidate;
+                }
+            };
+            m.attempts += 1;
+            m.place = Place::Leased(until);
+            m.lease_ids.push(lease_id.clone());
+            self.leases.insert(lease_id.clone(), seq);
+            self.leased.insert((until, seq));
+            out.push(WireMessage {
+                id: m.id.clone(),
+                body: m.body.clone(),
+                attempts: m.attempts,
+                lease_id,
+                metadata: WireMetadata {
+                    content_type: m.content_type.map(ContentType::as_str),
+                },
+                timestamp_ms: m.timestamp_ms,
+            });
+            self.stats.deliveries += 1;
+            if let Some(b) = self.book(seq) {
+                b.deliveries += 1;
+            }
+        }
+        if out.is_empty() {
+            self.stats.empty_pulls += 1;
+        }
+        out
+    }
+
+    /// Apply the acks, then the retries, of one call (already validated).
+    fn ack(
+        &mut self,
+        now: Instant,
+        acks: &[AckItem],
+        retries: &[RetryItem],
+        max_retries: u32,
+    ) -> AckOutcome {
+        self.settle(now, max_retries);
+        self.stats.ack_calls += 1;
+        let mut out = AckOutcome::default();
+        for a in acks {
+            let Some(seq) = self.resolve(&a.lease_id, &mut out) else {
+                continue;
+            };
+            if !self.is_current(seq, &a.lease_id) {
+                self.stats.stale_acks += 1;
+            }
+            self.remove(seq);
+            self.stats.acked += 1;
+            out.ack_count += 1;
+            if let Some(b) = self.book(seq) {
+                b.acks += 1;
+            }
+        }
+        for r in retries {
+            let Some(seq) = self.resolve(&r.lease_id, &mut out) else {
+                continue;
+            };
+            let delay = r.delay_seconds.unwrap_or(0);
+            self.stats.retried += 1;
+            out.retry_count += 1;
+            if let Some(b) = self.book(seq) {
+                b.retries.push(u32::try_from(delay).unwrap_or(u32::MAX));
+            }
+            if !self.is_current(seq, &r.lease_id) {
+                // The lease already ran out and put the message back: nothing left to do.
+                continue;
+            }
+            let Some(m) = self.messages.get_mut(&seq) else {
+                continue;
+            };
+            if let Place::Leased(t) = m.place {
+                self.leased.remove(&(t, seq));
+            }
+            if m.attempts > max_retries {
+                self.dead_letter(seq);
+            } else if delay == 0 {
+                m.place = Place::Ready;
+                self.ready.push_back(seq);
+            } else {
+                let due = now + Duration::from_secs(delay);
+                m.place = Place::Delayed(due);
+                self.delayed.insert((due, seq));
+            }
+        }
+        out
+    }
+
+    /// The message a lease id names, or a warning if it is gone.
+    fn resolve(&mut self, lease_id: &str, out: &mut AckOutcome) -> Option<u64> {
+        let seq = self.leases.get(lease_id).copied();
+        if seq.is_none() {
+            self.stats.unknown_leases += 1;
+            out.warnings.insert(
+                lease_id.to_owned(),
+                "unknown lease: its message was already acknowledged or dead-lettered, or never existed"
+                    .to_owned(),
+            );
+        }
+        seq
+    }
+
+    /// Whether `lease_id` is the lease of the message's current delivery.
+    fn is_current(&self, seq: u64, lease_id: &str) -> bool {
+        self.messages.get(&seq).is_some_and(|m| {
+            matches!(m.place, Place::Leased(_)) && m.lease_ids.last().is_some_and(|l| l == lease_id)
+        })
+    }
+}
+
+/// A fresh lease id shaped like Cloudflare's: a compact JWE (`dir`, A256CBC-HS512) of ~310
+/// url-safe characters, its parts random.
+fn lease_id(rng: &mut impl Rng) -> String {
+    let mut iv = [0u8; 16];
+    let mut ciphertext = [0u8; 144];
+    let mut tag = [0u8; 32];
+    rng.fill_bytes(&mut iv);
+    rng.fill_bytes(&mut ciphertext);
+    rng.fill_bytes(&mut tag);
+    let mut s = String::with_capacity(320);
+    s.push_str(LEASE_HEADER);
+    s.push_str("..");
+    URL_SAFE_NO_PAD.encode_string(iv, &mut s);
+    s.push('.');
+    URL_SAFE_NO_PAD.encode_string(ciphertext, &mut s);
+    s.push('.');
+    URL_SAFE_NO_PAD.encode_string(tag, &mut s);
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+
+#[derive(Clone)]
+struct App {
+    emu: Emulator,
+    shutdown: CancellationToken,
+}
+
+#[derive(Serialize)]
+struct Envelope<T> {
+    success: bool,
+    errors: Vec<ApiError>,
+    messages: Vec<String>,
+    result: Option<T>,
+}
+
+#[derive(Serialize)]
+struct ApiError {
+    code: u32,
+    message: String,
+}
+
+fn ok<T: Serialize>(result: T) -> Response {
+    axum::Json(Envelope {
+        success: true,
+        errors: Vec::new(),
+        messages: Vec::new(),
+        result: Some(result),
+    })
+    .into_response()
+}
+
+fn fail(status: StatusCode, code: u32, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(Envelope::<()> {
+            success: false,
+            errors: vec![ApiError {
+                code,
+                message: message.into(),
+            }],
+            messages: Vec::new(),
+            result: None,
+        }),
+    )
+        .into_response()
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    fail(StatusCode::BAD_REQUEST, 7000, message)
+}
+
+fn shutting_down() -> Response {
+    fail(
+        StatusCode::SERVICE_UNAVAILABLE,
+        7010,
+        "emulator shutting down",
+    )
+}
+
+/// Parse a JSON request body; an empty body or `null` is the default. `Err` is the message
+/// of a 400 answer.
+fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice::<Option<T>>(body)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| format!("invalid request body: {e}"))
+}
+
+/// Latency, authentication and injected faults, before a Cloudflare API call is handled.
+/// `Some` is the answer to give instead of handling it.
+async fn gate(app: &App, headers: &HeaderMap, op: Option<Op>, conn: &Conn) -> Option<Response> {
+    let latency = app.emu.inner.opts.latency;
+    if !latency.is_zero() && !sleep_or_shutdown(latency, &app.shutdown).await {
+        return Some(shutting_down());
+    }
+    if !app.emu.authorized(headers) {
+        return Some(auth_error());
+    }
+    let fault = op.and_then(|op| app.emu.take_fault(op).map(|f| (op, f)));
+    let (op, fault) = fault?;
+    debug!(?op, ?fault, "emulator: injecting a fault");
+    match fault {
+        Fault::Status {
+            status,
+            body,
+            retry_after,
+        } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let content_type = if serde_json::from_str::<serde::de::IgnoredAny>(&body).is_ok() {
+                "application/json"
+            } else {
+                "text/plain; charset=utf-8"
+            };
+            let mut resp = (status, [(header::CONTENT_TYPE, content_type)], body).into_response();
+            if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Some(resp)
+        }
+        Fault::Delay(d) => {
+            if sleep_or_shutdown(d, &app.shutdown).await {
+                None
+            } else {
+                Some(shutting_down())
+            }
+        }
+        Fault::Hang => {
+            app.shutdown.cancelled().await;
+            conn.reset();
+            Some(shutting_down())
+        }
+        Fault::Reset => {
+            conn.reset();
+            // Never written: the connection refuses every write from now on and closes.
+            Some(StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+    }
+}
+
+/// Sleep `d`; `false` if shutdown came first.
+async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => true,
+        () = shutdown.cancelled() => false,
+    }
+}
+
+fn auth_error() -> Response {
+    fail(StatusCode::FORBIDDEN, 10000, "Authentication error")
+}
+
+#[derive(Deserialize, Default)]
+struct PullRequest {
+    batch_size: Option<u64>,
+    visibility_timeout_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct PullResult {
+    messages: Vec<WireMessage>,
+    message_backlog_count: u64,
+    metadata: PullMetadata,
+}
+
+#[derive(Serialize)]
+struct PullMetadata {
+    metrics: Metrics,
+}
+
+async fn pull_handler(
+    Ctx(app): Ctx<App>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    Path((_account, queue_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = gate(&app, &headers, Some(Op::Pull), &conn).await {
+        return r;
+    }
+    let req: PullRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    let batch_size = req.batch_size.unwrap_or(DEFAULT_BATCH);
+    if !(1..=MAX_BATCH).contains(&batch_size) {
+        return bad_request(format!(
+            "batch_size must be between 1 and {MAX_BATCH}, got {batch_size}"
+        ));
+    }
+    let visibility_ms = req.visibility_timeout_ms.unwrap_or(DEFAULT_VISIBILITY_MS);
+    if !(1..=MAX_VISIBILITY_MS).contains(&visibility_ms) {
+        return bad_request(format!(
+            "visibility_timeout_ms must be between 1 and {MAX_VISIBILITY_MS}, got {visibility_ms}"
+        ));
+    }
+    let max_retries = app.emu.inner.opts.max_retries;
+    let result = {
+        let mut st = app.emu.lock();
+        let now = st.now();
+        let q = queue(&mut st, &queue_id);
+        let messages = q.pull(
+            now,
+            usize::try_from(batch_size).unwrap_or(1),
+            Duration::from_millis(visibility_ms),
+            max_retries,
+        );
+        PullResult {
+            messages,
+            message_backlog_count: q.messages.len() as u64,
+            metadata: PullMetadata {
+                metrics: q.metrics(),
+            },
+        }
+    };
+    ok(result)
+}
+
+#[derive(Deserialize, Default)]
+struct AckRequest {
+    acks: Option<Vec<AckItem>>,
+    retries: Option<Vec<RetryItem>>,
+}
+
+#[derive(Deserialize)]
+struct AckItem {
+    lease_id: String,
+}
+
+#[derive(Deserialize)]
+struct RetryItem {
+    lease_id: String,
+    delay_seconds: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct AckResult {
+    #[serde(rename = "ackCount")]
+    ack_count: u64,
+    #[serde(rename = "retryCount")]
+    retry_count: u64,
+    warnings: BTreeMap<String, String>,
+}
+
+async fn ack_handler(
+    Ctx(app): Ctx<App>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    Path((_account, queue_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = gate(&app, &headers, Some(Op::Ack), &conn).await {
+        return r;
+    }
+    let req: AckRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    let acks = req.acks.unwrap_or_default();
+    let retries = req.retries.unwrap_or_default();
+    if let Some(r) = retries
+        .iter()
+        .find(|r| r.delay_seconds.is_some_and(|d| d > MAX_DELAY_SECONDS))
+    {
+        return bad_request(format!(
+            "delay_seconds must be between 0 and {MAX_DELAY_SECONDS}, got {}",
+            r.delay_seconds.unwrap_or_default()
+        ));
+    }
+    let max_retries = app.emu.inner.opts.max_retries;
+    let out = {
+        let mut st = app.emu.lock();
+        let now = st.now();
+        queue(&mut st, &queue_id).ack(now, &acks, &retries, max_retries)
+    };
+    if !out.warnings.is_empty() {
+        debug!(queue = %queue_id, unknown = out.warnings.len(), "emulator: ack named unknown leases");
+    }
+    ok(AckResult {
+        ack_count: out.ack_count,
+        retry_count: out.retry_count,
+        warnings: out.warnings,
+    })
+}
+
+#[derive(Deserialize)]
+struct PublishRequest {
+    body: Value,
+    content_type: Option<String>,
+    delay_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct PublishBatchRequest {
+    messages: Vec<PublishRequest>,
+    delay_seconds: Option<u64>,
+}
+
+/// Turn one HTTP publish request into a draft; `batch_delay` applies unless the message has
+/// its own. `Err` is the message of a 400 answer.
+fn draft_from_request(
+    emu: &Emulator,
+    req: PublishRequest,
+    batch_delay: Option<u64>,
+) -> Result<Draft, String> {
+    const NOT_BASE64: &str = "a bytes or v8 message's body must be a base64 string";
+    let content_type = match req.content_type.as_deref() {
+        None => ContentType::Json,
+        Some(s) => s.parse().map_err(|e: UnknownContentType| e.to_string())?,
+    };
+    let delay = req.delay_seconds.or(batch_delay).unwrap_or(0);
+    if delay > MAX_DELAY_SECONDS {
+        return Err(format!(
+            "delay_seconds must be between 0 and {MAX_DELAY_SECONDS}, got {delay}"
+        ));
+    }
+    let payload = match (content_type, req.body) {
+        (ContentType::Text, Value::String(s)) => s.into_bytes(),
+        (ContentType::Text, _) => return Err("a text message's body must be a JSON string".into()),
+        (ContentType::Json, v) => {
+            serde_json::to_vec(&v).map_err(|e| format!("cannot serialize the body: {e}"))?
+        }
+        (ContentType::Bytes | ContentType::V8, Value::String(s)) => {
+            decode_base64(&s).ok_or(NOT_BASE64)?
+        }
+        (ContentType::Bytes | ContentType::V8, _) => return Err(NOT_BASE64.into()),
+    };
+    emu.draft(Some(content_type), &payload, Duration::from_secs(delay))
+        .map_err(|e| e.to_string())
+}
+
+/// Base64 in any usual flavour: standard or URL-safe alphabet, padded or not.
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|e| e.decode(s).ok())
+}
+
+async fn publish_handler(
+    Ctx(app): Ctx<App>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    Path((_account, queue_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = gate(&app, &headers, None, &conn).await {
+        return r;
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return bad_request("missing request body: {\"body\": …}");
+    }
+    let req: PublishRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("invalid request body: {e}")),
+    };
+    let draft = match draft_from_request(&app.emu, req, None) {
+        Ok(d) => d,
+        Err(e) => return bad_request(e),
+    };
+    let ids = app.emu.publish_drafts(&queue_id, vec![draft]);
+    ok(serde_json::json!({ "message_ids": ids }))
+}
+
+async fn publish_batch_handler(
+    Ctx(app): Ctx<App>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    Path((_account, queue_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = gate(&app, &headers, None, &conn).await {
+        return r;
+    }
+    let req: PublishBatchRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(e),
+    };
+    if req.messages.len() > MAX_PUBLISH_BATCH {
+        return bad_request(format!(
+            "a batch holds at most {MAX_PUBLISH_BATCH} messages, got {}",
+            req.messages.len()
+        ));
+    }
+    let mut drafts = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        match draft_from_request(&app.emu, m, req.delay_seconds) {
+            Ok(d) => drafts.push(d),
+            Err(e) => return bad_request(e),
+        }
+    }
+    let ids = app.emu.publish_drafts(&queue_id, drafts);
+    ok(serde_json::json!({ "message_ids": ids }))
+}
+
+async fn stats_handler(
+    Ctx(app): Ctx<App>,
+    Path(queue_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !app.emu.authorized(&headers) {
+        return auth_error();
+    }
+    axum::Json(app.emu.stats(&queue_id)).into_response()
+}
+
+async fn not_found() -> Response {
+    fail(StatusCode::NOT_FOUND, 7003, "No route for that URI")
+}
+
+async fn method_not_allowed() -> Response {
+    fail(
+        StatusCode::METHOD_NOT_ALLOWED,
+        7001,
+        "Method not allowed for this route",
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections that a handler can reset (Fault::Reset)
+
+/// A TCP listener whose connections carry a reset switch.
+struct ResetListener(TcpListener);
+
+impl Listener for ResetListener {
+    type Io = ResettableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let io = ResettableStream {
+                        inner: stream,
+                        reset: Arc::new(AtomicBool::new(false)),
+                    };
+                    return (io, addr);
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: wait instead of spinning.
+                    warn!(error = %e, "emulator: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// The reset switch of the connection a request came on (a handler's `ConnectInfo`).
+#[derive(Clone)]
+struct Conn(Arc<AtomicBool>);
+
+impl Conn {
+    /// From now on the connection refuses every read and write, so the server drops it; with
+    /// `SO_LINGER` 0 the close is a TCP RST and the client gets no answer.
+    fn reset(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Connected<IncomingStream<'_, ResetListener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, ResetListener>) -> Self {
+        Conn(stream.io().reset.clone())
+    }
+}
+
+struct ResettableStream {
+    inner: TcpStream,
+    reset: Arc<AtomicBool>,
+}
+
+impl ResettableStream {
+    fn check(&self) -> io::Result<()> {
+        if self.reset.load(Ordering::SeqCst) {
+            let _ = self.inner.set_zero_linger();
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "emulator fault: connection reset",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for ResettableStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ResettableStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const TOKEN: &str = "s3cret-token";
+
+    /// An emulator on 127.0.0.1:0 and a client for it; the server stops when dropped.
+    struct Harness {
+        emu: Emulator,
+        http: reqwest::Client,
+        base: String,
+        stop: CancellationToken,
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    async fn harness(opts: EmulatorOptions) -> Harness {
+        let stop = CancellationToken::new();
+        let emu = Emulator::new(EmulatorOptions {
+            token: Some(TOKEN.into()),
+            ..opts
+        });
+        let addr = emu
+            .start(SocketAddr::from(([127, 0, 0, 1], 0)), stop.clone())
+            .await
+            .expect("emulator starts");
+        Harness {
+            emu,
+            http: client(),
+            base: Emulator::base_url(addr),
+            stop,
+        }
+    }
+
+    fn client() -> reqwest::Client {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("http client")
+    }
+
+    impl Harness {
+        fn url(&self, queue: &str, tail: &str) -> String {
+            format!(
+                "{}/accounts/acc123/queues/{queue}/messages{tail}",
+                self.base
+            )
+        }
+
+        /// POST a raw body with the right token; status, Retry-After and JSON answer.
+        async fn raw(&self, url: &str, body: &str) -> (u16, Option<String>, Value) {
+            let resp = self
+                .http
+                .post(url)
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/json")
+                .body(body.to_owned())
+                .send()
+                .await
+                .expect("answer");
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let text = resp.text().await.expect("body");
+            let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            (status, retry_after, value)
+        }
+
+        async fn post(&self, url: &str, body: Value) -> (u16, Value) {
+            let (status, _, v) = self.raw(url, &body.to_string()).await;
+            (status, v)
+        }
+
+        /// A successful pull's `result`.
+        async fn pull(&self, queue: &str, body: Value) -> Value {
+            let (status, v) = self.post(&self.url(queue, "/pull"), body).await;
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["success"], true, "{v}");
+            v["result"].clone()
+        }
+
+        /// Pulled messages of a successful pull.
+        async fn pull_messages(&self, queue: &str, body: Value) -> Vec<Value> {
+            self.pull(queue, body).await["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        }
+
+        /// A successful ack call's `result`.
+        async fn ack(&self, queue: &str, acks: &[&str], retries: &[(&str, u64)]) -> Value {
+            let body = json!({
+                "acks": acks.iter().map(|l| json!({"lease_id": l})).collect::<Vec<_>>(),
+                "retries": retries
+                    .iter()
+                    .map(|(l, d)| json!({"lease_id": l, "delay_seconds": d}))
+                    .collect::<Vec<_>>(),
+            });
+            let (status, v) = self.post(&self.url(queue, "/ack"), body).await;
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["success"], true, "{v}");
+            v["result"].clone()
+        }
+    }
+
+    fn lease(m: &Value) -> String {
+        m["lease_id"].as_str().expect("lease_id").to_owned()
+    }
+
+    fn text(emu: &Emulator, queue: &str, body: &str) -> String {
+        emu.publish(
+            queue,
+            Some(ContentType::Text),
+            body.as_bytes(),
+            Duration::ZERO,
+        )
+        .expect("publish")
+    }
+
+    #[tokio::test]
+    async fn publish_pull_ack_removes_the_message() {
+        let h = harness(EmulatorOptions::default()).await;
+        let id = text(&h.emu, "q", "hello ✓");
+        assert_eq!(id.len(), 32);
+        assert!(
+            id.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')),
+            "{id}"
+        );
+
+        let msgs = h.pull_messages("q", json!({})).await;
+        assert_eq!(msgs.len(), 1);
+        let m = &msgs[0];
+        assert_eq!(m["id"], id.as_str());
+        assert_eq!(m["body"], "hello ✓");
+        assert_eq!(m["attempts"], 1);
+        assert_eq!(m["metadata"]["CF-Content-Type"], "text");
+        let ts = m["timestamp_ms"].as_u64().expect("timestamp_ms");
+        assert!(ts > 1_700_000_000_000 && ts <= unix_ms(), "{ts}");
+        assert_eq!(h.emu.stats("q").in_flight, 1);
+
+        let r = h.ack("q", &[&lease(m)], &[]).await;
+        assert_eq!(r["ackCount"], 1);
+        assert_eq!(r["retryCount"], 0);
+        assert_eq!(r["warnings"], json!({}));
+        assert!(h.pull_messages("q", json!({})).await.is_empty());
+
+        let s = h.emu.stats("q");
+        let expected = QueueStats {
+            published: 1,
+            deliveries: 1,
+            pull_calls: 2,
+            empty_pulls: 1,
+            ack_calls: 1,
+            acked: 1,
+            ..QueueStats::default()
+        };
+        assert_eq!(s, expected);
+        let books = h.emu.books("q");
+        assert_eq!(
+            books,
+            vec![MessageBook {
+                id,
+                deliveries: 1,
+                acks: 1,
+                dead_lettered: false,
+                retries: vec![],
+            }]
+        );
+        assert_eq!(h.emu.stats("never-used"), QueueStats::default());
+    }
+
+    #[tokio::test]
+    async fn lease_ids_are_long_unique_and_url_safe() {
+        let h = harness(EmulatorOptions::default()).await;
+        for i in 0..50 {
+            text(&h.emu, "q", &format!("m{i}"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..5 {
+            for m in h.pull_messages("q", json!({"batch_size": 10})).await {
+                let l = lease(&m);
+                assert!((280..=400).contains(&l.len()), "{} chars", l.len());
+                assert!(
+                    l.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
+                    "{l}"
+                );
+                assert!(l.starts_with("eyJ"), "{l}");
+                assert!(seen.insert(l));
+            }
+        }
+        assert_eq!(seen.len(), 50);
+    }
+
+    #[tokio::test]
+    async fn lease_expiry_redelivers_with_attempts_two() {
+        let h = harness(EmulatorOptions::default()).await;
+        let id = text(&h.emu, "q", "x");
+        let first = h
+            .pull_messages("q", json!({"visibility_timeout_ms": 30_000}))
+            .await;
+        assert_eq!(first.len(), 1);
+        h.emu.advance(Duration::from_secs(29));
+        assert!(
+            h.pull_messages("q", json!({})).await.is_empty(),
+            "still leased"
+        );
+        h.emu.advance(Duration::from_secs(2));
+        let second = h.pull_messages("q", json!({})).await;
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0]["id"], id.as_str());
+        assert_eq!(second[0]["attempts"], 2);
+        assert_ne!(lease(&second[0]), lease(&first[0]));
+        let s = h.emu.stats("q");
+        assert_eq!((s.lease_expired, s.deliveries, s.in_flight), (1, 2, 1));
+    }
+
+    #[tokio::test]
+    async fn lease_expires_in_real_time() {
+        let h = harness(EmulatorOptions::default()).await;
+        text(&h.emu, "q", "x");
+        let first = h
+            .pull_messages("q", json!({"visibility_timeout_ms": 50}))
+            .await;
+        assert_eq!(first.len(), 1);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let second = h.pull_messages("q", json!({})).await;
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0]["attempts"], 2);
+    }
+
+    #[tokio::test]
+    async fn retry_with_delay_holds_the_message_back() {
+        let h = harness(EmulatorOptions::default()).await;
+        let id = text(&h.emu, "q", "x");
+        let m = h.pull_messages("q", json!({})).await.remove(0);
+        let r = h.ack("q", &[], &[(&lease(&m), 10)]).await;
+        assert_eq!(
+            (r["ackCount"].as_u64(), r["retryCount"].as_u64()),
+            (Some(0), Some(1))
+        );
+        assert!(h.pull_messages("q", json!({})).await.is_empty());
+        h.emu.advance(Duration::from_secs(9));
+        assert!(h.pull_messages("q", json!({})).await.is_empty());
+        let s = h.emu.stats("q");
+        assert_eq!((s.backlog, s.in_flight, s.retried), (1, 0, 1));
+        h.emu.advance(Duration::from_secs(2));
+        let again = h.pull_messages("q", json!({})).await;
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0]["id"], id.as_str());
+        assert_eq!(again[0]["attempts"], 2);
+
+        // A retry without delay is ready at once.
+        h.ack("q", &[], &[(&lease(&again[0]), 0)]).await;
+        let third = h.pull_messages("q", json!({})).await;
+        assert_eq!(third[0]["attempts"], 3);
+        assert_eq!(h.emu.books("q")[0].retries, vec![10, 0]);
+        assert_eq!(h.emu.stats("q").lease_expired, 0);
+    }
+
+    #[tokio::test]
+    async fn retries_past_max_retries_dead_letter() {
+        let h = harness(EmulatorOptions {
+            max_retries: 1,
+            ..EmulatorOptions::default()
+        })
+        .await;
+        text(&h.emu, "q", "x");
+        let m = h.pull_messages("q", json!({})).await.remove(0);
+        h.ack("q", &[], &[(&lease(&m), 0)]).await;
+        let m = h.pull_messages("q", json!({})).await.remove(0);
+        assert_eq!(m["attempts"], 2);
+        let r = h.ack("q", &[], &[(&lease(&m), 0)]).await;
+        assert_eq!(r["retryCount"], 1);
+        assert!(h.pull_messages("q", json!({})).await.is_empty());
+        let s = h.emu.stats("q");
+        assert_eq!(
+            (s.dead_lettered, s.retried, s.backlog, s.in_flight),
+            (1, 2, 0, 0)
+        );
+        let b = &h.emu.books("q")[0];
+        assert!(b.dead_lettered);
+        assert_eq!((b.deliveries, b.acks), (2, 0));
+        // Its leases are gone with it.
+        let r = h.ack("q", &[&lease(&m)], &[]).await;
+        assert_eq!(r["ackCount"], 0);
+        assert_eq!(h.emu.stats("q").unknown_leases, 1);
+    }
+
+    #[tokio::test]
+    async fn lease_expiry_past_max_retries_dead_letters() {
+        let h = harness(EmulatorOptions {
+            max_retries: 0,
+            ..EmulatorOptions::default()
+        })
+        .await;
+        text(&h.emu, "q", "x");
+        assert_eq!(h.pull_messages("q", json!({})).await.len(), 1);
+        h.emu.advance(Duration::from_secs(31));
+        let s = h.emu.stats("q");
+        assert_eq!(
+            (s.lease_expired, s.dead_lettered, s.backlog, s.in_flight),
+            (1, 1, 0, 0)
+        );
+        assert!(h.pull_messages("q", json!({})).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn stale_ack_is_accepted_and_counted() {
+        let h = harness(EmulatorOptions::default()).await;
+        text(&h.emu, "q", "x");
+        let old = h
+            .pull_messages("q", json!({"visibility_timeout_ms": 1000}))
+            .await
+            .remove(0);
+        h.emu.advance(Duration::from_secs(2));
+        let new = h.pull_messages("q", json!({})).await.remove(0);
+        assert_eq!(new["attempts"], 2);
+
+        let r = h.ack("q", &[&lease(&old)], &[]).await;
+        assert_eq!(
+            r["ackCount"], 1,
+            "a late ack is accepted like on Cloudflare"
+        );
+        let s = h.emu.stats("q");
+        assert_eq!(
+            (s.acked, s.stale_acks, s.backlog, s.in_flight),
+            (1, 1, 0, 0)
+        );
+
+        // The redelivery's holder now acks a message that is gone: a warning.
+        let r = h.ack("q", &[&lease(&new)], &[]).await;
+        assert_eq!(r["ackCount"], 0);
+        assert!(r["warnings"][lease(&new)].is_string(), "{r}");
+        let s = h.emu.stats("q");
+        assert_eq!((s.acked, s.unknown_leases), (1, 1));
+        assert_eq!(h.emu.books("q")[0].acks, 1);
+
+        // Expired but not yet redelivered: still accepted as stale.
+        text(&h.emu, "q", "y");
+        let m = h
+            .pull_messages("q", json!({"visibility_timeout_ms": 1000}))
+            .await
+            .remove(0);
+        h.emu.advance(Duration::from_secs(2));
+        assert_eq!(h.ack("q", &[&lease(&m)], &[]).await["ackCount"], 1);
+        assert_eq!(h.emu.stats("q").stale_acks, 2);
+        assert!(h.pull_messages("q", json!({})).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_lease_is_a_warning() {
+        let h = harness(EmulatorOptions::default()).await;
+        let r = h.ack("q", &["no-such-lease"], &[("other-lease", 5)]).await;
+        assert_eq!(
+            (r["ackCount"].as_u64(), r["retryCount"].as_u64()),
+            (Some(0), Some(0))
+        );
+        let w = r["warnings"].as_object().expect("warnings map");
+        assert!(
+            w.contains_key("no-such-lease") && w.contains_key("other-lease"),
+            "{r}"
+        );
+        let s = h.emu.stats("q");
+        assert_eq!(
+            (s.unknown_leases, s.ack_calls, s.acked, s.retried),
+            (2, 1, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn token_is_required() {
+        let h = harness(EmulatorOptions::default()).await;
+        let url = h.url("q", "/pull");
+        for auth in [None, Some("Bearer wrong"), Some(TOKEN)] {
+            let mut req = h.http.post(&url).body("{}");
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let resp = req.send().await.expect("answer");
+            assert_eq!(resp.status().as_u16(), 403, "{auth:?}");
+            let v: Value = resp.json().await.expect("json");
+            assert_eq!(v["success"], false);
+            assert_eq!(v["errors"][0]["code"], 10000);
+            assert_eq!(v["errors"][0]["message"], "Authentication error");
+        }
+        let stats_url = format!("{}/_emulator/queues/q/stats", h.base);
+        let resp = h.http.get(&stats_url).send().await.expect("answer");
+        assert_eq!(resp.status().as_u16(), 403);
+        // Refused calls did nothing.
+        assert_eq!(h.emu.stats("q"), QueueStats::default());
+
+        let resp = h
+            .http
+            .get(&stats_url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(resp.status().as_u16(), 200);
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(v["published"], 0);
+
+        // Without a token option, anything goes.
+        let open = Emulator::new(EmulatorOptions::default());
+        let stop = CancellationToken::new();
+        let addr = open
+            .start(SocketAddr::from(([127, 0, 0, 1], 0)), stop.clone())
+            .await
+            .expect("start");
+        let resp = client()
+            .post(format!(
+                "{}/accounts/a/queues/q/messages/pull",
+                Emulator::base_url(addr)
+            ))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(resp.status().as_u16(), 200);
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn backlog_figures() {
+        let h = harness(EmulatorOptions::default()).await;
+        assert!(
+            h.pull("q", json!({})).await["metadata"]["metrics"]["oldest_message_timestamp_ms"] == 0
+        );
+        text(&h.emu, "q", "aaaa");
+        h.emu
+            .publish("q", Some(ContentType::Bytes), &[1, 2, 3], Duration::ZERO)
+            .expect("publish");
+        h.emu
+            .publish(
+                "q",
+                Some(ContentType::Text),
+                b"later",
+                Duration::from_secs(60),
+            )
+            .expect("publish");
+        let first_ts = {
+            let r = h.pull("q", json!({"batch_size": 1})).await;
+            assert_eq!(r["messages"].as_array().map(Vec::len), Some(1));
+            assert_eq!(r["message_backlog_count"], 3);
+            let m = &r["metadata"]["metrics"];
+            assert_eq!(m["backlog_count"], 3);
+            // "aaaa" + base64 "AQID" + "later"
+            assert_eq!(m["backlog_bytes"], 4 + 4 + 5);
+            assert_eq!(
+                m["oldest_message_timestamp_ms"],
+                r["messages"][0]["timestamp_ms"]
+            );
+            r["messages"][0]["timestamp_ms"].clone()
+        };
+        let s = h.emu.stats("q");
+        assert_eq!((s.backlog, s.in_flight, s.published), (3, 1, 3));
+
+        // The delayed one is not handed out; acking the oldest moves the oldest timestamp on.
+        let m = h.pull_messages("q", json!({"batch_size": 100})).await;
+        assert_eq!(m.len(), 1);
+        let leases = [lease(&m[0])];
+        let r = h.pull("q", json!({})).await;
+        assert_eq!(
+            r["metadata"]["metrics"]["oldest_message_timestamp_ms"],
+            first_ts
+        );
+        h.ack("q", &[leases[0].as_str()], &[]).await;
+        let r = h.pull("q", json!({})).await;
+        assert_eq!(r["message_backlog_count"], 2);
+        assert_eq!(r["metadata"]["metrics"]["backlog_bytes"], 4 + 5);
+    }
+
+    #[tokio::test]
+    async fn content_types_encode_for_the_wire() {
+        let h = harness(EmulatorOptions::default()).await;
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        let json_text = br#"{"a":[1,2.5,null],"s":"\u00fc"}"#;
+        let cases: Vec<(Option<ContentType>, Vec<u8>, String)> = vec![
+            (
+                Some(ContentType::Text),
+                "ünï \"q\"\n".into(),
+                "ünï \"q\"\n".into(),
+            ),
+            (Some(ContentType::Text), Vec::new(), String::new()),
+            (
+                Some(ContentType::Json),
+                json_text.to_vec(),
+                STANDARD.encode(json_text),
+            ),
+            (
+                Some(ContentType::Bytes),
+                bytes.clone(),
+                STANDARD.encode(&bytes),
+            ),
+            (Some(ContentType::V8), vec![0xff, 0x0f, 0x6f], "/w9v".into()),
+            (None, b"plain".to_vec(), "plain".into()),
+        ];
+        for (ct, payload, _) in &cases {
+            h.emu
+                .publish("q", *ct, payload, Duration::ZERO)
+                .expect("publish");
+        }
+        let msgs = h.pull_messages("q", json!({"batch_size": 100})).await;
+        assert_eq!(msgs.len(), cases.len());
+        for ((ct, _, wire), m) in cases.iter().zip(&msgs) {
+            assert_eq!(m["body"], wire.as_str(), "{ct:?}");
+            match ct {
+                Some(ct) => assert_eq!(m["metadata"], json!({"CF-Content-Type": ct.as_str()})),
+                None => assert_eq!(m["metadata"], json!({}), "no CF-Content-Type key"),
+            }
+        }
+
+        let e = &h.emu;
+        assert_eq!(
+            e.publish("q", Some(ContentType::Text), b"\xff", Duration::ZERO),
+            Err(PublishError::NotUtf8)
+        );
+        assert_eq!(
+            e.publish("q", None, b"\xc3", Duration::ZERO),
+            Err(PublishError::NotUtf8)
+        );
+        assert!(matches!(
+            e.publish("q", Some(ContentType::Json), b"{nope", Duration::ZERO),
+            Err(PublishError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            e.publish("q", Some(ContentType::Json), b"", Duration::ZERO),
+            Err(PublishError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            e.publish(
+                "q",
+                Some(ContentType::Bytes),
+                &vec![0; MAX_MESSAGE_BYTES + 1],
+                Duration::ZERO
+            ),
+            Err(PublishError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            e.publish(
+                "q",
+                Some(ContentType::Text),
+                b"x",
+                Duration::from_secs(86_401)
+            ),
+            Err(PublishError::DelayTooLong(_))
+        ));
+        assert_eq!(e.stats("q").published, cases.len() as u64);
+
+        for ct in [
+            ContentType::Text,
+            ContentType::Json,
+            ContentType::Bytes,
+            ContentType::V8,
+        ] {
+            assert_eq!(ct.as_str().parse::<ContentType>(), Ok(ct));
+        }
+        assert!("JSON".parse::<ContentType>().is_err());
+    }
+
+    #[tokio::test]
+    async fn json_raw_puts_the_json_text_on_the_wire() {
+        let h = harness(EmulatorOptions {
+            json_raw: true,
+            ..EmulatorOptions::default()
+        })
+        .await;
+        h.emu
+            .publish(
+                "q",
+                Some(ContentType::Json),
+                br#"{"k": [1, 2]}"#,
+                Duration::ZERO,
+            )
+            .expect("publish");
+        let m = h.pull_messages("q", json!({})).await.remove(0);
+        assert_eq!(m["body"], r#"{"k": [1, 2]}"#);
+        assert_eq!(m["metadata"]["CF-Content-Type"], "json");
+    }
+
+    #[tokio::test]
+    async fn http_publish_single_and_batch() {
+        let h = harness(EmulatorOptions::default()).await;
+        let single = h.url("q", "");
+        let one = |body: Value| h.post(&single, body);
+        let (st, v) = one(json!({"body": {"a": 1}})).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["success"], true);
+        assert_eq!(
+            v["result"]["message_ids"][0].as_str().map(str::len),
+            Some(32)
+        );
+        assert_eq!(
+            one(json!({"body": "hi", "content_type": "text"})).await.0,
+            200
+        );
+        assert_eq!(
+            one(json!({"body": "AQID", "content_type": "bytes"}))
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            one(json!({"body": "AQI", "content_type": "bytes"})).await.0,
+            200
+        );
+        assert_eq!(
+            one(json!({"body": "x", "content_type": "text", "delay_seconds": 30}))
+                .await
+                .0,
+            200
+        );
+        for bad in [
+            json!({"body": 5, "content_type": "text"}),
+            json!({"body": "%%%", "content_type": "bytes"}),
+            json!({"body": 1, "content_type": "yaml"}),
+            json!({"body": 1, "delay_seconds": 86_401}),
+            json!({"content_type": "json"}),
+        ] {
+            let (st, v) = one(bad.clone()).await;
+            assert_eq!(st, 400, "{bad} → {v}");
+            assert_eq!(v["success"], false);
+            assert_eq!(v["errors"][0]["code"], 7000);
+        }
+        let (st, _, _) = h.raw(&h.url("q", ""), "").await;
+        assert_eq!(st, 400);
+
+        let (st, v) = h
+            .post(
+                &h.url("q", "/batch"),
+                json!({"messages": [
+                    {"body": [1, "two"]},
+                    {"body": "t", "content_type": "text", "delay_seconds": 0},
+                ], "delay_seconds": 5}),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["result"]["message_ids"].as_array().map(Vec::len), Some(2));
+        // A batch with one bad message publishes nothing.
+        let (st, _) = h
+            .post(
+                &h.url("q", "/batch"),
+                json!({"messages": [{"body": "ok", "content_type": "text"}, {"body": 1, "content_type": "text"}]}),
+            )
+            .await;
+        assert_eq!(st, 400);
+        assert_eq!(h.emu.stats("q").published, 7);
+
+        let msgs = h.pull_messages("q", json!({"batch_size": 100})).await;
+        let bodies: Vec<&str> = msgs.iter().filter_map(|m| m["body"].as_str()).collect();
+        // The delayed ones (single: 30 s, batch default: 5 s) are held back.
+        assert_eq!(
+            bodies,
+            [
+                STANDARD.encode(br#"{"a":1}"#).as_str(),
+                "hi",
+                "AQID",
+                "AQI=",
+                "t"
+            ]
+        );
+        h.emu.advance(Duration::from_secs(6));
+        let msgs = h.pull_messages("q", json!({})).await;
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0]["body"], STANDARD.encode(br#"[1,"two"]"#));
+        assert_eq!(msgs[0]["metadata"]["CF-Content-Type"], "json");
+    }
+
+    #[tokio::test]
+    async fn pull_validates_parameters_and_hands_out_five_in_fifo_order() {
+        let h = harness(EmulatorOptions::default()).await;
+        let ids: Vec<String> = (0..7)
+            .map(|i| text(&h.emu, "q", &format!("m{i}")))
+            .collect();
+        for bad in [
+            json!({"batch_size": 0}),
+            json!({"batch_size": 101}),
+            json!({"batch_size": -1}),
+            json!({"batch_size": "5"}),
+            json!({"visibility_timeout_ms": 0}),
+            json!({"visibility_timeout_ms": 43_200_001}),
+        ] {
+            let (st, v) = h.post(&h.url("q", "/pull"), bad.clone()).await;
+            assert_eq!(st, 400, "{bad} → {v}");
+            assert_eq!(v["success"], false);
+            assert_eq!(v["errors"][0]["code"], 7000);
+            assert!(
+                v["errors"][0]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+        }
+        let (st, _, v) = h.raw(&h.url("q", "/pull"), "{not json").await;
+        assert_eq!((st, &v["errors"][0]["code"]), (400, &json!(7000)));
+        assert_eq!(
+            h.emu.stats("q").deliveries,
+            0,
+            "refused pulls hand out nothing"
+        );
+
+        // An empty body is the defaults: 5 messages, oldest first.
+        let (st, _, v) = h.raw(&h.url("q", "/pull"), "").await;
+        assert_eq!(st, 200);
+        let got: Vec<&str> = v["result"]["messages"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(got, ids[..5].iter().map(String::as_str).collect::<Vec<_>>());
+        let rest = h
+            .pull_messages(
+                "q",
+                json!({"batch_size": 100, "visibility_timeout_ms": 43_200_000}),
+            )
+            .await;
+        assert_eq!(rest.len(), 2);
+        assert_eq!(rest[0]["id"], ids[5].as_str());
+    }
+
+    #[tokio::test]
+    async fn ack_rejects_an_out_of_range_delay_without_effect() {
+        let h = harness(EmulatorOptions::default()).await;
+        text(&h.emu, "q", "x");
+        let m = h.pull_messages("q", json!({})).await.remove(0);
+        let body = json!({"acks": [{"lease_id": lease(&m)}], "retries": [{"lease_id": "z", "delay_seconds": 86_401}]});
+        let (st, v) = h.post(&h.url("q", "/ack"), body).await;
+        assert_eq!(st, 400, "{v}");
+        let s = h.emu.stats("q");
+        assert_eq!((s.acked, s.in_flight, s.unknown_leases), (0, 1, 0));
+        // Empty and partial bodies are fine.
+        assert_eq!(h.raw(&h.url("q", "/ack"), "").await.0, 200);
+        assert_eq!(h.raw(&h.url("q", "/ack"), r#"{"acks": null}"#).await.0, 200);
+        let r = h.ack("q", &[&lease(&m)], &[]).await;
+        assert_eq!(r["ackCount"], 1);
+    }
+
+    #[tokio::test]
+    async fn fault_status_answers_without_doing_anything() {
+        let h = harness(EmulatorOptions::default()).await;
+        text(&h.emu, "q", "x");
+        h.emu.inject_fault(
+            Op::Pull,
+            Fault::Status {
+                status: 429,
+                body: r#"{"success":false,"errors":[{"code":971,"message":"slow down"}]}"#.into(),
+                retry_after: Some("7".into()),
+            },
+        );
+        let (st, retry_after, v) = h.raw(&h.url("q", "/pull"), "{}").await;
+        assert_eq!((st, retry_after.as_deref()), (429, Some("7")));
+        assert_eq!(v["errors"][0]["code"], 971);
+        let s = h.emu.stats("q");
+        assert_eq!((s.pull_calls, s.deliveries), (0, 0));
+
+        let m = h.pull_messages("q", json!({})).await.remove(0);
+        h.emu.inject_fault(
+            Op::Ack,
+            Fault::Status {
+                status: 502,
+                body: "bad gateway".into(),
+                retry_after: None,
+            },
+        );
+        let (st, v) = h
+            .post(
+                &h.url("q", "/ack"),
+                json!({"acks": [{"lease_id": lease(&m)}]}),
+            )
+            .await;
+        assert_eq!((st, v), (502, json!("bad gateway")));
+        assert_eq!(h.emu.stats("q").acked, 0);
+        assert_eq!(h.ack("q", &[&lease(&m)], &[]).await["ackCount"], 1);
+    }
+
+    #[tokio::test]
+    async fn faults_are_one_shot_and_fifo_per_op() {
+        let h = harness(EmulatorOptions::default()).await;
+        for status in [500, 503] {
+            h.emu.inject_fault(
+                Op::Pull,
+                Fault::Status {
+                    status,
+                    body: String::new(),
+                    retry_after: None,
+                },
+            );
+        }
+        // Pull faults do not touch acks.
+        h.ack("q", &[], &[]).await;
+        let (a, _) = h.post(&h.url("q", "/pull"), json!({})).await;
+        let (b, _) = h.post(&h.url("q", "/pull"), json!({})).await;
+        let (c, _) = h.post(&h.url("q", "/pull"), json!({})).await;
+        assert_eq!((a, b, c), (500, 503, 200));
+    }
+
+    #[tokio::test]
+    async fn fault_delay_waits_then_handles_the_call() {
+        let h = harness(EmulatorOptions::default()).await;
+        text(&h.emu, "q", "x");
+        h.emu
+            .inject_fault(Op::Pull, Fault::Delay(Duration::from_millis(300)));
+        let started = std::time::Instant::now();
+        let msgs = h.pull_messages("q", json!({})).await;
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(msgs.len(), 1);
+        let started = std::time::Instant::now();
+        h.pull_messages("q", json!({})).await;
+        assert!(started.elapsed() < Duration::from_millis(300), "one-shot");
+    }
+
+    #[tokio::test]
+    async fn fault_hang_never_answers_until_shutdown() {
+        let h = harness(EmulatorOptions::default()).await;
+        text(&h.emu, "q", "x");
+        h.emu.inject_fault(Op::Ack, Fault::Hang);
+        h.emu.inject_fault(Op::Pull, Fault::Hang);
+        let err = h
+            .http
+            .post(h.url("q", "/pull"))
+            .bearer_auth(TOKEN)
+            .timeout(Duration::from_millis(300))
+            .send()
+            .await
+            .expect_err("no answer");
+        assert!(err.is_timeout(), "{err}");
+        assert_eq!(h.emu.stats("q").deliveries, 0);
+
+        // A hung call ends with the server's shutdown, without an answer.
+        let url = h.url("q", "/ack");
+        let pending = tokio::spawn(client().post(url).bearer_auth(TOKEN).body("{}").send());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!pending.is_finished());
+        h.stop.cancel();
+        let res = tokio::time::timeout(Duration::from_secs(5), pending)
+            .await
+            .expect("ends at shutdown")
+            .expect("task");
+        assert!(res.is_err(), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn fault_reset_drops_the_connection() {
+        let h = harness(EmulatorOptions::default()).await;
+        text(&h.emu, "q", "x");
+        h.emu.inject_fault(Op::Pull, Fault::Reset);
+        let err = h
+            .http
+            .post(h.url("q", "/pull"))
+            .bearer_auth(TOKEN)
+            .body("{}")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .expect_err("no answer");
+        assert!(!err.is_timeout(), "{err}");
+        assert!(err.status().is_none(), "{err}");
+        assert_eq!(h.emu.stats("q").deliveries, 0);
+        // The server goes on; the next call (on a new connection) is served.
+        assert_eq!(h.pull_messages("q", json!({})).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn latency_is_added_to_every_api_call() {
+        let h = harness(EmulatorOptions {
+            latency: Duration::from_millis(150),
+            ..EmulatorOptions::default()
+        })
+        .await;
+        let started = std::time::Instant::now();
+        h.pull("q", json!({})).await;
+        h.ack("q", &[], &[]).await;
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_answer_with_an_envelope() {
+        let h = harness(EmulatorOptions::default()).await;
+        let resp = h
+            .http
+            .get(format!("{}/accounts/a/nothing", h.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(resp.status().as_u16(), 404);
+        let v: Value = resp.json().await.expect("json");
+        assert_eq!(
+            (v["success"].clone(), v["errors"][0]["code"].clone()),
+            (json!(false), json!(7003))
+        );
+        let resp = h
+            .http
+            .get(h.url("q", "/pull"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(resp.status().as_u16(), 405);
+    }
+
+    /// The core stays O(log n) per message: 20k messages through publish, pull, retry, ack.
+    #[test]
+    fn many_messages_flow_through_quickly() {
+        let emu = Emulator::new(EmulatorOptions::default());
+        let n = 20_000u64;
+        let drafts: Vec<Draft> = (0..n)
+            .map(|i| {
+                emu.draft(
+                    Some(ContentType::Text),
+                    format!("m{i}").as_bytes(),
+                    Duration::ZERO,
+                )
+                .expect("draft")
+            })
+            .collect();
+        emu.publish_drafts("q", drafts);
+        let started = std::time::Instant::now();
+        let mut st = emu.lock();
+        let now = st.now();
+        let q = queue(&mut st, "q");
+        let mut round = 0u32;
+        while !q.messages.is_empty() {
+            round += 1;
+            assert!(round < 1000, "stuck");
+            let batch = q.pull(now, 100, Duration::from_secs(30), 3);
+            // Retry every tenth message once, ack the rest.
+            let (retry, ack): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .partition(|m| m.attempts == 1 && m.id.ends_with('0'));
+            let acks: Vec<AckItem> = ack
+                .into_iter()
+                .map(|m| AckItem {
+                    lease_id: m.lease_id,
+                })
+                .collect();
+            let retries: Vec<RetryItem> = retry
+                .into_iter()
+                .map(|m| RetryItem {
+                    lease_id: m.lease_id,
+                    delay_seconds: None,
+                })
+                .collect();
+            let out = q.ack(now, &acks, &retries, 3);
+            assert!(out.warnings.is_empty());
+        }
+        let s = q.stats();
+        assert_eq!(s.acked, n);
+        assert_eq!(s.deliveries, n + s.retried);
+        assert!(q.leases.is_empty() && q.leased.is_empty() && q.ready.is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}

@@ -9,7 +9,7 @@ pub mod cloudflare;
 pub mod config;
 pub mod consumer;
 pub mod delivery;
-// pub mod demo;
+pub mod demo;
 pub mod emulator;
 pub mod metrics;
 pub mod policy;

@@ -129,7 +129,7 @@ fn main() -> ExitCode {
             messages,
             fail_every,
         } => {
-            init_logging("warn", LogFormat::Text);
+            init_logging("error", LogFormat::Text);
             runtime(async move {
                 let summary = cfq_relay::demo::run(cfq_relay::demo::DemoOptions {
                     messages_per_type: messages,

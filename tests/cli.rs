@@ -99,7 +99,8 @@ fn bad_configs_exit_2_naming_the_key() {
         ),
         (
             "noaccount.toml",
-            BASE.replace("account_id = \"0123456789abcdef0123456789abcdef\"", ""),
+            BASE.replace("account_id = \"0123456789abcdef0123456789abcdef\"", "")
+                .replace("BATCH", ""),
             "cloudflare.account_id",
         ),
         (
@@ -125,7 +126,7 @@ fn bad_configs_exit_2_naming_the_key() {
         ("syntax.toml", "[cloudflare\n".to_string(), "TOML"),
     ];
     for (name, text, want) in cases {
-        let path = temp_config(name, &text);
+        let path = temp_config(name, &text.replace("BATCH", ""));
         for cmd in ["check-config", "run"] {
             let out = run(&[cmd], &path);
             let stderr = String::from_utf8(out.stderr).unwrap();
