@@ -11,6 +11,8 @@ use reqwest::header::{HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use crate::secrets::Secret;
+
 /// Prefix of environment variables that override configuration keys, e.g.
 /// `CFQ_RELAY__CLOUDFLARE__ACCOUNT_ID` or `CFQ_RELAY__LOG__LEVEL`.
 pub const ENV_PREFIX: &str = "CFQ_RELAY";
@@ -260,6 +262,59 @@ pub struct WebhookConfig {
     /// Empty by default: nothing is dropped unless configured.
     #[serde(default)]
     pub drop_statuses: Vec<u16>,
+    /// Statuses that always retry, even if listed as success (e.g. `[202]` for a receiver
+    /// that only queued the work).
+    #[serde(default)]
+    pub retry_statuses: Vec<u16>,
+    /// Standard Webhooks signing secrets (`whsec_…`), inline. Several → several signatures.
+    #[serde(default)]
+    pub signing_secrets: Vec<Secret>,
+    /// A file with signing secrets, one per line (wins over `signing_secrets`).
+    #[serde(default)]
+    pub signing_secret_file: Option<PathBuf>,
+    /// An environment variable with signing secrets, separated by spaces (wins over the file).
+    #[serde(default)]
+    pub signing_secret_env: Option<String>,
+    /// `Authorization: Bearer …` token, inline (or `bearer_token_file`, `bearer_token_env`).
+    #[serde(default)]
+    pub bearer_token: Option<Secret>,
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub bearer_token_env: Option<String>,
+    /// HTTP basic auth.
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuthConfig>,
+    /// PEM bundle of extra CA certificates trusted for the webhook (private receivers).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; needs `client_key_file`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// POST a JSON envelope `{id, queue, attempts, timestamp_ms, content_type, body}` instead of
+    /// the raw body.
+    #[serde(default)]
+    pub envelope: bool,
+    /// Upper bound of requests per second to this webhook (unset: no limit).
+    #[serde(default)]
+    pub max_requests_per_second: Option<f64>,
+}
+
+/// `[consumers.webhook.basic_auth]`
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuthConfig {
+    pub username: String,
+    /// The password inline (or `password_file`, `password_env`).
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
 }
 
 impl fmt::Debug for WebhookConfig {
@@ -272,6 +327,19 @@ impl fmt::Debug for WebhookConfig {
             .field("headers", &headers)
             .field("success_statuses", &self.success_statuses)
             .field("drop_statuses", &self.drop_statuses)
+            .field("retry_statuses", &self.retry_statuses)
+            .field("signing_secrets", &self.signing_secrets)
+            .field("signing_secret_file", &self.signing_secret_file)
+            .field("signing_secret_env", &self.signing_secret_env)
+            .field("bearer_token", &self.bearer_token)
+            .field("bearer_token_file", &self.bearer_token_file)
+            .field("bearer_token_env", &self.bearer_token_env)
+            .field("basic_auth", &self.basic_auth)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .field("client_key_file", &self.client_key_file)
+            .field("envelope", &self.envelope)
+            .field("max_requests_per_second", &self.max_requests_per_second)
             .finish()
     }
 }
@@ -288,6 +356,19 @@ impl Default for WebhookConfig {
             headers: BTreeMap::new(),
             success_statuses: Vec::new(),
             drop_statuses: Vec::new(),
+            retry_statuses: Vec::new(),
+            signing_secrets: Vec::new(),
+            signing_secret_file: None,
+            signing_secret_env: None,
+            bearer_token: None,
+            bearer_token_file: None,
+            bearer_token_env: None,
+            basic_auth: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            envelope: false,
+            max_requests_per_second: None,
         }
     }
 }
@@ -521,6 +602,7 @@ impl Config {
             for (field, list) in [
                 ("webhook.success_statuses", &w.success_statuses),
                 ("webhook.drop_statuses", &w.drop_statuses),
+                ("webhook.retry_statuses", &w.retry_statuses),
             ] {
                 if let Some(s) = list.iter().find(|s| !(100..=599).contains(*s)) {
                     return Err(invalid(
@@ -538,6 +620,28 @@ impl Config {
                     key("webhook.drop_statuses"),
                     format!("{s} already counts as delivered"),
                 ));
+            }
+            if let Some(rps) = w.max_requests_per_second
+                && !(rps > 0.0 && rps <= 100_000.0)
+            {
+                return Err(invalid(
+                    key("webhook.max_requests_per_second"),
+                    format!("must be above 0 and at most 100000, got {rps}"),
+                ));
+            }
+            if w.client_cert_file.is_some() != w.client_key_file.is_some() {
+                return Err(invalid(
+                    key("webhook.client_cert_file"),
+                    "and `client_key_file` must be set together (mutual TLS)",
+                ));
+            }
+            for (i, secret) in w.signing_secrets.iter().enumerate() {
+                if let Err(e) = crate::signing::decode_secret(secret.expose()) {
+                    return Err(invalid(
+                        format!("{}[{i}]", key("webhook.signing_secrets")),
+                        e,
+                    ));
+                }
             }
             let r = &c.retry;
             check_range(
@@ -562,6 +666,16 @@ impl Config {
                     ),
                 )
             })?;
+        }
+        Ok(())
+    }
+
+    /// Resolve every secret (API token, webhook credentials and signing secrets) the way `run`
+    /// will, so `check-config` catches an unreadable file or an unset variable.
+    pub fn check_secrets(&self) -> Result<(), ConfigError> {
+        self.resolve_token()?;
+        for (i, c) in self.consumers.iter().enumerate() {
+            crate::delivery::WebhookAuth::resolve(&c.webhook, &format!("consumers[{i}].webhook"))?;
         }
         Ok(())
     }

@@ -10,8 +10,14 @@ use futures_util::StreamExt;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
 use tokio::time::Instant;
 
-use crate::config::ConsumerConfig;
+use anyhow::Context;
+use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
+use reqwest::header::AUTHORIZATION;
+
+use crate::config::{ConfigError, ConsumerConfig, WebhookConfig};
 use crate::policy::{Attempt, parse_retry_after};
+use crate::secrets::{self, Secret};
+use crate::signing::{self, Signer};
 
 /// Header carrying the Cloudflare message id (stable across redeliveries).
 pub const HEADER_MESSAGE_ID: &str = "cfq-message-id";
@@ -124,6 +130,9 @@ pub struct Webhook {
     url: reqwest::Url,
     headers: HeaderMap,
     timeout: Duration,
+    signer: Option<Signer>,
+    /// `Some(queue label)` in envelope mode.
+    envelope: Option<String>,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -135,9 +144,140 @@ impl std::fmt::Debug for Webhook {
     }
 }
 
+/// The credentials and signer of one webhook, resolved from their secret sources.
+#[derive(Debug, Default)]
+pub struct WebhookAuth {
+    /// `Authorization` (bearer or basic), marked sensitive.
+    pub authorization: Option<HeaderValue>,
+    pub signer: Option<Signer>,
+}
+
+impl WebhookAuth {
+    /// Resolve `bearer_token*`, `basic_auth.password*` and `signing_secret*`; `prefix` is the
+    /// config key of the webhook table for error messages (e.g. `consumers[0].webhook`).
+    pub fn resolve(w: &WebhookConfig, prefix: &str) -> Result<Self, ConfigError> {
+        let invalid = |k: &str, m: String| ConfigError::Invalid {
+            key: format!("{prefix}.{k}"),
+            message: m,
+        };
+        let bearer = secrets::resolve(
+            &format!("{prefix}.bearer_token"),
+            w.bearer_token.as_ref(),
+            w.bearer_token_file.as_deref(),
+            w.bearer_token_env.as_deref(),
+        )?;
+        let basic = match &w.basic_auth {
+            None => None,
+            Some(b) => {
+                let password = secrets::resolve(
+                    &format!("{prefix}.basic_auth.password"),
+                    b.password.as_ref(),
+                    b.password_file.as_deref(),
+                    b.password_env.as_deref(),
+                )?;
+                let pair = format!(
+                    "{}:{}",
+                    b.username,
+                    password.as_ref().map(Secret::expose).unwrap_or("")
+                );
+                Some(format!("Basic {}", STANDARD_ENGINE.encode(pair)))
+            }
+        };
+        let value = match (bearer, basic) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "bearer_token",
+                    "and `basic_auth` are both set; choose one".into(),
+                ));
+            }
+            (Some(t), None) => Some(format!("Bearer {}", t.expose())),
+            (None, Some(b)) => Some(b),
+            (None, None) => None,
+        };
+        let authorization = match value {
+            Some(v) => {
+                let mut h = HeaderValue::from_str(&v).map_err(|_| {
+                    invalid(
+                        "bearer_token",
+                        "contains characters not allowed in an HTTP header".into(),
+                    )
+                })?;
+                h.set_sensitive(true);
+                Some(h)
+            }
+            None => None,
+        };
+        let secrets: Vec<Secret> = if let Some(s) = secrets::resolve(
+            &format!("{prefix}.signing_secret"),
+            None,
+            w.signing_secret_file.as_deref(),
+            w.signing_secret_env.as_deref(),
+        )? {
+            s.expose().split_whitespace().map(Secret::new).collect()
+        } else {
+            w.signing_secrets.clone()
+        };
+        let signer = if secrets.is_empty() {
+            None
+        } else {
+            Some(Signer::new(&secrets).map_err(|e| invalid("signing_secrets", e))?)
+        };
+        Ok(Self {
+            authorization,
+            signer,
+        })
+    }
+}
+
+/// The settings every webhook client shares: no redirects (a 3xx is a failure, never a hop to
+/// another host), bounded connect time, kept-alive connections.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+}
+
+/// The client for one webhook: `shared` unless the webhook has its own CA bundle or client
+/// certificate, which need a client of their own.
+pub fn client_for(shared: &reqwest::Client, w: &WebhookConfig) -> anyhow::Result<reqwest::Client> {
+    if w.ca_file.is_none() && w.client_cert_file.is_none() {
+        return Ok(shared.clone());
+    }
+    let mut builder = client_builder();
+    if let Some(ca) = &w.ca_file {
+        let pem = std::fs::read(ca)
+            .with_context(|| format!("reading webhook.ca_file {}", ca.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("webhook.ca_file {} is not a PEM bundle", ca.display()))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let (Some(cert), Some(key)) = (&w.client_cert_file, &w.client_key_file) {
+        let mut pem = std::fs::read(cert)
+            .with_context(|| format!("reading webhook.client_cert_file {}", cert.display()))?;
+        pem.push(b'\n');
+        pem.extend(
+            std::fs::read(key)
+                .with_context(|| format!("reading webhook.client_key_file {}", key.display()))?,
+        );
+        // The error would not echo the key, but keep the message generic all the same.
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
+            anyhow::anyhow!(
+                "webhook.client_cert_file / client_key_file are not a PEM certificate and key"
+            )
+        })?;
+        builder = builder.identity(identity);
+    }
+    builder.build().context("building the webhook HTTP client")
+}
+
 impl Webhook {
-    pub fn new(client: reqwest::Client, c: &ConsumerConfig) -> anyhow::Result<Self> {
+    pub fn new(shared: &reqwest::Client, c: &ConsumerConfig) -> anyhow::Result<Self> {
         let url = reqwest::Url::parse(&c.webhook.url)?;
+        let auth = WebhookAuth::resolve(&c.webhook, "webhook")?;
         let mut headers = HeaderMap::new();
         headers.insert(
             USER_AGENT,
@@ -151,17 +291,84 @@ impl Webhook {
             value.set_sensitive(true);
             headers.insert(HeaderName::from_bytes(name.as_bytes())?, value);
         }
+        if let Some(a) = auth.authorization {
+            headers.insert(AUTHORIZATION, a);
+        }
         Ok(Self {
-            client,
+            client: client_for(shared, &c.webhook)?,
             url,
             headers,
             timeout: c.webhook.timeout,
+            signer: auth.signer,
+            envelope: c.webhook.envelope.then(|| c.label().to_owned()),
         })
+    }
+
+    /// The JSON envelope of a message: `{id, queue, attempts, timestamp_ms, content_type, body}`;
+    /// `body` is the JSON itself for json, a string for text, base64 for bytes.
+    fn envelope(&self, queue: &str, msg: &Message, payload: Payload) -> Payload {
+        #[derive(serde::Serialize)]
+        struct Envelope<'a> {
+            id: &'a str,
+            queue: &'a str,
+            attempts: u32,
+            timestamp_ms: Option<u64>,
+            content_type: Option<&'a str>,
+            body: EnvelopeBody,
+        }
+        #[derive(serde::Serialize)]
+        #[serde(untagged)]
+        enum EnvelopeBody {
+            Json(Box<serde_json::value::RawValue>),
+            Text(String),
+        }
+        let body = match payload.content_type {
+            "application/json" => String::from_utf8(payload.bytes.to_vec())
+                .ok()
+                .and_then(|s| serde_json::value::RawValue::from_string(s).ok())
+                .map(EnvelopeBody::Json),
+            "application/octet-stream" => {
+                Some(EnvelopeBody::Text(STANDARD_ENGINE.encode(&payload.bytes)))
+            }
+            _ => Some(EnvelopeBody::Text(
+                String::from_utf8_lossy(&payload.bytes).into_owned(),
+            )),
+        }
+        .unwrap_or_else(|| EnvelopeBody::Text(STANDARD_ENGINE.encode(&payload.bytes)));
+        let env = Envelope {
+            id: &msg.id,
+            queue,
+            attempts: msg.attempts,
+            timestamp_ms: msg.timestamp_ms,
+            content_type: msg.content_type.as_deref(),
+            body,
+        };
+        Payload {
+            bytes: Bytes::from(serde_json::to_vec(&env).unwrap_or_default()),
+            content_type: "application/json",
+        }
     }
 
     /// POST one payload. Never fails: every error becomes an [`Attempt`].
     pub async fn post(&self, msg: &Message, payload: Payload) -> Response {
+        let payload = match &self.envelope {
+            Some(queue) => self.envelope(queue, msg, payload),
+            None => payload,
+        };
         let mut headers = self.headers.clone();
+        if let Some(signer) = &self.signer {
+            let now = SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            if let Ok(v) = HeaderValue::from_str(&msg.id) {
+                headers.insert(signing::HEADER_ID, v);
+            }
+            headers.insert(signing::HEADER_TIMESTAMP, HeaderValue::from(now));
+            if let Ok(v) = HeaderValue::from_str(&signer.sign(&msg.id, now, &payload.bytes)) {
+                headers.insert(signing::HEADER_SIGNATURE, v);
+            }
+        }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(payload.content_type));
         if let Ok(v) = HeaderValue::from_str(&msg.id) {
             headers.insert(HEADER_MESSAGE_ID, v);

@@ -14,6 +14,8 @@ pub mod emulator;
 pub mod metrics;
 pub mod policy;
 pub mod poller;
+pub mod secrets;
+pub mod signing;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -70,11 +72,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
         .context("building the API HTTP client")?;
-    let webhook_http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .tcp_nodelay(true)
+    let webhook_http = delivery::client_builder()
         .build()
         .context("building the webhook HTTP client")?;
 
@@ -93,7 +91,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         )
         .with_context(|| format!("consumer {label}"))?;
         let webhook =
-            Webhook::new(webhook_http.clone(), c).with_context(|| format!("consumer {label}"))?;
+            Webhook::new(&webhook_http, c).with_context(|| format!("consumer {label}"))?;
         let ready = Arc::new(Readiness::default());
         readiness.push((label.clone(), ready.clone()));
         consumers.push(Consumer::new(

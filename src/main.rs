@@ -74,7 +74,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(c) => match c.resolve_token() {
+            Ok(c) => match c.check_secrets() {
                 Ok(_) => {
                     println!("{}", c.summary());
                     ExitCode::SUCCESS
@@ -88,7 +88,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
-            if let Err(e) = config.resolve_token() {
+            if let Err(e) = config.check_secrets() {
                 return config_error(&e);
             }
             init_logging(&config.log.level, config.log.format);

@@ -42,6 +42,7 @@ pub struct Policy {
     pub max_delay: Duration,
     pub success_statuses: Vec<u16>,
     pub drop_statuses: Vec<u16>,
+    pub retry_statuses: Vec<u16>,
 }
 
 impl Policy {
@@ -51,6 +52,7 @@ impl Policy {
             max_delay: c.retry.max_delay,
             success_statuses: c.webhook.success_statuses.clone(),
             drop_statuses: c.webhook.drop_statuses.clone(),
+            retry_statuses: c.webhook.retry_statuses.clone(),
         }
     }
 
@@ -66,9 +68,12 @@ impl Policy {
                 retry_after,
             } => {
                 let status = *status;
-                if (200..300).contains(&status) || self.success_statuses.contains(&status) {
+                let forced_retry = self.retry_statuses.contains(&status);
+                if !forced_retry
+                    && ((200..300).contains(&status) || self.success_statuses.contains(&status))
+                {
                     Decision::Ack
-                } else if self.drop_statuses.contains(&status) {
+                } else if !forced_retry && self.drop_statuses.contains(&status) {
                     Decision::Drop
                 } else if let Some(after) = retry_after {
                     // The receiver said when it can take the message again: believe it, up to
@@ -139,6 +144,7 @@ mod tests {
             max_delay: Duration::from_secs(3600),
             success_statuses: vec![409],
             drop_statuses: vec![410, 422],
+            retry_statuses: vec![202],
         }
     }
 
@@ -167,6 +173,7 @@ mod tests {
             (status(200), 1, 0.5, Decision::Ack),
             (status(201), 1, 0.5, Decision::Ack),
             (status(204), 7, 0.5, Decision::Ack),
+            (status(202), 1, 1.0, retry(5)), // configured to always retry
             (status(299), 1, 0.5, Decision::Ack),
             (status(409), 1, 0.5, Decision::Ack), // configured extra success
             (status(410), 1, 0.5, Decision::Drop), // configured drop
@@ -213,6 +220,7 @@ mod tests {
         let p = Policy {
             success_statuses: vec![],
             drop_statuses: vec![],
+            retry_statuses: vec![],
             ..policy()
         };
         for s in 100..600u16 {
