@@ -18,6 +18,9 @@ use crate::secrets::Secret;
 pub const ENV_PREFIX: &str = "CFQ_RELAY";
 /// The environment variable that carries the Cloudflare API token (highest precedence).
 pub const TOKEN_ENV: &str = "CLOUDFLARE_API_TOKEN";
+/// The name of the systemd credential (`LoadCredential=cloudflare-api-token:PATH`) that carries
+/// the token: read from `$CREDENTIALS_DIRECTORY/cloudflare-api-token` (after the environment).
+pub const TOKEN_CREDENTIAL: &str = "cloudflare-api-token";
 
 const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 3600);
@@ -98,7 +101,7 @@ impl fmt::Debug for CloudflareConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CloudflareConfig")
             .field("account_id", &self.account_id)
-            .field("api_base_url", &self.api_base_url)
+            .field("api_base_url", &redact_url(&self.api_base_url))
             .field("api_token", &self.api_token.as_ref().map(|_| "[REDACTED]"))
             .field("api_token_file", &self.api_token_file)
             .field("api_timeout", &self.api_timeout)
@@ -107,7 +110,7 @@ impl fmt::Debug for CloudflareConfig {
 }
 
 /// `[admin]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin HTTP server serving /metrics, /healthz and /readyz.
@@ -128,7 +131,7 @@ impl Default for AdminConfig {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// Level filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive list).
@@ -163,7 +166,7 @@ pub enum LogFormat {
 }
 
 /// `[shutdown]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long in-flight deliveries may take to finish after SIGTERM/SIGINT before they are
@@ -185,7 +188,7 @@ impl Default for ShutdownConfig {
 }
 
 /// `[[consumers]]`: one queue delivered to one webhook.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     /// A short name used in logs and as the `queue` metric label; defaults to `queue_id`.
@@ -216,6 +219,9 @@ pub struct ConsumerConfig {
     /// Delays of retried messages.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// The circuit breaker that stops pulling while the webhook keeps failing.
+    #[serde(default)]
+    pub breaker: crate::gate::BreakerConfig,
 }
 
 fn default_batch_size() -> u32 {
@@ -242,7 +248,7 @@ impl ConsumerConfig {
 }
 
 /// `[consumers.webhook]`
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// URL the bodies are POSTed to (http or https). Required.
@@ -374,7 +380,7 @@ impl Default for WebhookConfig {
 }
 
 /// `[consumers.retry]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     /// Delay before the first redelivery of a failed message; doubles with each attempt.
@@ -643,6 +649,31 @@ impl Config {
                     ));
                 }
             }
+            let b = &c.breaker;
+            if !(b.failure_ratio > 0.0 && b.failure_ratio <= 1.0) {
+                return Err(invalid(
+                    key("breaker.failure_ratio"),
+                    format!("must be above 0 and at most 1, got {}", b.failure_ratio),
+                ));
+            }
+            if b.consecutive_failures == 0 {
+                return Err(invalid(
+                    key("breaker.consecutive_failures"),
+                    "must be at least 1",
+                ));
+            }
+            check_range(
+                &key("breaker.open_for"),
+                b.open_for,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            )?;
+            check_range(
+                &key("breaker.window"),
+                b.window,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            )?;
             let r = &c.retry;
             check_range(
                 &key("retry.max_delay"),
@@ -680,9 +711,14 @@ impl Config {
         Ok(())
     }
 
-    /// Resolve the API token: `CLOUDFLARE_API_TOKEN`, then `api_token_file`, then `api_token`.
+    /// Resolve the API token: `CLOUDFLARE_API_TOKEN`, then the systemd credential
+    /// `$CREDENTIALS_DIRECTORY/cloudflare-api-token`, then `api_token_file`, then `api_token`.
     pub fn resolve_token(&self) -> Result<SecretString, ConfigError> {
-        resolve_token_from(&self.cloudflare, std::env::var(TOKEN_ENV).ok())
+        resolve_token_with(
+            &self.cloudflare,
+            std::env::var(TOKEN_ENV).ok(),
+            std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        )
     }
 
     /// One line for `check-config` and the startup log; never contains secrets.
@@ -712,9 +748,20 @@ impl Config {
     }
 }
 
+#[cfg(test)]
 fn resolve_token_from(
     cf: &CloudflareConfig,
     env: Option<String>,
+) -> Result<SecretString, ConfigError> {
+    resolve_token_with(cf, env, None)
+}
+
+/// `credentials_dir` is systemd's `$CREDENTIALS_DIRECTORY`: a missing `cloudflare-api-token` in
+/// it falls through to the config (the unit may load other credentials only).
+fn resolve_token_with(
+    cf: &CloudflareConfig,
+    env: Option<String>,
+    credentials_dir: Option<PathBuf>,
 ) -> Result<SecretString, ConfigError> {
     if let Some(t) = env {
         let t = t.trim().to_owned();
@@ -722,6 +769,26 @@ fn resolve_token_from(
             return Err(invalid(TOKEN_ENV, "is set but empty"));
         }
         return Ok(SecretString::from(t));
+    }
+    if let Some(dir) = credentials_dir {
+        let path = dir.join(TOKEN_CREDENTIAL);
+        let key = format!("$CREDENTIALS_DIRECTORY/{TOKEN_CREDENTIAL}");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let t = text.trim().to_owned();
+                if t.is_empty() {
+                    return Err(invalid(key, format!("{} is empty", path.display())));
+                }
+                return Ok(SecretString::from(t));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(invalid(
+                    key,
+                    format!("cannot be read ({}): {}", path.display(), e.kind()),
+                ));
+            }
+        }
     }
     if let Some(path) = &cf.api_token_file {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -744,7 +811,9 @@ fn resolve_token_from(
     }
     Err(invalid(
         "cloudflare.api_token",
-        format!("no API token: set {TOKEN_ENV}, cloudflare.api_token_file or cloudflare.api_token"),
+        format!(
+            "no API token: set {TOKEN_ENV}, the systemd credential {TOKEN_CREDENTIAL}, cloudflare.api_token_file or cloudflare.api_token"
+        ),
     ))
 }
 
@@ -971,6 +1040,41 @@ url = "http://127.0.0.1:8080/hook"
             .unwrap_err()
             .to_string();
         assert!(e.contains("CLOUDFLARE_API_TOKEN"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn systemd_credential_after_env_before_file_and_inline() {
+        let dir = std::env::temp_dir().join(format!("cfq-relay-creds-{}", std::process::id()));
+        let creds = dir.join("credentials");
+        std::fs::create_dir_all(&creds).unwrap();
+        let file = dir.join("token-file");
+        std::fs::write(&file, "from-file").unwrap();
+        let mut cf = Config::from_toml(GOOD).unwrap().cloudflare;
+        cf.api_token_file = Some(file);
+        let resolve = |env: Option<&str>| {
+            resolve_token_with(&cf, env.map(str::to_owned), Some(creds.clone()))
+                .map(|t| t.expose_secret().to_owned())
+                .map_err(|e| e.to_string())
+        };
+
+        // No credential file in the directory: falls through to api_token_file.
+        assert_eq!(resolve(None).unwrap(), "from-file");
+        std::fs::write(creds.join(TOKEN_CREDENTIAL), "from-credential\n").unwrap();
+        assert_eq!(resolve(None).unwrap(), "from-credential");
+        assert_eq!(resolve(Some("from-env")).unwrap(), "from-env");
+        std::fs::write(creds.join(TOKEN_CREDENTIAL), " \n").unwrap();
+        let e = resolve(None).unwrap_err();
+        assert!(
+            e.starts_with("`$CREDENTIALS_DIRECTORY/cloudflare-api-token` ")
+                && e.contains("is empty"),
+            "{e}"
+        );
+        // Without the directory (not under systemd) the credential plays no part.
+        assert_eq!(
+            resolve_token_with(&cf, None, None).unwrap().expose_secret(),
+            "from-file"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 

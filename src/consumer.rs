@@ -51,6 +51,8 @@ pub struct Ctx {
     pub hard_stop: CancellationToken,
     /// A delivery starts only if `webhook.timeout + lease_margin` fit before the lease ends.
     pub lease_margin: Duration,
+    /// Breaker, receiver-requested pause and rate limit.
+    pub gate: crate::gate::Gate,
 }
 
 /// The time kept free before a lease's end for the ack to reach Cloudflare.
@@ -88,6 +90,10 @@ impl Consumer {
             lease_margin: margin,
             hard_stop: hard_stop.clone(),
         };
+        let gate = crate::gate::Gate::new(
+            config.breaker.clone(),
+            config.webhook.max_requests_per_second,
+        );
         let ctx = Arc::new(Ctx {
             label,
             policy: Policy::from_config(&config),
@@ -102,6 +108,7 @@ impl Consumer {
             shutdown,
             hard_stop,
             lease_margin: margin,
+            gate,
         });
         Self { ctx, acker, rx }
     }

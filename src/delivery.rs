@@ -47,6 +47,8 @@ pub struct Message {
     pub body: String,
     /// When the lease runs out (pull start + visibility timeout: conservative).
     pub deadline: Instant,
+    /// Rate limit: the send must not start before this.
+    pub not_before: Option<Instant>,
 }
 
 /// A decoded body ready to send.

@@ -11,6 +11,7 @@ pub mod consumer;
 pub mod delivery;
 pub mod demo;
 pub mod emulator;
+pub mod gate;
 pub mod metrics;
 pub mod policy;
 pub mod poller;

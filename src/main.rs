@@ -95,7 +95,8 @@ fn main() -> ExitCode {
             runtime(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(watch_signals(shutdown.clone()));
-                tracing::info!(version = env!("CARGO_PKG_VERSION"), "{}", config.summary());
+                // The effective config (file + environment), secrets redacted by its `Debug`.
+                tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "{}", config.summary());
                 cfq_relay::run(config, shutdown).await
             })
         }
@@ -177,7 +178,9 @@ fn init_logging(level: &str, format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: not in journald, files or a container's log.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder
             .json()

@@ -15,7 +15,7 @@ pub const STATUS_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeo
 /// Results of an API call (the `result` label).
 pub const API_RESULTS: [&str; 6] = ["ok", "429", "4xx", "5xx", "malformed", "transport_error"];
 /// Why a held message was handed back without delivery (the `reason` label).
-pub const RELEASE_REASONS: [&str; 2] = ["lease", "shutdown"];
+pub const RELEASE_REASONS: [&str; 3] = ["lease", "shutdown", "breaker"];
 
 /// The process-wide metric families.
 #[derive(Clone)]
@@ -40,6 +40,7 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     concurrency: IntGaugeVec,
     last_pull: GaugeVec,
+    breaker_state: IntGaugeVec,
 }
 
 fn name(n: &str) -> String {
@@ -200,6 +201,13 @@ impl Metrics {
                 ),
                 q
             )),
+            breaker_state: reg!(IntGaugeVec::new(
+                Opts::new(
+                    name("breaker_state"),
+                    "Circuit breaker of the webhook: 0 closed, 1 open (no pulls), 2 half-open (probing)."
+                ),
+                q
+            )),
             last_pull: reg!(GaugeVec::new(
                 Opts::new(
                     name("last_successful_pull_timestamp_seconds"),
@@ -253,6 +261,45 @@ impl Metrics {
             message_age: self.message_age.with_label_values(&q),
             in_flight: self.in_flight.with_label_values(&q),
             last_pull: self.last_pull.with_label_values(&q),
+            breaker_state: self.breaker_state.with_label_values(&q),
+        }
+    }
+
+    /// Drop every series of a consumer that no longer runs (removed by a config reload), so that
+    /// its last backlog figure does not linger for alerts and autoscalers. A consumer started
+    /// again under the same label gets fresh series from [`Metrics::consumer`].
+    pub fn forget_consumer(&self, queue: &str) {
+        let q = [queue];
+        // A missing child is not an error here: the series is gone either way.
+        let _ = self.backlog_messages.remove_label_values(&q);
+        let _ = self.backlog_bytes.remove_label_values(&q);
+        let _ = self.oldest_age.remove_label_values(&q);
+        let _ = self.pulled.remove_label_values(&q);
+        let _ = self.invalid.remove_label_values(&q);
+        let _ = self.acks_sent.remove_label_values(&q);
+        let _ = self.retries_sent.remove_label_values(&q);
+        let _ = self.ack_warnings.remove_label_values(&q);
+        let _ = self.leases_expired.remove_label_values(&q);
+        let _ = self.message_age.remove_label_values(&q);
+        let _ = self.in_flight.remove_label_values(&q);
+        let _ = self.concurrency.remove_label_values(&q);
+        let _ = self.last_pull.remove_label_values(&q);
+        let _ = self.breaker_state.remove_label_values(&q);
+        for o in OUTCOMES {
+            let _ = self.deliveries.remove_label_values(&[queue, o]);
+        }
+        for r in RELEASE_REASONS {
+            let _ = self.released.remove_label_values(&[queue, r]);
+        }
+        for c in STATUS_CLASSES {
+            let _ = self.webhook_duration.remove_label_values(&[queue, c]);
+            let _ = self.webhook_responses.remove_label_values(&[queue, c]);
+        }
+        for op in ["pull", "ack"] {
+            let _ = self.api_duration.remove_label_values(&[queue, op]);
+            for r in API_RESULTS {
+                let _ = self.api_requests.remove_label_values(&[queue, op, r]);
+            }
         }
     }
 
@@ -294,6 +341,7 @@ pub struct ConsumerMetrics {
     pub message_age: Histogram,
     pub in_flight: IntGauge,
     pub last_pull: Gauge,
+    pub breaker_state: IntGauge,
 }
 
 fn index(set: &[&str], value: &str) -> usize {
@@ -360,6 +408,30 @@ pub fn status_class(attempt: &crate::policy::Attempt) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forget_consumer_removes_every_series_of_it_and_only_it() {
+        let m = Metrics::new();
+        let gone = m.consumer("gone", 4);
+        let _kept = m.consumer("kept", 4);
+        gone.delivered("acked");
+        gone.webhook("5xx", 0.5);
+        m.forget_consumer("gone");
+        let text = m.render();
+        assert!(
+            !text.contains("queue=\"gone\""),
+            "a family is missing from forget_consumer:\n{text}"
+        );
+        assert!(text.contains("cfq_relay_concurrency{queue=\"kept\"} 4"));
+        // Registering the label again gives fresh, working series.
+        let again = m.consumer("gone", 2);
+        again.delivered("acked");
+        assert_eq!(again.delivered_count("acked"), 1);
+        assert!(
+            m.render()
+                .contains("cfq_relay_concurrency{queue=\"gone\"} 2")
+        );
+    }
 
     #[test]
     fn families_render_with_prefix_and_help() {

@@ -16,6 +16,7 @@ use crate::acker::retry_wait;
 use crate::cloudflare::{ApiError, Op, PulledMessage};
 use crate::consumer::Ctx;
 use crate::delivery::Message;
+use crate::gate::Admit;
 
 /// Pull failures in a row after which the consumer reports not ready.
 const UNREADY_AFTER_FAILURES: u32 = 3;
@@ -120,7 +121,24 @@ pub async fn run(ctx: Arc<Ctx>) {
                 {
                     permit.merge(more);
                 }
-                pulls.spawn(pull(ctx.clone(), permit));
+                // The breaker, a receiver's Retry-After and the rate limit may allow less.
+                let (admit, transition) = ctx.gate.admit(Instant::now(), permit.num_permits());
+                if let Some(t) = transition {
+                    crate::worker::breaker_changed(&ctx, t);
+                }
+                match admit {
+                    Admit::Later(at) => {
+                        next_pull_at = next_pull_at.max(at);
+                        drop(permit);
+                    }
+                    Admit::Now { max, first_send, pace } => {
+                        if permit.num_permits() > max {
+                            drop(permit.split(permit.num_permits() - max));
+                        }
+                        let pacing = first_send.zip(pace);
+                        pulls.spawn(pull(ctx.clone(), permit, pacing));
+                    }
+                }
             }
         }
     }
@@ -130,7 +148,11 @@ pub async fn run(ctx: Arc<Ctx>) {
 }
 
 /// One pull call for `permit.num_permits()` messages; dispatches what it gets.
-async fn pull(ctx: Arc<Ctx>, mut permit: OwnedSemaphorePermit) -> Pulled {
+async fn pull(
+    ctx: Arc<Ctx>,
+    mut permit: OwnedSemaphorePermit,
+    pacing: Option<(Instant, Duration)>,
+) -> Pulled {
     let n = permit.num_permits() as u32;
     let visibility = ctx.config.visibility_timeout;
     let started = Instant::now();
@@ -168,10 +190,13 @@ async fn pull(ctx: Arc<Ctx>, mut permit: OwnedSemaphorePermit) -> Pulled {
     ctx.metrics.pulled.inc_by(count as u64);
     // The lease started no later than our request did: a conservative deadline.
     let deadline = started + visibility;
+    let mut index = 0u32;
     for raw in result.messages {
-        let Some(msg) = to_message(&ctx, raw, deadline) else {
+        let Some(mut msg) = to_message(&ctx, raw, deadline) else {
             continue;
         };
+        msg.not_before = pacing.map(|(first, pace)| first + pace * index);
+        index += 1;
         // One slot per message; a server that sent more than asked gets the extra back.
         let Some(slot) = permit.split(1) else {
             warn!(queue = %ctx.label, id = %msg.id, "pull returned more messages than asked for; handing the extra back");
@@ -209,6 +234,7 @@ fn to_message(ctx: &Ctx, raw: PulledMessage, deadline: Instant) -> Option<Messag
         content_type,
         body: raw.body.unwrap_or_default(),
         deadline,
+        not_before: None,
     })
 }
 

@@ -17,6 +17,32 @@ use crate::policy::{Attempt, Decision, delay_seconds, jitter};
 /// Deliver one message; `slot` is its place in the pool and is released when this ends.
 pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit) {
     let _in_flight = InFlight::new(&ctx);
+    if let Some(at) = msg.not_before {
+        // The rate limiter's turn for this message (at most one horizon away: the poller
+        // pulled only what fits).
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => {}
+            _ = ctx.hard_stop.cancelled() => {
+                release(&ctx, msg, "shutdown").await;
+                return;
+            }
+        }
+    }
+    if ctx.gate.is_open() {
+        // The receiver is failing: give the message back to wait in the queue until the
+        // breaker's next probe instead of spending an attempt on a doomed delivery.
+        let delay = delay_seconds(ctx.gate.open_remaining(Instant::now()));
+        ctx.metrics.released("breaker");
+        send(
+            &ctx,
+            msg,
+            AckKind::Retry {
+                delay_seconds: delay,
+            },
+        )
+        .await;
+        return;
+    }
     // Start only if the webhook can answer and the ack can land before the lease ends;
     // otherwise hand the message back now rather than deliver it twice.
     if Instant::now() + ctx.config.webhook.timeout + ctx.lease_margin > msg.deadline {
@@ -55,6 +81,22 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
         }
     };
     let decision = ctx.policy.decide(&attempt, msg.attempts, jitter());
+    if let Attempt::Status {
+        status: 429 | 503,
+        retry_after: Some(after),
+    } = attempt
+    {
+        // The receiver asked for room: no more pulls for this consumer until then.
+        let pause = after.min(ctx.policy.max_delay);
+        ctx.gate.pause(Instant::now() + pause);
+        warn!(queue = %ctx.label, status = ?attempt, pause_s = pause.as_secs(), "webhook asked to slow down: pausing pulls");
+    }
+    if attempt != Attempt::Undecodable {
+        let failed = matches!(decision, Decision::Retry { .. });
+        if let Some(t) = ctx.gate.record(Instant::now(), failed) {
+            breaker_changed(&ctx, t);
+        }
+    }
     let kind = match decision {
         Decision::Ack => {
             ctx.metrics.delivered("acked");
@@ -83,6 +125,21 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     };
     send(&ctx, msg, kind).await;
     drop(slot);
+}
+
+/// Log and export a change of the circuit breaker's state.
+pub fn breaker_changed(ctx: &Ctx, t: crate::gate::Transition) {
+    use crate::gate::BreakerState;
+    ctx.metrics.breaker_state.set(t.to as i64);
+    match t.to {
+        BreakerState::Open => warn!(queue = %ctx.label, from = ?t.from,
+            open_for_s = ctx.config.breaker.open_for.as_secs(),
+            "circuit breaker open: webhook keeps failing; pulls stop, messages wait in the queue"),
+        BreakerState::HalfOpen => tracing::info!(queue = %ctx.label,
+            "circuit breaker half-open: probing the webhook with one delivery"),
+        BreakerState::Closed => tracing::info!(queue = %ctx.label,
+            "circuit breaker closed: webhook recovered; pulling again"),
+    }
 }
 
 /// Hand a held message back with a zero-delay retry, without delivering it.

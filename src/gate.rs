@@ -1,0 +1,395 @@
+//! What a consumer may send to its webhook right now: the circuit breaker (stop pulling while
+//! the receiver keeps failing, probe with single deliveries, resume on success), a pause asked
+//! for by the receiver's `Retry-After`, and the request-rate limit. The poller asks the gate how
+//! much to pull, so waiting happens in Cloudflare's backlog, never against a held lease.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::time::Instant;
+
+/// `[consumers.breaker]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Turn the circuit breaker on. Off by default: failures then follow the retry policy and
+    /// the queue's `max_retries` alone.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Consecutive failed deliveries that open the breaker.
+    #[serde(default = "default_consecutive")]
+    pub consecutive_failures: u32,
+    /// Failure ratio over `window` that opens the breaker (with at least `min_requests`).
+    #[serde(default = "default_ratio")]
+    pub failure_ratio: f64,
+    /// Window of the failure ratio.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// Deliveries in `window` needed before the ratio counts.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    /// How long the breaker stays open before a probe delivery is tried.
+    #[serde(default = "default_open_for", with = "humantime_serde")]
+    pub open_for: Duration,
+}
+
+fn default_consecutive() -> u32 {
+    10
+}
+fn default_ratio() -> f64 {
+    0.5
+}
+fn default_window() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_open_for() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            consecutive_failures: default_consecutive(),
+            failure_ratio: default_ratio(),
+            window: default_window(),
+            min_requests: default_min_requests(),
+            open_for: default_open_for(),
+        }
+    }
+}
+
+/// Breaker states; the numbers are the `cfq_relay_breaker_state` gauge values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
+}
+
+/// The poller's answer from the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Pull up to this many now; `pace` is the spacing to keep between their sends (rate limit).
+    Now {
+        max: usize,
+        first_send: Option<Instant>,
+        pace: Option<Duration>,
+    },
+    /// Ask again at this instant.
+    Later(Instant),
+}
+
+/// A change of breaker state, for the caller to log and export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub from: BreakerState,
+    pub to: BreakerState,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: BreakerState,
+    open_until: Instant,
+    consecutive: u32,
+    /// (when, failed) of recent deliveries inside the window.
+    recent: VecDeque<(Instant, bool)>,
+    probe_in_flight: bool,
+    paused_until: Option<Instant>,
+    /// Rate limit: the earliest instant the next send may start.
+    next_send: Instant,
+}
+
+/// The gate of one consumer.
+#[derive(Debug)]
+pub struct Gate {
+    breaker: BreakerConfig,
+    /// Spacing between sends, if rate-limited.
+    interval: Option<Duration>,
+    inner: Mutex<Inner>,
+}
+
+/// How far ahead the rate limiter hands out send slots: what the poller pulls never waits
+/// longer than this for its turn.
+pub const RATE_HORIZON: Duration = Duration::from_secs(1);
+
+impl Gate {
+    pub fn new(breaker: BreakerConfig, max_requests_per_second: Option<f64>) -> Self {
+        let now = Instant::now();
+        Self {
+            breaker,
+            interval: max_requests_per_second
+                .filter(|r| *r > 0.0)
+                .map(|r| Duration::from_secs_f64(1.0 / r)),
+            inner: Mutex::new(Inner {
+                state: BreakerState::Closed,
+                open_until: now,
+                consecutive: 0,
+                recent: VecDeque::new(),
+                probe_in_flight: false,
+                paused_until: None,
+                next_send: now,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.lock().state
+    }
+
+    /// The receiver asked for room (Retry-After on 429/503): no pulls before `until`.
+    pub fn pause(&self, until: Instant) {
+        let mut g = self.lock();
+        g.paused_until = Some(g.paused_until.map_or(until, |p| p.max(until)));
+    }
+
+    /// How many messages the poller may pull now (at most `wanted`), or when to ask again.
+    /// Reserves the rate-limit slots and, when half-open, the single probe.
+    pub fn admit(&self, now: Instant, wanted: usize) -> (Admit, Option<Transition>) {
+        let mut g = self.lock();
+        if let Some(p) = g.paused_until {
+            if now < p {
+                return (Admit::Later(p), None);
+            }
+            g.paused_until = None;
+        }
+        let mut transition = None;
+        let mut max = wanted;
+        match g.state {
+            BreakerState::Closed => {}
+            BreakerState::Open => {
+                if now < g.open_until {
+                    return (Admit::Later(g.open_until), None);
+                }
+                g.state = BreakerState::HalfOpen;
+                g.probe_in_flight = false;
+                transition = Some(Transition {
+                    from: BreakerState::Open,
+                    to: BreakerState::HalfOpen,
+                });
+            }
+            BreakerState::HalfOpen => {}
+        }
+        if g.state == BreakerState::HalfOpen {
+            if g.probe_in_flight {
+                // Ask again soon: the probe's outcome decides.
+                return (Admit::Later(now + Duration::from_millis(100)), transition);
+            }
+            g.probe_in_flight = true;
+            max = 1;
+        }
+        let Some(interval) = self.interval else {
+            return (
+                Admit::Now {
+                    max,
+                    first_send: None,
+                    pace: None,
+                },
+                transition,
+            );
+        };
+        let start = g.next_send.max(now);
+        let horizon_end = now + RATE_HORIZON;
+        if start >= horizon_end {
+            if g.state == BreakerState::HalfOpen {
+                g.probe_in_flight = false;
+            }
+            // Come back when one more slot fits in the horizon.
+            return (Admit::Later(start + interval - RATE_HORIZON), transition);
+        }
+        let room = ((horizon_end - start).as_nanos() / interval.as_nanos().max(1)) as usize;
+        let n = max.min(room.max(1));
+        g.next_send = start + interval * n as u32;
+        (
+            Admit::Now {
+                max: n,
+                first_send: Some(start),
+                pace: Some(interval),
+            },
+            transition,
+        )
+    }
+
+    /// Record a delivery outcome (`failed`: the webhook did not take it). Returns a state change.
+    pub fn record(&self, now: Instant, failed: bool) -> Option<Transition> {
+        if !self.breaker.enabled {
+            return None;
+        }
+        let mut g = self.lock();
+        let window_start = now.checked_sub(self.breaker.window).unwrap_or(now);
+        while g.recent.front().is_some_and(|(t, _)| *t < window_start) {
+            g.recent.pop_front();
+        }
+        g.recent.push_back((now, failed));
+        g.consecutive = if failed { g.consecutive + 1 } else { 0 };
+        let from = g.state;
+        match (g.state, failed) {
+            (BreakerState::HalfOpen, false) => {
+                g.state = BreakerState::Closed;
+                g.probe_in_flight = false;
+                g.recent.clear();
+            }
+            (BreakerState::HalfOpen, true) => {
+                g.state = BreakerState::Open;
+                g.open_until = now + self.breaker.open_for;
+                g.probe_in_flight = false;
+            }
+            (BreakerState::Closed, true) => {
+                let total = g.recent.len() as u32;
+                let failures = g.recent.iter().filter(|(_, f)| *f).count() as f64;
+                let ratio_trips = total >= self.breaker.min_requests
+                    && failures / f64::from(total) >= self.breaker.failure_ratio;
+                if g.consecutive >= self.breaker.consecutive_failures || ratio_trips {
+                    g.state = BreakerState::Open;
+                    g.open_until = now + self.breaker.open_for;
+                }
+            }
+            _ => {}
+        }
+        (g.state != from).then_some(Transition { from, to: g.state })
+    }
+
+    /// While open, held messages are handed back instead of delivered.
+    pub fn is_open(&self) -> bool {
+        self.lock().state == BreakerState::Open
+    }
+
+    /// How long handed-back messages should wait: until the breaker's probe.
+    pub fn open_remaining(&self, now: Instant) -> Duration {
+        let g = self.lock();
+        g.open_until.saturating_duration_since(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> BreakerConfig {
+        BreakerConfig {
+            enabled: true,
+            consecutive_failures: 3,
+            failure_ratio: 0.5,
+            window: Duration::from_secs(10),
+            min_requests: 10,
+            open_for: Duration::from_secs(5),
+        }
+    }
+
+    fn now_max(a: Admit) -> usize {
+        match a {
+            Admit::Now { max, .. } => max,
+            Admit::Later(_) => 0,
+        }
+    }
+
+    #[test]
+    fn opens_on_consecutive_failures_probes_and_closes() {
+        let g = Gate::new(breaker(), None);
+        let t0 = Instant::now();
+        assert_eq!(g.record(t0, true), None);
+        assert_eq!(g.record(t0, false), None); // resets the run
+        assert_eq!(g.record(t0, true), None);
+        assert_eq!(g.record(t0, true), None);
+        let tr = g.record(t0, true).unwrap();
+        assert_eq!((tr.from, tr.to), (BreakerState::Closed, BreakerState::Open));
+        assert!(g.is_open());
+        assert_eq!(
+            g.admit(t0 + Duration::from_secs(1), 100).0,
+            Admit::Later(t0 + Duration::from_secs(5))
+        );
+        // After open_for: one probe of one message at a time.
+        let t1 = t0 + Duration::from_secs(5);
+        let (a, tr) = g.admit(t1, 100);
+        assert_eq!(now_max(a), 1);
+        assert_eq!(tr.unwrap().to, BreakerState::HalfOpen);
+        assert!(
+            matches!(g.admit(t1, 100).0, Admit::Later(_)),
+            "one probe at a time"
+        );
+        // The probe fails: open again.
+        assert_eq!(g.record(t1, true).unwrap().to, BreakerState::Open);
+        let t2 = t1 + Duration::from_secs(5);
+        assert_eq!(now_max(g.admit(t2, 100).0), 1);
+        // The probe succeeds: closed, full pulls again.
+        assert_eq!(g.record(t2, false).unwrap().to, BreakerState::Closed);
+        assert_eq!(now_max(g.admit(t2, 100).0), 100);
+    }
+
+    #[test]
+    fn opens_on_failure_ratio() {
+        let g = Gate::new(
+            BreakerConfig {
+                consecutive_failures: 100,
+                ..breaker()
+            },
+            None,
+        );
+        let t = Instant::now();
+        let mut opened = false;
+        for i in 0..20 {
+            // Alternate: never 3 in a row, but half fail.
+            opened |= g.record(t, i % 2 == 0).is_some();
+        }
+        assert!(opened && g.is_open());
+    }
+
+    #[test]
+    fn disabled_breaker_never_opens() {
+        let g = Gate::new(BreakerConfig::default(), None);
+        let t = Instant::now();
+        for _ in 0..1000 {
+            assert_eq!(g.record(t, true), None);
+        }
+        assert_eq!(now_max(g.admit(t, 7).0), 7);
+    }
+
+    #[test]
+    fn pause_defers_pulls() {
+        let g = Gate::new(BreakerConfig::default(), None);
+        let t = Instant::now();
+        g.pause(t + Duration::from_secs(3));
+        g.pause(t + Duration::from_secs(1)); // a shorter pause does not shorten it
+        assert_eq!(g.admit(t, 5).0, Admit::Later(t + Duration::from_secs(3)));
+        assert_eq!(now_max(g.admit(t + Duration::from_secs(3), 5).0), 5);
+    }
+
+    #[test]
+    fn rate_limit_hands_out_one_horizon_of_paced_slots() {
+        let g = Gate::new(BreakerConfig::default(), Some(10.0));
+        let t = Instant::now();
+        let (a, _) = g.admit(t, 100);
+        assert_eq!(
+            a,
+            Admit::Now {
+                max: 10,
+                first_send: Some(t),
+                pace: Some(Duration::from_millis(100))
+            }
+        );
+        // The next second is taken: come back when the horizon frees up.
+        assert_eq!(
+            g.admit(t, 100).0,
+            Admit::Later(t + Duration::from_millis(100))
+        );
+        let (a, _) = g.admit(t + Duration::from_millis(300), 100);
+        match a {
+            Admit::Now {
+                max, first_send, ..
+            } => {
+                assert_eq!(max, 3);
+                assert_eq!(first_send, Some(t + Duration::from_secs(1)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
