@@ -258,6 +258,15 @@ impl Gate {
         (g.state != from).then_some(Transition { from, to: g.state })
     }
 
+    /// The half-open probe ended without a verdict (the pull came back empty or failed, or the
+    /// message could not be decoded): let the next pull probe again.
+    pub fn probe_unused(&self) {
+        let mut g = self.lock();
+        if g.state == BreakerState::HalfOpen {
+            g.probe_in_flight = false;
+        }
+    }
+
     /// While open, held messages are handed back instead of delivered.
     pub fn is_open(&self) -> bool {
         self.lock().state == BreakerState::Open

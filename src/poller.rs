@@ -88,6 +88,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                         ctx.readiness.ready.store(true, Ordering::Relaxed);
                     }
                     Pulled::Empty => {
+                        ctx.gate.probe_unused();
                         errors = api_backoff();
                         failures_in_row = 0;
                         ctx.readiness.ready.store(true, Ordering::Relaxed);
@@ -95,6 +96,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                         next_pull_at = next_pull_at.max(Instant::now() + wait);
                     }
                     Pulled::Failed(err) => {
+                        ctx.gate.probe_unused();
                         failures_in_row += 1;
                         if failures_in_row >= UNREADY_AFTER_FAILURES {
                             ctx.readiness.ready.store(false, Ordering::Relaxed);

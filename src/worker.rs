@@ -53,6 +53,7 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     }
     // The body moves into the request: no copy of it is made on the way to the socket.
     let body = std::mem::take(&mut msg.body);
+    let mut took_ms: Option<u64> = None;
     let (attempt, detail, outcome) = match decode_body(msg.content_type.as_deref(), body) {
         Err(e) => (Attempt::Undecodable, e.to_string(), "undecodable"),
         Ok(payload) => {
@@ -66,6 +67,7 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
                 }
             };
             let elapsed = started.elapsed();
+            took_ms = Some(elapsed.as_millis() as u64);
             ctx.metrics
                 .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
             if let Some(ts) = msg.timestamp_ms {
@@ -91,7 +93,9 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
         ctx.gate.pause(Instant::now() + pause);
         warn!(queue = %ctx.label, status = ?attempt, pause_s = pause.as_secs(), "webhook asked to slow down: pausing pulls");
     }
-    if attempt != Attempt::Undecodable {
+    if attempt == Attempt::Undecodable {
+        ctx.gate.probe_unused();
+    } else {
         let failed = matches!(decision, Decision::Retry { .. });
         if let Some(t) = ctx.gate.record(Instant::now(), failed) {
             breaker_changed(&ctx, t);
@@ -100,13 +104,15 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     let kind = match decision {
         Decision::Ack => {
             ctx.metrics.delivered("acked");
-            debug!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, "delivered");
+            debug!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts,
+                status = http_status(&attempt), duration_ms = took_ms, "delivered");
             AckKind::Ack
         }
         Decision::Drop => {
             ctx.metrics.delivered("dropped");
             warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, result = ?attempt,
-                response = %detail, "webhook status is configured to drop: acking without delivery");
+                status = http_status(&attempt), duration_ms = took_ms, response = %detail,
+                "webhook status is configured to drop: acking without delivery");
             AckKind::Ack
         }
         Decision::Retry { delay } => {
@@ -117,7 +123,8 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
             };
             ctx.metrics.delivered(outcome);
             warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, result = ?attempt,
-                detail = %detail, delay_s = delay_seconds(delay), "delivery failed; retrying later");
+                status = http_status(&attempt), duration_ms = took_ms, detail = %detail,
+                delay_s = delay_seconds(delay), "delivery failed; retrying later");
             AckKind::Retry {
                 delay_seconds: delay_seconds(delay),
             }
@@ -139,6 +146,14 @@ pub fn breaker_changed(ctx: &Ctx, t: crate::gate::Transition) {
             "circuit breaker half-open: probing the webhook with one delivery"),
         BreakerState::Closed => tracing::info!(queue = %ctx.label,
             "circuit breaker closed: webhook recovered; pulling again"),
+    }
+}
+
+/// The HTTP status of an answer, for log fields (absent when there was no answer).
+fn http_status(attempt: &Attempt) -> Option<u16> {
+    match attempt {
+        Attempt::Status { status, .. } => Some(*status),
+        _ => None,
     }
 }
 

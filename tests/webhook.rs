@@ -1,0 +1,457 @@
+//! Webhook features end to end: Standard Webhooks signatures checked by an independent verifier
+//! (the `standardwebhooks` package from PyPI), outbound auth, status policy, envelope mode,
+//! circuit breaker, rate limit.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use cfq_relay::emulator::{ContentType, EmulatorOptions};
+use common::{Answer, Received, Receiver, config, emulator, wait_until};
+use tokio_util::sync::CancellationToken;
+
+const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SECRET_B: &str = "whsec_c2Vjb25kLXNlY3JldC1mb3Itcm90YXRpb24=";
+
+/// Verify each (secret, request, tamper) with the Python reference implementation; returns
+/// whether each verified.
+fn python_verify(cases: &[(&str, &Received, bool)]) -> Vec<bool> {
+    let script = r#"
+import base64, json, sys
+from standardwebhooks.webhooks import Webhook
+for line in sys.stdin:
+    c = json.loads(line)
+    body = base64.b64decode(c["body"])
+    if c["tamper"]:
+        body = body + b" "
+    try:
+        Webhook(c["secret"]).verify(body, c["headers"], json_parse=False)
+        print("ok")
+    except Exception as e:
+        print("fail")
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 must be installed (CI installs it with the standardwebhooks package)");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for (secret, req, tamper) in cases {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                .collect();
+            let line = serde_json::json!({
+                "secret": secret,
+                "headers": headers,
+                "body": base64::engine::general_purpose::STANDARD.encode(&req.body),
+                "tamper": tamper,
+            });
+            writeln!(stdin, "{line}").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the independent verifier failed to run (pip install standardwebhooks): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l == "ok")
+        .collect()
+}
+
+async fn relay_until_acked(
+    cfg: cfq_relay::Config,
+    emu: &cfq_relay::emulator::Emulator,
+    queue: &str,
+    n: u64,
+) -> String {
+    let stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(20), "acked", || {
+        emu.stats(queue).acked >= n
+    })
+    .await;
+    let metrics = relay.metrics().render();
+    stop.cancel();
+    relay.wait().await.unwrap();
+    metrics
+}
+
+#[tokio::test]
+async fn signatures_verify_with_the_reference_implementation_and_rotate() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    emu.publish(
+        "q1",
+        Some(ContentType::Json),
+        br#"{"order":1,"note":"\u00fc"}"#,
+        Duration::ZERO,
+    )
+    .unwrap();
+    emu.publish(
+        "q1",
+        Some(ContentType::Text),
+        "plain ✓ text".as_bytes(),
+        Duration::ZERO,
+    )
+    .unwrap();
+    let webhook = format!("signing_secrets = [\"{SECRET_A}\", \"{SECRET_B}\"]");
+    let cfg = config(&api, &[("q1", &hook.url(), "", &webhook)]);
+    relay_until_acked(cfg, &emu, "q1", 2).await;
+
+    let got = hook.received();
+    assert_eq!(got.len(), 2);
+    let mut cases = Vec::new();
+    for r in &got {
+        assert_eq!(r.header("webhook-id"), r.header("cfq-message-id"));
+        let sig = r.header("webhook-signature").unwrap();
+        assert_eq!(sig.split(' ').count(), 2, "one signature per secret: {sig}");
+        // Either secret alone verifies (rotation without downtime) ...
+        cases.push((SECRET_A, r, false));
+        cases.push((SECRET_B, r, false));
+        // ... an altered body does not, nor does an unrelated secret.
+        cases.push((SECRET_A, r, true));
+        cases.push(("whsec_dW5yZWxhdGVkLXNlY3JldC1rZXktMTIzNDU2", r, false));
+    }
+    let results = python_verify(&cases);
+    assert_eq!(results.len(), cases.len());
+    for (i, ok) in results.iter().enumerate() {
+        let want = i % 4 < 2;
+        assert_eq!(
+            *ok, want,
+            "case {i}: secret {} tamper {}",
+            cases[i].0, cases[i].2
+        );
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn signing_secret_id_is_stable_across_retries() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let hook = Receiver::start(|_, i| {
+        if i == 0 {
+            Answer::status(500)
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
+    emu.publish("q1", Some(ContentType::Text), b"x", Duration::ZERO)
+        .unwrap();
+    let mut cfg = config(
+        &api,
+        &[(
+            "q1",
+            &hook.url(),
+            "",
+            &format!("signing_secrets = [\"{SECRET_A}\"]"),
+        )],
+    );
+    cfg.consumers[0].retry.base_delay = Duration::ZERO;
+    relay_until_acked(cfg, &emu, "q1", 1).await;
+    let got = hook.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+    let results = python_verify(&[(SECRET_A, &got[0], false), (SECRET_A, &got[1], false)]);
+    assert_eq!(results, vec![true, true]);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn bearer_basic_and_custom_headers_arrive() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let bearer_hook = Receiver::start(|_, _| Answer::ok()).await;
+    let basic_hook = Receiver::start(|_, _| Answer::ok()).await;
+    emu.publish("qa", Some(ContentType::Text), b"a", Duration::ZERO)
+        .unwrap();
+    emu.publish("qb", Some(ContentType::Text), b"b", Duration::ZERO)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("cfq-relay-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pw = dir.join("password");
+    std::fs::write(&pw, "s3cret-pass\n").unwrap();
+    let cfg = config(
+        &api,
+        &[
+            (
+                "qa",
+                &bearer_hook.url(),
+                "",
+                "bearer_token = \"bearer-tok-1\"\nheaders = { X-Custom = \"yes\", X-Other = \"1\" }",
+            ),
+            (
+                "qb",
+                &basic_hook.url(),
+                "",
+                &format!(
+                    "basic_auth = {{ username = \"relay\", password_file = \"{}\" }}",
+                    pw.display()
+                ),
+            ),
+        ],
+    );
+    let stop_relay = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, stop_relay.clone()).await.unwrap();
+    wait_until(Duration::from_secs(10), "both acked", || {
+        emu.stats("qa").acked == 1 && emu.stats("qb").acked == 1
+    })
+    .await;
+    stop_relay.cancel();
+    relay.wait().await.unwrap();
+    let a = &bearer_hook.received()[0];
+    assert_eq!(a.header("authorization"), Some("Bearer bearer-tok-1"));
+    assert_eq!(a.header("x-custom"), Some("yes"));
+    assert_eq!(a.header("x-other"), Some("1"));
+    let b = &basic_hook.received()[0];
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("relay:s3cret-pass")
+    );
+    assert_eq!(b.header("authorization"), Some(expected.as_str()));
+    std::fs::remove_dir_all(&dir).ok();
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn status_policy_branches() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    // Answer by body: the status to return on the first attempt; 200 afterwards.
+    let hook = Receiver::start(|r, _| {
+        let first = r.header("cfq-attempt") == Some("1");
+        let want: u16 = std::str::from_utf8(&r.body).unwrap().parse().unwrap();
+        Answer::status(if first { want } else { 200 })
+    })
+    .await;
+    let mut ids = std::collections::HashMap::new();
+    for status in [200u16, 409, 410, 202, 404] {
+        let id = emu
+            .publish(
+                "q1",
+                Some(ContentType::Text),
+                status.to_string().as_bytes(),
+                Duration::ZERO,
+            )
+            .unwrap();
+        ids.insert(status, id);
+    }
+    let mut cfg = config(
+        &api,
+        &[(
+            "q1",
+            &hook.url(),
+            "",
+            "success_statuses = [409]\ndrop_statuses = [410]\nretry_statuses = [202]",
+        )],
+    );
+    cfg.consumers[0].retry.base_delay = Duration::ZERO;
+    let metrics = relay_until_acked(cfg, &emu, "q1", 5).await;
+    let books = emu.books("q1");
+    let book = |s: u16| books.iter().find(|b| b.id == ids[&s]).unwrap().clone();
+    assert_eq!((book(200).deliveries, book(200).acks), (1, 1), "2xx: acked");
+    assert_eq!(
+        (book(409).deliveries, book(409).acks),
+        (1, 1),
+        "configured success: acked"
+    );
+    assert_eq!(
+        (book(410).deliveries, book(410).acks),
+        (1, 1),
+        "configured drop: acked once, not retried"
+    );
+    assert_eq!(
+        (book(202).deliveries, book(202).acks),
+        (2, 1),
+        "configured retry: retried, then acked"
+    );
+    assert_eq!(
+        (book(404).deliveries, book(404).acks),
+        (2, 1),
+        "other 4xx: retried by default"
+    );
+    for (outcome, n) in [("acked", 4), ("dropped", 1), ("retried", 2)] {
+        let line =
+            format!("cfq_relay_messages_delivered_total{{outcome=\"{outcome}\",queue=\"q1\"}} {n}");
+        assert!(metrics.contains(&line), "{line}\n{metrics}");
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn envelope_mode_wraps_the_body_with_metadata() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let json_id = emu
+        .publish(
+            "q1",
+            Some(ContentType::Json),
+            br#"{"k":[1,2]}"#,
+            Duration::ZERO,
+        )
+        .unwrap();
+    let bytes_id = emu
+        .publish("q1", Some(ContentType::Bytes), &[0, 255, 7], Duration::ZERO)
+        .unwrap();
+    let text_id = emu
+        .publish("q1", Some(ContentType::Text), b"hi", Duration::ZERO)
+        .unwrap();
+    let cfg = config(
+        &api,
+        &[("q1", &hook.url(), "name = \"orders\"", "envelope = true")],
+    );
+    relay_until_acked(cfg, &emu, "q1", 3).await;
+    for r in hook.received() {
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let id = v["id"].as_str().unwrap();
+        assert_eq!(v["queue"], "orders");
+        assert_eq!(v["attempts"], 1);
+        assert!(v["timestamp_ms"].as_u64().unwrap() > 1_700_000_000_000);
+        if id == json_id {
+            assert_eq!(v["content_type"], "json");
+            assert_eq!(v["body"], serde_json::json!({"k": [1, 2]}));
+        } else if id == bytes_id {
+            assert_eq!(v["content_type"], "bytes");
+            assert_eq!(v["body"], "AP8H");
+        } else {
+            assert_eq!(id, text_id);
+            assert_eq!(v["content_type"], "text");
+            assert_eq!(v["body"], "hi");
+        }
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn breaker_opens_under_a_failing_receiver_and_closes_on_recovery() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(
+        EmulatorOptions {
+            max_retries: 100,
+            ..EmulatorOptions::default()
+        },
+        &stop,
+    )
+    .await;
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = healthy.clone();
+    let hook = Receiver::start(move |_, _| {
+        if h.load(std::sync::atomic::Ordering::SeqCst) {
+            Answer::ok()
+        } else {
+            Answer::status(503)
+        }
+    })
+    .await;
+    for i in 0..50 {
+        emu.publish(
+            "q1",
+            Some(ContentType::Text),
+            format!("m{i}").as_bytes(),
+            Duration::ZERO,
+        )
+        .unwrap();
+    }
+    let mut cfg = config(
+        &api,
+        &[("q1", &hook.url(), "concurrency = 4\nbatch_size = 4", "")],
+    );
+    cfg.consumers[0].retry.base_delay = Duration::ZERO;
+    cfg.consumers[0].breaker = cfq_relay::gate::BreakerConfig {
+        enabled: true,
+        consecutive_failures: 4,
+        open_for: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let stop_relay = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, stop_relay.clone()).await.unwrap();
+    let scrape = |r: &cfq_relay::Running| r.metrics().render();
+    wait_until(Duration::from_secs(10), "breaker open", || {
+        scrape(&relay).contains("cfq_relay_breaker_state{queue=\"q1\"} 1")
+    })
+    .await;
+    // While open, the backlog waits in the queue: attempts are not burned.
+    let during = emu.stats("q1");
+    let requests_when_open = hook.count();
+    assert!(
+        requests_when_open <= 8,
+        "a handful of failures opened it: {requests_when_open}"
+    );
+    assert_eq!(during.acked, 0);
+    assert_eq!(during.backlog, 50, "backlog preserved");
+    // Probes fail while the receiver is down: at most one request per open period.
+    wait_until(Duration::from_secs(10), "a failed probe", || {
+        hook.count() > requests_when_open
+    })
+    .await;
+    let books = emu.books("q1");
+    let max_deliveries = books.iter().map(|b| b.deliveries).max().unwrap();
+    assert!(max_deliveries <= 3, "attempts not burned: {max_deliveries}");
+    // Recovery: the next probe succeeds, the breaker closes, everything is delivered.
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_until(Duration::from_secs(20), "all acked", || {
+        emu.stats("q1").acked == 50
+    })
+    .await;
+    assert!(scrape(&relay).contains("cfq_relay_breaker_state{queue=\"q1\"} 0"));
+    stop_relay.cancel();
+    relay.wait().await.unwrap();
+    let s = emu.stats("q1");
+    assert_eq!((s.acked, s.dead_lettered, s.lease_expired), (50, 0, 0));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn rate_limit_holds_within_ten_percent() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let n = 61;
+    for i in 0..n {
+        emu.publish(
+            "q1",
+            Some(ContentType::Text),
+            format!("m{i}").as_bytes(),
+            Duration::ZERO,
+        )
+        .unwrap();
+    }
+    let cfg = config(
+        &api,
+        &[("q1", &hook.url(), "", "max_requests_per_second = 20")],
+    );
+    relay_until_acked(cfg, &emu, "q1", n).await;
+    let got = hook.received();
+    assert_eq!(got.len() as u64, n);
+    let span = got.last().unwrap().at - got.first().unwrap().at;
+    let rate = (n - 1) as f64 / span.as_secs_f64();
+    assert!(
+        (18.0..=22.0).contains(&rate),
+        "rate {rate:.2}/s over {span:?}"
+    );
+    // Never a burst: no second holds more than the limit (+1 for the window edge).
+    for (i, r) in got.iter().enumerate() {
+        let in_window = got[i..]
+            .iter()
+            .take_while(|o| o.at - r.at < Duration::from_secs(1))
+            .count();
+        assert!(in_window <= 21, "burst of {in_window} within a second");
+    }
+    stop.cancel();
+}
