@@ -455,3 +455,44 @@ async fn rate_limit_holds_within_ten_percent() {
     }
     stop.cancel();
 }
+
+#[tokio::test]
+async fn retry_after_pauses_the_whole_consumer() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let hook = Receiver::start(|_, i| {
+        if i == 0 {
+            let mut a = Answer::status(503);
+            a.headers.push(("retry-after", "2".into()));
+            a
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
+    let a = emu
+        .publish("q1", Some(ContentType::Text), b"a", Duration::ZERO)
+        .unwrap();
+    let b = emu
+        .publish("q1", Some(ContentType::Text), b"b", Duration::ZERO)
+        .unwrap();
+    // One at a time, so the second message is pulled only after the first answer.
+    let cfg = config(
+        &api,
+        &[("q1", &hook.url(), "concurrency = 1\nbatch_size = 1", "")],
+    );
+    relay_until_acked(cfg, &emu, "q1", 2).await;
+    let first_a = hook.for_id(&a)[0].at;
+    let second_a = hook.for_id(&a)[1].at;
+    let first_b = hook.for_id(&b)[0].at;
+    let gap_b = first_b - first_a;
+    let gap_a = second_a - first_a;
+    // Without the pause, b would follow a within milliseconds.
+    assert!(gap_b >= Duration::from_secs(2), "b came {gap_b:?} after a");
+    // Retry-After honoured to within a second.
+    assert!(
+        gap_a >= Duration::from_secs(2) && gap_a < Duration::from_secs(3),
+        "a retried after {gap_a:?}"
+    );
+    stop.cancel();
+}
