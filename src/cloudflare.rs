@@ -3,14 +3,14 @@
 //! [`ApiError`] the callers can log, count and back off on.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::parse_retry_after;
+use crate::policy::retry_after_header;
 
 /// Largest excerpt of an unexpected answer body kept for logs.
 const EXCERPT: usize = 200;
@@ -350,11 +350,7 @@ impl QueueClient {
             .await
             .map_err(transport_error)?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retry_after = retry_after_header(resp.headers());
         let bytes = resp.bytes().await.map_err(transport_error)?;
         interpret(status, retry_after, &bytes)
     }

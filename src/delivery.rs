@@ -7,7 +7,7 @@ use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use tokio::time::Instant;
 
 use anyhow::Context;
@@ -15,7 +15,7 @@ use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
 use reqwest::header::AUTHORIZATION;
 
 use crate::config::{ConfigError, ConsumerConfig, WebhookConfig};
-use crate::policy::{Attempt, parse_retry_after};
+use crate::policy::{Attempt, retry_after_header};
 use crate::secrets::{self, Secret};
 use crate::signing::{self, Signer};
 
@@ -399,11 +399,7 @@ impl Webhook {
             Err(e) => return classify_error(e),
         };
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retry_after = retry_after_header(resp.headers());
         // Read (a bounded part of) the answer so the connection can be reused and a failure
         // can be logged with an excerpt. The request timeout covers this read too.
         let mut body = Vec::new();
