@@ -275,7 +275,7 @@ pub struct QueueClient {
 impl std::fmt::Debug for QueueClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueueClient")
-            .field("pull_url", &self.pull_url.as_str())
+            .field("pull_url", &crate::config::redact_url(self.pull_url.as_str()))
             .field("auth", &"[REDACTED]")
             .finish()
     }
