@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio::time::{Instant, sleep, sleep_until};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -118,15 +118,7 @@ impl Acker {
     async fn send(&self, mut batch: Vec<AckItem>) {
         let mut backoff = crate::poller::api_backoff();
         loop {
-            let now = Instant::now();
-            let before = batch.len();
-            batch.retain(|i| i.deadline > now);
-            let expired = before - batch.len();
-            if expired > 0 {
-                self.metrics.leases_expired.inc_by(expired as u64);
-                error!(queue = %self.queue, items = expired,
-                    "ack API unreachable until these leases expired: the messages will be redelivered");
-            }
+            self.give_up_expired(&mut batch);
             if batch.is_empty() {
                 return;
             }
@@ -174,20 +166,89 @@ impl Acker {
                     "ack call failed during shutdown; these messages return when their leases expire");
                 return;
             }
-            let wait = retry_wait(&err, &mut backoff);
+            let wait = cap_to_leases(
+                retry_wait(&err, &mut backoff),
+                &err,
+                batch.iter().map(|i| i.deadline),
+                self.lease_margin,
+                Instant::now(),
+            );
             if err.is_auth() {
                 error!(queue = %self.queue, error = %err, retry_in = ?wait, "ack call rejected");
             } else {
                 warn!(queue = %self.queue, items = batch.len(), error = %err, retry_in = ?wait, "ack call failed; retrying");
             }
-            tokio::select! {
-                _ = sleep(wait) => {}
-                _ = self.hard_stop.cancelled() => {
-                    info!(queue = %self.queue, "shutdown: one last ack attempt");
+            // Sleep until the next attempt, waking at each lease end on the way to give up
+            // (and count) what can no longer be acked, so a dead batch does not hold a call slot.
+            let next = Instant::now() + wait;
+            loop {
+                let now = Instant::now();
+                let wake = batch
+                    .iter()
+                    .map(|i| i.deadline)
+                    .filter(|d| *d > now && *d < next)
+                    .min()
+                    .unwrap_or(next);
+                tokio::select! {
+                    _ = sleep_until(wake) => {}
+                    _ = self.hard_stop.cancelled() => {
+                        info!(queue = %self.queue, "shutdown: one last ack attempt");
+                        break;
+                    }
+                }
+                if Instant::now() >= next {
+                    break;
+                }
+                self.give_up_expired(&mut batch);
+                if batch.is_empty() {
+                    return;
                 }
             }
         }
     }
+
+    /// Drop (and count) the items whose lease has ended: Cloudflare redelivers those messages.
+    fn give_up_expired(&self, batch: &mut Vec<AckItem>) {
+        let now = Instant::now();
+        let before = batch.len();
+        batch.retain(|i| i.deadline > now);
+        let expired = before - batch.len();
+        if expired > 0 {
+            self.metrics.leases_expired.inc_by(expired as u64);
+            error!(queue = %self.queue, items = expired,
+                "ack API unreachable until these leases expired: the messages will be redelivered");
+        }
+    }
+}
+
+/// Shorten a retry wait so it does not sleep through the end of a held lease: the next attempt
+/// comes no later than `margin` before the earliest lease that still has that much time left
+/// (one last chance per lease beats a certain redelivery). Last chances closer together than
+/// half the margin (at most 500 ms) collapse into one, which bounds the extra calls when held
+/// leases end at many different times. A server's `Retry-After` and the authentication floor
+/// stand: retrying sooner does not help there.
+pub fn cap_to_leases(
+    wait: Duration,
+    err: &ApiError,
+    deadlines: impl Iterator<Item = Instant>,
+    margin: Duration,
+    now: Instant,
+) -> Duration {
+    if err.is_auth() {
+        return wait;
+    }
+    let Some(last_chance) = deadlines
+        .filter_map(|d| d.checked_sub(margin))
+        .filter(|t| *t > now)
+        .min()
+    else {
+        return wait;
+    };
+    let floor = err
+        .retry_after()
+        .unwrap_or_default()
+        .max((margin / 2).min(Duration::from_millis(500)));
+    wait.min(last_chance - now).max(floor)
 }
 
 /// The wait before retrying a failed API call: the next backoff step, at least the server's
@@ -202,4 +263,41 @@ pub fn retry_wait(err: &ApiError, backoff: &mut impl Iterator<Item = Duration>) 
         wait = wait.max(Duration::from_secs(30));
     }
     wait
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_waits_never_sleep_through_a_lease() {
+        let now = Instant::now();
+        let margin = Duration::from_millis(500);
+        let secs = Duration::from_secs;
+        let leases = [now + secs(3), now + secs(10)];
+        let cap = |wait, err: &ApiError, leases: &[Instant]| {
+            cap_to_leases(wait, err, leases.iter().copied(), margin, now)
+        };
+        // Backoff of 8 s, earliest lease in 3 s: try again 500 ms before it ends.
+        assert_eq!(cap(secs(8), &ApiError::Timeout, &leases), secs(3) - margin);
+        // A short wait stays as it is.
+        assert_eq!(cap(secs(1), &ApiError::Timeout, &leases), secs(1));
+        // Leases already inside their margin give no last chance: the next one counts.
+        let close = [now + Duration::from_millis(300), now + secs(10)];
+        assert_eq!(cap(secs(30), &ApiError::Timeout, &close), secs(10) - margin);
+        assert_eq!(cap(secs(4), &ApiError::Timeout, &close[..1]), secs(4));
+        // Retry-After and the authentication floor are honoured.
+        let limited = ApiError::RateLimited {
+            retry_after: Some(secs(5)),
+        };
+        assert_eq!(cap(secs(5), &limited, &leases), secs(5));
+        let auth = ApiError::Auth {
+            status: 403,
+            errors: Vec::new(),
+        };
+        assert_eq!(cap(secs(30), &auth, &leases), secs(30));
+        // Never a busy loop: at least half the margin (at most 500 ms) between attempts.
+        let edge = [now + margin + Duration::from_millis(1)];
+        assert_eq!(cap(secs(2), &ApiError::Timeout, &edge), margin / 2);
+    }
 }

@@ -1,8 +1,8 @@
 //! The admin HTTP server: Prometheus text at `/metrics`, liveness at `/healthz`, readiness at
 //! `/readyz`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::Router;
 use axum::extract::State;
@@ -15,12 +15,15 @@ use tokio_util::sync::CancellationToken;
 use crate::consumer::Readiness;
 use crate::metrics::Metrics;
 
+/// The consumers that currently run, as (label, readiness); a config reload replaces it.
+pub type ConsumerSet = Arc<RwLock<Vec<(String, Arc<Readiness>)>>>;
+
 /// What the admin endpoints report on.
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Metrics,
-    /// (consumer label, its readiness)
-    pub consumers: Arc<Vec<(String, Arc<Readiness>)>>,
+    /// The live consumers (those draining after a reload no longer count).
+    pub consumers: ConsumerSet,
     pub shutting_down: Arc<AtomicBool>,
 }
 
@@ -61,8 +64,8 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
     if s.shutting_down.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
     }
-    let waiting: Vec<&str> = s
-        .consumers
+    let consumers = s.consumers.read().unwrap_or_else(PoisonError::into_inner);
+    let waiting: Vec<&str> = consumers
         .iter()
         .filter(|(_, r)| !r.is_ready())
         .map(|(label, _)| label.as_str())

@@ -231,13 +231,24 @@ fn fmt_errors(errors: &[ApiMessage]) -> String {
     if errors.is_empty() {
         return String::new();
     }
+    // The messages come from the answer: keep them short and on one line (a newline in them
+    // would split, or forge, a log line).
     let parts: Vec<String> = errors
         .iter()
+        .take(5)
         .map(|e| {
+            let message: String = e
+                .message
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .take(EXCERPT)
+                .collect();
+            let message = one_line(&message);
             format!(
                 "{} {}",
                 e.code.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),
-                e.message.as_deref().unwrap_or("")
+                message
             )
         })
         .collect();
@@ -250,6 +261,20 @@ fn fmt_excerpt(excerpt: &str) -> String {
     } else {
         format!(": {excerpt:?}")
     }
+}
+
+/// `s` with its control characters (newlines included) escaped, for a single log line.
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// A printable excerpt of an answer body, cut at a char boundary.
@@ -275,7 +300,10 @@ pub struct QueueClient {
 impl std::fmt::Debug for QueueClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueueClient")
-            .field("pull_url", &crate::config::redact_url(self.pull_url.as_str()))
+            .field(
+                "pull_url",
+                &crate::config::redact_url(self.pull_url.as_str()),
+            )
             .field("auth", &"[REDACTED]")
             .finish()
     }

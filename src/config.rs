@@ -379,6 +379,27 @@ impl Default for WebhookConfig {
     }
 }
 
+impl WebhookConfig {
+    /// Every file this webhook reads when its consumer is built (secrets, certificates). A
+    /// config reload restarts the consumer when one of them changed, so a rotated secret or
+    /// certificate takes effect on SIGHUP: list new file-valued keys here.
+    pub fn files(&self) -> Vec<&Path> {
+        [
+            self.signing_secret_file.as_deref(),
+            self.bearer_token_file.as_deref(),
+            self.basic_auth
+                .as_ref()
+                .and_then(|b| b.password_file.as_deref()),
+            self.ca_file.as_deref(),
+            self.client_cert_file.as_deref(),
+            self.client_key_file.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
 /// `[consumers.retry]`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -413,6 +434,32 @@ impl Config {
         let raw = std::fs::read_to_string(path)
             .map_err(|e| parse_error(format!("cannot read {}: {e}", path.display())))?;
         Self::from_toml_with_env(&raw)
+    }
+
+    /// Only `admin.listen` of the file at `path` (environment overrides applied), without
+    /// validating the rest: `healthcheck` must find a running relay even when the file on disk
+    /// has since been edited into something a reload would refuse.
+    pub fn load_admin_listen(path: &Path) -> Result<SocketAddr, ConfigError> {
+        let raw = std::fs::read_to_string(path)
+            .map_err(|e| parse_error(format!("cannot read {}: {e}", path.display())))?;
+        let env = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__");
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(&raw, config::FileFormat::Toml))
+            .add_source(env)
+            .build()
+            .map_err(parse_error)?;
+        match built.get_string("admin.listen") {
+            Ok(text) => text.parse().map_err(|e| {
+                invalid(
+                    "admin.listen",
+                    format!("must be an address like 127.0.0.1:9464, got {text:?}: {e}"),
+                )
+            }),
+            Err(config::ConfigError::NotFound(_)) => Ok(default_admin_listen()),
+            Err(e) => Err(parse_error(e)),
+        }
     }
 
     /// Parse TOML text, apply environment overrides, validate.
@@ -576,6 +623,22 @@ impl Config {
                     format!(
                         "must be shorter than visibility_timeout ({}), got {}",
                         fmt_duration(c.visibility_timeout),
+                        fmt_duration(w.timeout)
+                    ),
+                ));
+            }
+            // A delivery starts only if the timeout plus the ack margin fit in what is left of
+            // the lease after the pull; with no room, every message would be handed back
+            // undelivered until the queue dead-letters it.
+            let margin = crate::consumer::lease_margin(c.visibility_timeout);
+            let room = c.visibility_timeout.saturating_sub(margin * 2);
+            if w.timeout > room {
+                return Err(invalid(
+                    key("webhook.timeout"),
+                    format!(
+                        "must leave room for the pull and the ack within visibility_timeout ({}): at most {}, got {}",
+                        fmt_duration(c.visibility_timeout),
+                        fmt_duration(room),
                         fmt_duration(w.timeout)
                     ),
                 ));
@@ -924,6 +987,10 @@ url = "http://127.0.0.1:8080/hook"
             (
                 with("", "visibility_timeout = \"10s\""),
                 "`consumers[0].webhook.timeout` must be shorter than visibility_timeout (10s), got 10s",
+            ),
+            (
+                with("", "visibility_timeout = \"11s\""),
+                "`consumers[0].webhook.timeout` must leave room for the pull and the ack within visibility_timeout (11s): at most 8s 800ms, got 10s",
             ),
             (
                 with("", "").replace("http://127.0.0.1/h", "ftp://example.com/x"),

@@ -442,7 +442,8 @@ impl Webhook {
             detail: if success {
                 String::new()
             } else {
-                crate::cloudflare::excerpt(&body)
+                // One line: the answer's newlines must not split the log line.
+                crate::cloudflare::one_line(&crate::cloudflare::excerpt(&body))
             },
         }
     }

@@ -15,32 +15,33 @@ pub mod gate;
 pub mod metrics;
 pub mod policy;
 pub mod poller;
+pub mod receiver;
 pub mod secrets;
 pub mod signing;
+pub mod supervisor;
 pub mod worker;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::info;
 
 pub use config::Config;
+pub use supervisor::{ReloadSummary, Reloader};
 
-use crate::cloudflare::QueueClient;
-use crate::consumer::{Consumer, Readiness};
-use crate::delivery::Webhook;
 use crate::metrics::Metrics;
+use crate::supervisor::Supervisor;
 
 /// A started relay.
 pub struct Running {
     admin_addr: SocketAddr,
     metrics: Metrics,
+    reloader: Reloader,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -53,6 +54,17 @@ impl Running {
     /// The metrics registry of this relay.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// A handle that applies new configurations to this relay (SIGHUP in the binary).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Apply a new configuration: consumers added, removed or changed are drained and
+    /// (re)started, unchanged ones keep running. On error nothing changed.
+    pub async fn reload(&self, config: Config) -> anyhow::Result<ReloadSummary> {
+        self.reloader.reload(config).await
     }
 
     /// Wait until the relay has shut down (after the token passed to [`start`] is cancelled).
@@ -77,83 +89,40 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .build()
         .context("building the webhook HTTP client")?;
 
-    let hard_stop = CancellationToken::new();
-    let mut consumers = Vec::new();
-    let mut readiness = Vec::new();
-    for c in &config.consumers {
-        let label = c.label().to_owned();
-        let client = QueueClient::new(
-            api_http.clone(),
-            &config.cloudflare.api_base_url,
-            &config.cloudflare.account_id,
-            &c.queue_id,
-            &token,
-            config.cloudflare.api_timeout,
-        )
-        .with_context(|| format!("consumer {label}"))?;
-        let webhook =
-            Webhook::new(&webhook_http, c).with_context(|| format!("consumer {label}"))?;
-        let ready = Arc::new(Readiness::default());
-        readiness.push((label.clone(), ready.clone()));
-        consumers.push(Consumer::new(
-            c.clone(),
-            client,
-            webhook,
-            metrics.consumer(&label, c.concurrency),
-            ready,
-            shutdown.clone(),
-            hard_stop.clone(),
-        ));
-    }
-
     let listener = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("binding the admin server to {}", config.admin.listen))?;
     let admin_addr = listener.local_addr()?;
+    // Builds and starts every consumer; reloads later change the set the admin server sees.
+    let readiness: admin::ConsumerSet = Arc::new(RwLock::new(Vec::new()));
+    let supervisor = Supervisor::new(
+        config,
+        token,
+        api_http,
+        webhook_http,
+        metrics.clone(),
+        shutdown,
+        readiness.clone(),
+    )?;
     let shutting_down = Arc::new(AtomicBool::new(false));
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(admin::serve(
         listener,
         admin::AdminState {
             metrics: metrics.clone(),
-            consumers: Arc::new(readiness),
+            consumers: readiness,
             shutting_down: shutting_down.clone(),
         },
         admin_stop.clone(),
     ));
     info!(admin = %admin_addr, "admin server listening (/metrics /healthz /readyz)");
 
-    let mut tasks = JoinSet::new();
-    for c in consumers {
-        tasks.spawn(c.run());
-    }
-    let grace = config.shutdown.grace_period;
-    let drain_budget = config.cloudflare.api_timeout * 2 + Duration::from_secs(1);
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     let task = tokio::spawn(async move {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = wait_all(&mut tasks) => {
-                error!("every consumer stopped without a shutdown request");
-            }
-        }
-        shutting_down.store(true, Ordering::Relaxed);
-        info!(grace = ?grace, "shutting down: no more pulls; finishing deliveries in flight");
-        if tokio::time::timeout(grace, wait_all(&mut tasks))
-            .await
-            .is_err()
-        {
-            warn!(grace = ?grace, "grace period over: abandoning deliveries in flight and handing their messages back");
-            hard_stop.cancel();
-            if tokio::time::timeout(drain_budget, wait_all(&mut tasks))
-                .await
-                .is_err()
-            {
-                error!(
-                    "final ack flush did not finish; unacknowledged messages return when their leases expire"
-                );
-                tasks.abort_all();
-            }
-        }
+        // Readiness turns 503 as soon as the drain begins.
+        supervisor
+            .run(reload_rx, || shutting_down.store(true, Ordering::Relaxed))
+            .await;
         admin_stop.cancel();
         let _ = admin.await;
         info!("shutdown complete");
@@ -161,6 +130,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     Ok(Running {
         admin_addr,
         metrics,
+        reloader: Reloader { tx: reload_tx },
         task,
     })
 }
@@ -168,12 +138,4 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 /// Run the relay until `shutdown` is cancelled and the drain is done.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     start(config, shutdown).await?.wait().await
-}
-
-async fn wait_all(tasks: &mut JoinSet<()>) {
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r {
-            error!(error = %e, "consumer task failed");
-        }
-    }
 }

@@ -1,18 +1,20 @@
 //! The `cfq-relay` command: CLI, logging set-up, signals and exit codes. Thin on purpose.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use cfq_relay::Config;
 use cfq_relay::config::{ConfigError, LogFormat};
 use cfq_relay::emulator::{Emulator, EmulatorOptions};
+use cfq_relay::{Config, Reloader};
+use sd_notify::NotifyState;
 
 /// Exit code for a bad configuration (systemd: RestartPreventExitStatus=2).
 const EXIT_CONFIG: u8 = 2;
@@ -41,6 +43,23 @@ enum Command {
         #[arg(long, short, env = "CFQ_RELAY_CONFIG")]
         config: PathBuf,
     },
+    /// Ask a running relay's admin server for /healthz (or /readyz): exit 0 on a 200, else 1.
+    /// For container health checks: needs no shell, curl or wget.
+    Healthcheck {
+        /// Configuration file, for `admin.listen` (an unspecified address such as 0.0.0.0 is
+        /// asked on loopback); without one, 127.0.0.1:9464.
+        #[arg(long, short, env = "CFQ_RELAY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Admin address to ask instead of the configured one.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        /// Ask /readyz (every consumer pulling) instead of /healthz (the process answers).
+        #[arg(long)]
+        ready: bool,
+        /// Give up after this long.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Serve a local Cloudflare Queues API (pull, ack, publish) for development and tests.
     Emulate {
         /// Address to listen on.
@@ -58,6 +77,19 @@ enum Command {
         /// Put json bodies on the wire as raw JSON instead of base64.
         #[arg(long)]
         json_raw: bool,
+    },
+    /// Serve a local webhook sink: answers every request with 200 and counts what it got
+    /// (GET /_receiver/stats). For development and benchmarks.
+    Receive {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Wait this long before answering each request, in milliseconds (a real endpoint).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Print one line per request: message id, attempt, content type, size, excerpt.
+        #[arg(long)]
+        print: bool,
     },
     /// Emulator + webhook receiver + relay in one process: see the relay work, no account needed.
     Demo {
@@ -83,8 +115,8 @@ fn main() -> ExitCode {
             },
             Err(e) => config_error(&e),
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
@@ -95,10 +127,35 @@ fn main() -> ExitCode {
             runtime(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(watch_signals(shutdown.clone()));
+                // SIGHUP's default action ends the process: take it over before anything runs.
+                let hangups = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP])?;
                 // The effective config (file + environment), secrets redacted by its `Debug`.
                 tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "{}", config.summary());
-                cfq_relay::run(config, shutdown).await
+                let running = cfq_relay::start(config, shutdown).await?;
+                // systemd (Type=notify): started means admin bound and consumers running.
+                notify(&[NotifyState::Ready, NotifyState::Status("running")]);
+                tokio::spawn(reload_on_hangup(hangups, path, running.reloader()));
+                running.wait().await
             })
+        }
+        Command::Healthcheck {
+            config,
+            addr,
+            ready,
+            timeout,
+        } => {
+            let addr = match (addr, config) {
+                (Some(a), _) => a,
+                (None, Some(path)) => match Config::load_admin_listen(&path) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("cfq-relay: healthcheck: configuration error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                (None, None) => SocketAddr::from(([127, 0, 0, 1], 9464)),
+            };
+            runtime(healthcheck(addr, ready, timeout))
         }
         Command::Emulate {
             listen,
@@ -122,6 +179,25 @@ fn main() -> ExitCode {
                     "Cloudflare Queues emulator: api_base_url = \"{}\"",
                     Emulator::base_url(addr)
                 );
+                shutdown.cancelled().await;
+                Ok(())
+            })
+        }
+        Command::Receive {
+            listen,
+            delay_ms,
+            print,
+        } => {
+            init_logging("info", LogFormat::Text);
+            runtime(async move {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(watch_signals(shutdown.clone()));
+                let opts = cfq_relay::receiver::ReceiverOptions {
+                    delay: Duration::from_millis(delay_ms),
+                    print,
+                };
+                let addr = cfq_relay::receiver::start(listen, opts, shutdown.clone()).await?;
+                println!("webhook receiver: url = \"http://{addr}/hook\"");
                 shutdown.cancelled().await;
                 Ok(())
             })
@@ -205,6 +281,7 @@ async fn watch_signals(shutdown: CancellationToken) {
     while let Some(sig) = signals.next().await {
         seen += 1;
         if seen == 1 {
+            notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
             tracing::info!(
                 signal = sig,
                 "signal received: draining (send it again to exit at once)"
@@ -214,5 +291,87 @@ async fn watch_signals(shutdown: CancellationToken) {
             tracing::warn!(signal = sig, "second signal: exiting at once");
             std::process::exit(130);
         }
+    }
+}
+
+/// Tell systemd (when run with `Type=notify`) about a state change; a no-op without
+/// `NOTIFY_SOCKET`.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
+/// SIGHUP: re-read and validate the file, apply it if valid; otherwise keep running on the
+/// previous configuration and say why.
+async fn reload_on_hangup(
+    mut hangups: signal_hook_tokio::Signals,
+    path: PathBuf,
+    reloader: Reloader,
+) {
+    while hangups.next().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+        let mut states = vec![NotifyState::Reloading];
+        // systemd wants the time of the reload request with RELOADING=1.
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        notify(&states);
+        match reload(&path, &reloader).await {
+            Ok(summary) => {
+                tracing::info!(%summary, "configuration reloaded");
+                if !summary.needs_restart.is_empty() {
+                    tracing::warn!(
+                        sections = %summary.needs_restart.join(", "),
+                        "these settings changed but apply only after a restart; the running values stay"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "configuration reload failed: still running on the previous configuration"
+            ),
+        }
+        notify(&[NotifyState::Ready, NotifyState::Status("running")]);
+    }
+}
+
+async fn reload(path: &Path, reloader: &Reloader) -> anyhow::Result<cfq_relay::ReloadSummary> {
+    let config = Config::load(path).map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
+    config
+        .check_secrets()
+        .map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
+    reloader.reload(config).await
+}
+
+/// GET /healthz (or /readyz) on the admin server; `Ok` only for a 200.
+async fn healthcheck(addr: SocketAddr, ready: bool, timeout: Duration) -> anyhow::Result<()> {
+    // A server bound to every address is asked on loopback.
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let url = format!(
+        "http://{}/{}",
+        SocketAddr::new(ip, addr.port()),
+        if ready { "readyz" } else { "healthz" }
+    );
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .no_proxy()
+        .build()?;
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("healthcheck: {url}"))?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    if status == reqwest::StatusCode::OK {
+        println!("{url}: {}", body.trim());
+        Ok(())
+    } else {
+        anyhow::bail!("healthcheck: {url}: {status}: {}", body.trim())
     }
 }

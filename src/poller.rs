@@ -145,8 +145,23 @@ pub async fn run(ctx: Arc<Ctx>) {
         }
     }
     info!(queue = %ctx.label, pulls_in_flight = pulls.len(), "stopped pulling");
-    // Pulls in flight finish; their messages are handed back since shutdown has begun.
-    while pulls.join_next().await.is_some() {}
+    // Pulls in flight finish; their messages are handed back since shutdown has begun. Once the
+    // grace is over, a pull still waiting for its answer is abandoned: whatever it would have
+    // leased returns when the leases expire, as after a crash.
+    loop {
+        tokio::select! {
+            done = pulls.join_next() => if done.is_none() { break },
+            _ = ctx.hard_stop.cancelled() => {
+                if !pulls.is_empty() {
+                    warn!(queue = %ctx.label, pulls_in_flight = pulls.len(),
+                        "shutdown grace over: abandoning pulls still waiting for an answer");
+                }
+                pulls.abort_all();
+                while pulls.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
 }
 
 /// One pull call for `permit.num_permits()` messages; dispatches what it gets.

@@ -173,12 +173,15 @@ fn demo_ends_with_every_message_acked() {
 fn every_commented_key_in_the_example_is_a_real_key() {
     // Uncomment every `# key = value` line and `# [table]` header: with unknown keys being
     // errors, a typo or a stale key in the documentation fails here.
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+        .unwrap();
     let is_key = |l: &str| {
         let l = l.trim_start_matches("# ");
         l.starts_with('[')
             || l.split_once(" = ").is_some_and(|(k, _)| {
-                !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
             })
     };
     let mut uncommented = 0;
@@ -187,7 +190,8 @@ fn every_commented_key_in_the_example_is_a_real_key() {
         .map(|l| {
             if l.starts_with("# ") && is_key(l) {
                 uncommented += 1;
-                l.trim_start_matches("# ").replace("whsec_...", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+                l.trim_start_matches("# ")
+                    .replace("whsec_...", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
             } else {
                 l.to_string()
             }

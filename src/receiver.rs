@@ -1,0 +1,155 @@
+//! `cfq-relay receive`: a local webhook sink. It answers every request with 200 (after an
+//! optional delay, to stand in for a real endpoint's latency) and counts requests and body
+//! bytes; `GET /_receiver/stats` reports them. The other end of the relay for development, the
+//! demo flow of the README and the benchmark (`bench/`), kept small so it is never the
+//! bottleneck.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How the receiver answers.
+#[derive(Debug, Clone, Default)]
+pub struct ReceiverOptions {
+    /// Wait this long before answering each request.
+    pub delay: Duration,
+    /// Print one line per request (method, path, message id, content type, size, excerpt).
+    pub print: bool,
+}
+
+/// What the receiver has seen (`GET /_receiver/stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ReceiverStats {
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+#[derive(Clone)]
+struct App {
+    opts: ReceiverOptions,
+    counters: Arc<Counters>,
+}
+
+/// Bind `addr` and serve until `shutdown` is cancelled; returns the bound address once
+/// listening (the server runs on a spawned task).
+pub async fn start(
+    addr: SocketAddr,
+    opts: ReceiverOptions,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/_receiver/stats", get(stats))
+        .fallback(receive)
+        .with_state(App {
+            opts,
+            counters: Arc::default(),
+        });
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "webhook receiver stopped with an error");
+        }
+    });
+    Ok(bound)
+}
+
+async fn receive(
+    State(app): State<App>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    app.counters.requests.fetch_add(1, Ordering::Relaxed);
+    app.counters
+        .bytes
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    if app.opts.print {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned()
+        };
+        let excerpt = crate::cloudflare::one_line(&crate::cloudflare::excerpt(&body[..]));
+        println!(
+            "{method} {} id={} attempt={} type={} {} bytes: {excerpt}",
+            uri.path(),
+            header(crate::delivery::HEADER_MESSAGE_ID),
+            header(crate::delivery::HEADER_ATTEMPT),
+            header("content-type"),
+            body.len(),
+        );
+    }
+    if !app.opts.delay.is_zero() {
+        tokio::time::sleep(app.opts.delay).await;
+    }
+    StatusCode::OK
+}
+
+async fn stats(State(app): State<App>) -> Response {
+    axum::Json(ReceiverStats {
+        requests: app.counters.requests.load(Ordering::Relaxed),
+        bytes: app.counters.bytes.load(Ordering::Relaxed),
+    })
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_200_and_counts() {
+        let stop = CancellationToken::new();
+        let addr = start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ReceiverOptions::default(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let http = reqwest::Client::new();
+        for body in ["one", "three"] {
+            let r = http
+                .post(format!("http://{addr}/hook"))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let stats: serde_json::Value = http
+            .get(format!("http://{addr}/_receiver/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(stats, serde_json::json!({"requests": 2, "bytes": 8}));
+        stop.cancel();
+    }
+}
