@@ -268,15 +268,21 @@ fn init_logging(level: &str, format: LogFormat) {
 }
 
 /// First SIGTERM/SIGINT: graceful stop. Second: exit at once.
-async fn watch_signals(shutdown: CancellationToken) {
+///
+/// The handlers are installed before this returns (only the waiting is spawned), so a signal
+/// that arrives right after start drains instead of killing the process.
+fn watch_signals(shutdown: CancellationToken) -> impl std::future::Future<Output = ()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT]) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return;
+    let signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT]);
+    async move {
+        match signals {
+            Ok(signals) => drain_on_signals(signals, shutdown).await,
+            Err(e) => tracing::error!(error = %e, "cannot install signal handlers"),
         }
-    };
+    }
+}
+
+async fn drain_on_signals(mut signals: signal_hook_tokio::Signals, shutdown: CancellationToken) {
     let mut seen = 0;
     while let Some(sig) = signals.next().await {
         seen += 1;
