@@ -9,6 +9,13 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 
+# jemalloc, the relay's allocator (README: Performance), builds its C sources with make,
+# which the slim image lacks.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
+
 # Dependencies in their own layer: built against stub sources, so that a change to src/
 # does not rebuild them.
 COPY Cargo.toml Cargo.lock ./

@@ -18,9 +18,16 @@ use crate::metrics::ConsumerMetrics;
 pub const MAX_ITEMS_PER_CALL: usize = 100;
 /// How long an item may wait for companions before it is flushed.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
-/// Ack calls in flight at once per consumer: one call at a time would cap throughput at
-/// 100 items per round trip.
+/// Ack calls in flight at once per consumer, at least: one call at a time would cap throughput
+/// at 100 items per round trip. A consumer allowed more pulls in flight gets as many ack calls
+/// (every pulled message needs one ack item): see [`calls_in_flight`].
 pub const MAX_CALLS_IN_FLIGHT: usize = 4;
+
+/// Ack calls in flight for a consumer with `max_pulls_in_flight`: acks keep pace with pulls
+/// (4 calls of 100 items at 50 ms a call would cap a consumer at 8,000 messages/s).
+pub fn calls_in_flight(max_pulls_in_flight: usize) -> usize {
+    MAX_CALLS_IN_FLIGHT.max(max_pulls_in_flight)
+}
 
 /// What to tell Cloudflare about one lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,13 +54,15 @@ pub struct Acker {
     pub lease_margin: Duration,
     /// Cancelled when the shutdown grace has run out: make one last attempt, no more retries.
     pub hard_stop: CancellationToken,
+    /// Ack calls in flight at once ([`calls_in_flight`]).
+    pub calls_in_flight: usize,
 }
 
 impl Acker {
     /// Run until every sender of `rx` is gone and every item is sent (or its lease expired).
     pub async fn run(self, mut rx: mpsc::Receiver<AckItem>) {
         let this = Arc::new(self);
-        let permits = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+        let permits = Arc::new(Semaphore::new(this.calls_in_flight.max(1)));
         let mut calls = JoinSet::new();
         let mut pending: Vec<AckItem> = Vec::with_capacity(MAX_ITEMS_PER_CALL);
         // When the oldest pending item arrived, and the earliest pending deadline.

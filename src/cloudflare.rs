@@ -38,7 +38,7 @@ pub struct ApiMessage {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct PullResult {
-    #[serde(deserialize_with = "lenient_vec")]
+    #[serde(deserialize_with = "lenient_messages")]
     pub messages: Vec<PulledMessage>,
     #[serde(deserialize_with = "lenient_u64")]
     pub message_backlog_count: Option<u64>,
@@ -66,21 +66,15 @@ pub struct BacklogMetrics {
     pub oldest_message_timestamp_ms: Option<u64>,
 }
 
-/// One pulled message as it comes off the wire; every field may be missing.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+/// One pulled message as it comes off the wire; every field may be missing. Deserialized by
+/// hand ([`MessageVisitor`]) in one pass over the answer: a field of the wrong type is `None`.
+#[derive(Debug, Default)]
 pub struct PulledMessage {
-    #[serde(deserialize_with = "lenient_string")]
     pub id: Option<String>,
-    #[serde(deserialize_with = "lenient_string")]
     pub body: Option<String>,
-    #[serde(deserialize_with = "lenient_u64")]
     pub attempts: Option<u64>,
-    #[serde(deserialize_with = "lenient_string")]
     pub lease_id: Option<String>,
-    #[serde(deserialize_with = "lenient_object")]
     pub metadata: Option<HashMap<String, serde_json::Value>>,
-    #[serde(deserialize_with = "lenient_u64")]
     pub timestamp_ms: Option<u64>,
 }
 
@@ -452,23 +446,259 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 // ---- lenient deserializers: a wrong type becomes "absent", never an error ----
 
+// A pull answer carries up to 100 messages of up to 128 KB each: these read it in one pass,
+// without building a `serde_json::Value` of it first.
+
+/// The visitor methods for the JSON values a lenient field does not want: each one is read to
+/// its end (so the parse goes on) and becomes `None`. Strings and numbers are left to the
+/// visitor.
+macro_rules! forward_to_none {
+    () => {
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map
+                .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    };
+}
+
 fn lenient_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let v = serde_json::Value::deserialize(d)?;
-    Ok(match v {
-        serde_json::Value::Number(n) => n
-            .as_u64()
-            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
-        serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
-        _ => None,
-    })
+    struct V;
+    impl<'de> de::Visitor<'de> for V {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("anything (a number or a numeric string counts)")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(u64::try_from(v).ok())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok((v >= 0.0).then_some(v as u64))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(v.trim().parse::<u64>().ok())
+        }
+        forward_to_none!();
+    }
+    d.deserialize_any(V)
 }
 
 fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let v = serde_json::Value::deserialize(d)?;
-    Ok(match v {
-        serde_json::Value::String(s) => Some(s),
-        _ => None,
-    })
+    d.deserialize_any(LenientString)
+}
+
+/// A string, or `None` for any other JSON value.
+struct LenientString;
+
+impl<'de> de::Visitor<'de> for LenientString {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("anything (a string counts)")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Some(v))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    forward_to_none!();
+}
+
+/// `messages`: an array whose objects become messages; anything else in it (or instead of it)
+/// is skipped.
+fn lenient_messages<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PulledMessage>, D::Error> {
+    struct Items;
+    impl<'de> de::Visitor<'de> for Items {
+        type Value = Vec<PulledMessage>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of messages")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(100));
+            while let Some(item) = seq.next_element::<MaybeMessage>()? {
+                out.extend(item.0);
+            }
+            Ok(out)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map
+                .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(Vec::new())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+    }
+    d.deserialize_any(Items)
+}
+
+/// One item of `messages`: a message if it is an object, else `None`.
+struct MaybeMessage(Option<PulledMessage>);
+
+impl<'de> Deserialize<'de> for MaybeMessage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Option<PulledMessage>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                MessageVisitor.visit_map(map).map(Some)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(None)
+            }
+        }
+        d.deserialize_any(V).map(MaybeMessage)
+    }
+}
+
+impl<'de> Deserialize<'de> for PulledMessage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(MessageVisitor)
+    }
+}
+
+/// The fields of a message object; a key given twice counts once, the last one (as in a
+/// JSON object read into a map); unknown keys are skipped.
+struct MessageVisitor;
+
+impl<'de> de::Visitor<'de> for MessageVisitor {
+    type Value = PulledMessage;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a message object")
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<PulledMessage, A::Error> {
+        /// A field's value through one of the lenient readers.
+        struct Field<T>(T);
+        macro_rules! lenient {
+            ($t:ty, $read:path) => {
+                impl<'de> Deserialize<'de> for Field<$t> {
+                    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                        $read(d).map(Field)
+                    }
+                }
+            };
+        }
+        lenient!(Option<String>, lenient_string);
+        lenient!(Option<u64>, lenient_u64);
+        lenient!(Option<HashMap<String, serde_json::Value>>, lenient_object);
+
+        let mut m = PulledMessage::default();
+        while let Some(key) = map.next_key::<MessageKey>()? {
+            match key {
+                MessageKey::Id => m.id = map.next_value::<Field<_>>()?.0,
+                MessageKey::Body => m.body = map.next_value::<Field<_>>()?.0,
+                MessageKey::Attempts => m.attempts = map.next_value::<Field<_>>()?.0,
+                MessageKey::LeaseId => m.lease_id = map.next_value::<Field<_>>()?.0,
+                MessageKey::Metadata => m.metadata = map.next_value::<Field<_>>()?.0,
+                MessageKey::TimestampMs => m.timestamp_ms = map.next_value::<Field<_>>()?.0,
+                MessageKey::Other => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// The keys of a message object, matched without allocating.
+enum MessageKey {
+    Id,
+    Body,
+    Attempts,
+    LeaseId,
+    Metadata,
+    TimestampMs,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for MessageKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = MessageKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<MessageKey, E> {
+                Ok(match v {
+                    "id" => MessageKey::Id,
+                    "body" => MessageKey::Body,
+                    "attempts" => MessageKey::Attempts,
+                    "lease_id" => MessageKey::LeaseId,
+                    "metadata" => MessageKey::Metadata,
+                    "timestamp_ms" => MessageKey::TimestampMs,
+                    _ => MessageKey::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
 }
 
 fn lenient_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
@@ -578,6 +808,41 @@ mod tests {
         assert_eq!(r.messages[1].body, None);
         assert_eq!(r.messages[2].attempts, Some(1));
         assert_eq!(r.messages[2].timestamp_ms, Some(12));
+    }
+
+    #[test]
+    fn messages_are_read_in_one_pass_as_leniently_as_before() {
+        let r = pull(
+            r#"{"result":{"messages":[
+              7, "x", null, [1, 2], {},
+              {"id":"a","id":"b","body":"esc\"aped\n","extra":{"deep":[1,{"x":null}]},
+               "lease_id":["not","a","string"],"attempts":-3,"timestamp_ms":{"n":1},
+               "metadata":{"CF-Content-Type":"json","CF-Content-Type":"text","other":[1]}},
+              {"body":12,"attempts":"  4 ","lease_id":"L","timestamp_ms":2.5e3,"metadata":"json"}
+            ]}}"#,
+        )
+        .unwrap();
+        // Items that are not objects are skipped; an empty object is a message without fields.
+        assert_eq!(r.messages.len(), 3);
+        assert!(r.messages[0].id.is_none() && r.messages[0].body.is_none());
+        let m = &r.messages[1];
+        // A repeated key counts once, the last one, as in a JSON object read into a map.
+        assert_eq!(m.id.as_deref(), Some("b"));
+        assert_eq!(m.body.as_deref(), Some("esc\"aped\n"));
+        assert_eq!(
+            (m.lease_id.as_deref(), m.attempts, m.timestamp_ms),
+            (None, None, None)
+        );
+        assert_eq!(m.content_type(), Some("text"));
+        let m = &r.messages[2];
+        assert_eq!((m.body.as_deref(), m.attempts), (None, Some(4)));
+        assert_eq!(
+            (m.lease_id.as_deref(), m.timestamp_ms),
+            (Some("L"), Some(2500))
+        );
+        assert!(m.metadata.is_none());
+        // Truncated JSON is still an error, never a partial batch.
+        assert!(pull(r#"{"result":{"messages":[{"id":"a","body":"x"#).is_err());
     }
 
     #[test]

@@ -89,6 +89,7 @@ impl Consumer {
             metrics: metrics.clone(),
             lease_margin: margin,
             hard_stop: hard_stop.clone(),
+            calls_in_flight: crate::acker::calls_in_flight(config.max_pulls_in_flight),
         };
         let gate = crate::gate::Gate::new(
             config.breaker.clone(),

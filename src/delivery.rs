@@ -30,6 +30,22 @@ pub const HEADER_QUEUE_ID: &str = "cfq-queue-id";
 /// Header carrying the original `CF-Content-Type` (absent when the message had none).
 pub const HEADER_CONTENT_TYPE: &str = "cfq-content-type";
 
+const NAME_MESSAGE_ID: HeaderName = HeaderName::from_static(HEADER_MESSAGE_ID);
+const NAME_ATTEMPT: HeaderName = HeaderName::from_static(HEADER_ATTEMPT);
+const NAME_TIMESTAMP: HeaderName = HeaderName::from_static(HEADER_TIMESTAMP);
+const NAME_CONTENT_TYPE: HeaderName = HeaderName::from_static(HEADER_CONTENT_TYPE);
+
+/// The `cfq-content-type` value: the four names Cloudflare uses need no copy.
+fn cf_content_type(ct: &str) -> Option<HeaderValue> {
+    Some(match ct {
+        "text" => HeaderValue::from_static("text"),
+        "json" => HeaderValue::from_static("json"),
+        "bytes" => HeaderValue::from_static("bytes"),
+        "v8" => HeaderValue::from_static("v8"),
+        other => return HeaderValue::from_str(other).ok(),
+    })
+}
+
 /// How much of a webhook answer is read (for connection reuse and log excerpts); the rest is
 /// discarded unread, so a huge or endless answer costs nothing.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -77,6 +93,17 @@ const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE
 
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
+    // The common case (standard alphabet, padded or not: what Cloudflare sends) through a SIMD
+    // decoder, several times faster per byte; whatever it refuses takes the lenient path below,
+    // which decodes everything the fast one accepts to the same bytes.
+    let fast = if s.len().is_multiple_of(4) {
+        base64_simd::STANDARD
+    } else {
+        base64_simd::STANDARD_NO_PAD
+    };
+    if let Ok(raw) = fast.decode_to_vec(s) {
+        return Some(raw);
+    }
     STANDARD.decode(s).or_else(|_| URL_SAFE.decode(s)).ok()
 }
 
@@ -87,7 +114,11 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 /// The raw-JSON-first rule is unambiguous: a base64 text that also parses as JSON is a run of
 /// digits, whose decoding is not UTF-8 and so was never a JSON document.
 pub fn decode_body(content_type: Option<&str>, body: String) -> Result<Payload, DecodeError> {
-    match content_type.map(str::to_ascii_lowercase).as_deref() {
+    // Matched in place: lower-casing the name would allocate once per message.
+    let known = ["json", "bytes", "v8"]
+        .into_iter()
+        .find(|k| content_type.is_some_and(|c| c.eq_ignore_ascii_case(k)));
+    match known {
         Some("json") => {
             if serde_json::from_str::<serde::de::IgnoredAny>(&body).is_ok() {
                 return Ok(Payload {
@@ -357,7 +388,15 @@ impl Webhook {
             Some(queue) => self.envelope(queue, msg, payload),
             None => payload,
         };
-        let mut headers = self.headers.clone();
+        // One map with room for every header of the request, filled with names parsed once
+        // (an `&str` name is parsed at every insert), and handed to the request as it is.
+        // Five per-message headers, three more when signing (reqwest keeps two more copies of
+        // the map while the request runs: no spare room).
+        let extra = if self.signer.is_some() { 8 } else { 5 };
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + extra);
+        for (name, value) in &self.headers {
+            headers.append(name.clone(), value.clone());
+        }
         if let Some(signer) = &self.signer {
             let now = SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -373,27 +412,20 @@ impl Webhook {
         }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(payload.content_type));
         if let Ok(v) = HeaderValue::from_str(&msg.id) {
-            headers.insert(HEADER_MESSAGE_ID, v);
+            headers.insert(NAME_MESSAGE_ID, v);
         }
-        headers.insert(HEADER_ATTEMPT, HeaderValue::from(msg.attempts));
+        headers.insert(NAME_ATTEMPT, HeaderValue::from(msg.attempts));
         if let Some(ts) = msg.timestamp_ms {
-            headers.insert(HEADER_TIMESTAMP, HeaderValue::from(ts));
+            headers.insert(NAME_TIMESTAMP, HeaderValue::from(ts));
         }
-        if let Some(ct) = msg
-            .content_type
-            .as_deref()
-            .and_then(|c| HeaderValue::from_str(c).ok())
-        {
-            headers.insert(HEADER_CONTENT_TYPE, ct);
+        if let Some(ct) = msg.content_type.as_deref().and_then(cf_content_type) {
+            headers.insert(NAME_CONTENT_TYPE, ct);
         }
-        let sent = self
-            .client
-            .post(self.url.clone())
-            .headers(headers)
-            .timeout(self.timeout)
-            .body(payload.bytes)
-            .send()
-            .await;
+        let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
+        *request.headers_mut() = headers;
+        *request.timeout_mut() = Some(self.timeout);
+        *request.body_mut() = Some(payload.bytes.into());
+        let sent = self.client.execute(request).await;
         let resp = match sent {
             Ok(r) => r,
             Err(e) => return classify_error(e),
@@ -535,6 +567,45 @@ mod tests {
         }
         assert_eq!(dec(Some("bytes"), "").unwrap().bytes, "");
         assert_eq!(dec(Some("bytes"), "%%%"), Err(DecodeError::Base64("bytes")));
+    }
+
+    #[test]
+    fn fast_base64_path_agrees_with_the_lenient_one() {
+        let lenient = |s: &str| {
+            let s = s.trim();
+            STANDARD.decode(s).or_else(|_| URL_SAFE.decode(s)).ok()
+        };
+        let mut cases: Vec<String> = [
+            "",
+            "=",
+            "==",
+            "a",
+            "aA",
+            "aGk",
+            "aGk=",
+            "aGk==",
+            "aGl=",
+            "aGk=aGk=",
+            " aGVsbG8= ",
+            "aGVs\nbG8=",
+            "-_-_",
+            "+/+/",
+            "+/-_",
+            "%%%%",
+            "aGVsbG8",
+            "aGVsbG8==",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for n in 0..70u8 {
+            let raw: Vec<u8> = (0..n).map(|b| b.wrapping_mul(37).wrapping_add(n)).collect();
+            cases.push(base64::engine::general_purpose::STANDARD.encode(&raw));
+            cases.push(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw));
+        }
+        for case in &cases {
+            assert_eq!(base64_decode(case), lenient(case), "{case:?}");
+        }
     }
 
     #[test]

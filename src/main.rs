@@ -16,6 +16,13 @@ use cfq_relay::emulator::{Emulator, EmulatorOptions};
 use cfq_relay::{Config, Reloader};
 use sd_notify::NotifyState;
 
+/// Every message costs a few dozen short-lived allocations (bodies, headers, futures, in
+/// reqwest and hyper mostly). jemalloc serves them with ~10 % fewer instructions per message
+/// than glibc's malloc for ~2 MiB more RSS; mimalloc was faster still but doubled the RSS with
+/// 1,000 deliveries in flight (README: Performance).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for a bad configuration (systemd: RestartPreventExitStatus=2).
 const EXIT_CONFIG: u8 = 2;
 
