@@ -31,10 +31,11 @@ cargo build --release --locked --quiet --bins
 # 1,000 deliveries in flight need as many sockets, and the receiver as many again.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# A full run's table replaces bench/results.md; partial or quick runs go to target/.
+target="${CARGO_TARGET_DIR:-target}"
+# A full run's table replaces bench/results.md; partial or quick runs go to the target dir.
 out=bench/results.md
 case " $* " in
-  *" --out"*) exec target/release/cfq-bench run "$@" ;;
-  *" --quick "* | *" --only"* | *" --messages"* | *" --size"*) out=target/bench-results.md ;;
+  *" --out"*) exec "$target/release/cfq-bench" run "$@" ;;
+  *" --quick "* | *" --only"* | *" --messages"* | *" --size"*) out="$target/bench-results.md" ;;
 esac
-exec target/release/cfq-bench run --out "$out" "$@"
+exec "$target/release/cfq-bench" run --out "$out" "$@"

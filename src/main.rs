@@ -23,6 +23,17 @@ use sd_notify::NotifyState;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's compiled-in options, read before `main` (`_RJEM_MALLOC_CONF` in the environment
+/// still overrides them): freed pages go back to the kernel after 1 s instead of 10 s, without
+/// the intermediate "muzzy" stage. ~5 MiB less peak RSS with 1,000 deliveries in flight, no
+/// measurable CPU (README: Performance).
+#[allow(unsafe_code, non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: Option<&'static std::ffi::c_char> =
+    // SAFETY: jemalloc declares `const char *malloc_conf` (weak) and only reads it; this is a
+    // pointer to a NUL-terminated string that lives as long as the program.
+    Some(unsafe { &*c"dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr() });
+
 /// Exit code for a bad configuration (systemd: RestartPreventExitStatus=2).
 const EXIT_CONFIG: u8 = 2;
 

@@ -343,9 +343,7 @@ async fn webhook_retry_after_sets_the_retry_delay() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let hook = Receiver::start(|_, i| {
         if i == 0 {
-            let mut a = Answer::status(429);
-            a.headers.push(("retry-after", "3".into()));
-            a
+            Answer::status(429).with_header("retry-after", "3")
         } else {
             Answer::ok()
         }

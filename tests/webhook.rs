@@ -462,9 +462,7 @@ async fn retry_after_pauses_the_whole_consumer() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let hook = Receiver::start(|_, i| {
         if i == 0 {
-            let mut a = Answer::status(503);
-            a.headers.push(("retry-after", "2".into()));
-            a
+            Answer::status(503).with_header("retry-after", "2")
         } else {
             Answer::ok()
         }

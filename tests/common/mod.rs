@@ -58,6 +58,10 @@ impl Answer {
         self.delay = d;
         self
     }
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
 }
 
 type Script = dyn Fn(&Received, usize) -> Answer + Send + Sync;
