@@ -757,6 +757,41 @@ struct NaiveRun {
     receiver_cpu: f64,
 }
 
+impl NaiveRun {
+    fn rate(&self) -> f64 {
+        self.delivered as f64 / self.seconds.max(1e-9)
+    }
+
+    /// A table row: the naive consumer's figures after `scenario`, `result` and `vs`.
+    fn row(
+        &self,
+        scenario: &str,
+        run: &str,
+        result: String,
+        vs: String,
+        notes: &str,
+    ) -> [String; 9] {
+        [
+            scenario.into(),
+            run.into(),
+            result,
+            vs,
+            format!(
+                "{:.2}",
+                self.cpu / (self.delivered as f64 / 10_000.0).max(1e-9)
+            ),
+            mib(self.rss),
+            format!("{:.1}", self.emulator_cpu),
+            format!("{:.1}", self.receiver_cpu),
+            format!(
+                "{} msgs in {:.1} s{notes}",
+                thousands(self.delivered as f64),
+                self.seconds
+            ),
+        ]
+    }
+}
+
 async fn naive_run(
     bed: &Bed,
     queue: &str,
@@ -1102,31 +1137,20 @@ async fn run_all(opts: RunOptions) -> anyhow::Result<()> {
             let naive_n = if opts.quick { 2_000 } else { 10_000 };
             publish(&bed.api, "bench-naive", naive_n, opts.size, 4).await?;
             let naive = naive_run(&bed, "bench-naive", naive_n, Duration::from_secs(60)).await?;
-            let rate = naive.delivered as f64 / naive.seconds.max(1e-9);
+            let rate = naive.rate();
             eprintln!("  naive: {rate:.0} messages/s");
             let best = relay_rates.iter().cloned().fold(0.0, f64::max);
             let mut vs = of_limit(rate);
             if best > 0.0 {
                 let _ = write!(vs, "; the relay is {:.1}× this", best / rate.max(1e-9));
             }
-            table.rows.push([
-                "1. CPU-bound".into(),
-                "naive sequential consumer: the floor".into(),
+            table.rows.push(naive.row(
+                "1. CPU-bound",
+                "naive sequential consumer: the floor",
                 format!("{} msg/s", thousands(rate)),
                 vs,
-                format!(
-                    "{:.2}",
-                    naive.cpu / (naive.delivered as f64 / 10_000.0).max(1e-9)
-                ),
-                mib(naive.rss),
-                format!("{:.1}", naive.emulator_cpu),
-                format!("{:.1}", naive.receiver_cpu),
-                format!(
-                    "{} msgs in {:.1} s: pull 100, POST each in turn, ack the batch",
-                    thousands(naive.delivered as f64),
-                    naive.seconds
-                ),
-            ]);
+                ": pull 100, POST each in turn, ack the batch",
+            ));
         }
         bed.stop()?;
     }
@@ -1202,26 +1226,15 @@ async fn run_all(opts: RunOptions) -> anyhow::Result<()> {
             publish(&bed.api, "bench-lat-naive", 1_000, opts.size, 16).await?;
             let naive =
                 naive_run(&bed, "bench-lat-naive", 1_000, Duration::from_secs(secs)).await?;
-            let rate = naive.delivered as f64 / naive.seconds.max(1e-9);
+            let rate = naive.rate();
             eprintln!("  naive: {rate:.0} messages/s");
-            table.rows.push([
-                "2. latency-bound".into(),
-                "naive sequential consumer".into(),
+            table.rows.push(naive.row(
+                "2. latency-bound",
+                "naive sequential consumer",
                 format!("{rate:.0} msg/s"),
                 format!("{:.1} % of 5,000/s", 100.0 * rate / QUEUE_CEILING),
-                format!(
-                    "{:.2}",
-                    naive.cpu / (naive.delivered as f64 / 10_000.0).max(1e-9)
-                ),
-                mib(naive.rss),
-                format!("{:.1}", naive.emulator_cpu),
-                format!("{:.1}", naive.receiver_cpu),
-                format!(
-                    "{} msgs in {:.1} s",
-                    thousands(naive.delivered as f64),
-                    naive.seconds
-                ),
-            ]);
+                "",
+            ));
         }
         bed.stop()?;
     }
