@@ -6,6 +6,7 @@
 pub mod acker;
 pub mod admin;
 pub mod cloudflare;
+pub mod concurrency;
 pub mod config;
 pub mod consumer;
 pub mod delivery;

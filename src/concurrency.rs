@@ -1,0 +1,304 @@
+//! Adaptive concurrency: how many webhook requests one consumer keeps in flight. A pure
+//! controller (no I/O, no clock of its own) that the worker feeds one sample per finished
+//! request — its round-trip time and its outcome class — and that answers with the new limit.
+//!
+//! The algorithm is AIMD on latency and back-pressure, the shape of TCP and of Vector's
+//! Adaptive Request Concurrency, with a slow start so that a far-away receiver is reached in a
+//! few round trips instead of minutes:
+//! - time is cut into windows of about one round trip (the RTT baseline);
+//! - a window that saw a back-pressure answer (429, 503, 408, a timeout) or whose mean RTT
+//!   climbed past `baseline × (1 + RTT_TOLERANCE)` shrinks the limit by `DECREASE`;
+//! - otherwise, if the window used the limit (requests really waited on it), the limit grows:
+//!   it doubles while in slow start (until the first congestion signal), else grows by one
+//!   request plus a share that scales with √limit (so a large limit regains its room in tens
+//!   of round trips, not hundreds).
+//! - the RTT baseline is the lowest window mean seen, drifting slowly up towards newer means so
+//!   that a receiver that became slower for good is not read as congested forever.
+//!
+//! One sample is one *request*: a request carrying N messages (batch delivery) takes one slot
+//! and reports one sample.
+//!
+//! `cfq-bench simulate` runs this controller and the other candidates against simulated
+//! receivers; the README's Performance section has the figures that chose it.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How a request ended, as far as the controller cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The receiver answered (any status that is not back-pressure): the RTT is a sample.
+    Answered,
+    /// The receiver pushed back: 429, 503, 408, or the request timed out.
+    Overloaded,
+    /// Nothing to learn from it (connection refused, a body that could not be sent...): the
+    /// breaker and the retry policy deal with those.
+    Ignored,
+}
+
+/// How the limit moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Follow the receiver, between `MIN_LIMIT` and the configured maximum.
+    Adaptive,
+    /// Always the configured maximum.
+    Fixed,
+}
+
+/// The smallest limit the controller goes down to.
+pub const MIN_LIMIT: usize = 1;
+/// The limit a consumer starts with (capped by the maximum).
+pub const INITIAL_LIMIT: usize = 32;
+/// Multiplicative decrease on a congested window.
+pub const DECREASE: f64 = 0.75;
+/// A window's mean RTT this much above the baseline counts as congestion.
+pub const RTT_TOLERANCE: f64 = 0.5;
+/// How far the baseline drifts towards a higher window mean per uncongested window.
+const BASELINE_DRIFT: f64 = 0.02;
+/// Windows never shorter than this, so that a 1 ms receiver does not adjust on noise.
+const MIN_WINDOW: Duration = Duration::from_millis(10);
+
+/// The controller of one consumer.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    mode: Mode,
+    max: usize,
+    limit: f64,
+    slow_start: bool,
+    baseline: Option<Duration>,
+    window_start: Instant,
+    window_sum: Duration,
+    window_count: u32,
+    window_overloaded: bool,
+    /// The most requests in flight seen during the window (reported by `acquired`).
+    window_peak: usize,
+    in_flight: usize,
+}
+
+impl Controller {
+    pub fn new(mode: Mode, max: usize, now: Instant) -> Self {
+        let max = max.max(MIN_LIMIT);
+        let limit = match mode {
+            Mode::Adaptive => INITIAL_LIMIT.clamp(MIN_LIMIT, max),
+            Mode::Fixed => max,
+        };
+        Self {
+            mode,
+            max,
+            limit: limit as f64,
+            slow_start: true,
+            baseline: None,
+            window_start: now,
+            window_sum: Duration::ZERO,
+            window_count: 0,
+            window_overloaded: false,
+            window_peak: 0,
+            in_flight: 0,
+        }
+    }
+
+    /// Requests that may be in flight now.
+    pub fn limit(&self) -> usize {
+        self.limit as usize
+    }
+
+    /// The configured upper bound.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The RTT the receiver answers in when not loaded, once known.
+    pub fn baseline(&self) -> Option<Duration> {
+        self.baseline
+    }
+
+    /// Requests currently in flight, as reported by `acquired` and `sample`.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// `n` requests started (taking their slots).
+    pub fn acquired(&mut self, n: usize) {
+        self.in_flight += n;
+        self.window_peak = self.window_peak.max(self.in_flight);
+    }
+
+    /// A request ended after `rtt` with `outcome`; returns the limit afterwards.
+    pub fn sample(&mut self, now: Instant, rtt: Duration, outcome: Outcome) -> usize {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.mode == Mode::Fixed {
+            return self.limit();
+        }
+        match outcome {
+            Outcome::Answered => {
+                self.window_sum += rtt;
+                self.window_count += 1;
+            }
+            Outcome::Overloaded => self.window_overloaded = true,
+            Outcome::Ignored => {}
+        }
+        let window = self.baseline.unwrap_or(rtt).max(MIN_WINDOW);
+        if now.saturating_duration_since(self.window_start) >= window {
+            self.end_window(now);
+        }
+        self.limit()
+    }
+
+    fn end_window(&mut self, now: Instant) {
+        let mean = (self.window_count > 0).then(|| self.window_sum / self.window_count);
+        let baseline = match (self.baseline, mean) {
+            (None, Some(m)) => Some(m),
+            (Some(b), Some(m)) if m < b => Some(m),
+            (b, _) => b,
+        };
+        let slow = match (baseline, mean) {
+            (Some(b), Some(m)) => m.as_secs_f64() > b.as_secs_f64() * (1.0 + RTT_TOLERANCE),
+            _ => false,
+        };
+        if self.window_overloaded || slow {
+            self.limit = (self.limit * DECREASE).max(MIN_LIMIT as f64);
+            self.slow_start = false;
+            self.baseline = baseline;
+        } else {
+            // Follow a receiver that became slower for good, a little at a time.
+            self.baseline = match (baseline, mean) {
+                (Some(b), Some(m)) if m > b => Some(b + (m - b).mul_f64(BASELINE_DRIFT)),
+                (b, _) => b,
+            };
+            // Grow only when the limit was what held requests back.
+            if mean.is_some() && self.window_peak as f64 >= self.limit * 0.9 {
+                self.limit = if self.slow_start {
+                    self.limit * 2.0
+                } else {
+                    self.limit + 1.0 + self.limit.sqrt() / 4.0
+                };
+            }
+        }
+        self.limit = self.limit.clamp(MIN_LIMIT as f64, self.max as f64);
+        self.window_start = now;
+        self.window_sum = Duration::ZERO;
+        self.window_count = 0;
+        self.window_overloaded = false;
+        self.window_peak = self.in_flight;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Runs `rounds` windows where every slot is used and each request takes `rtt(limit)`,
+    /// answering with `outcome(limit)`. Returns the limits at the end of each round.
+    fn drive(
+        c: &mut Controller,
+        t: &mut Instant,
+        rounds: usize,
+        rtt: impl Fn(usize) -> Duration,
+        outcome: impl Fn(usize) -> Outcome,
+    ) -> Vec<usize> {
+        let mut out = Vec::new();
+        for _ in 0..rounds {
+            let l = c.limit();
+            let d = rtt(l);
+            c.acquired(l);
+            *t += d;
+            for _ in 0..l {
+                c.sample(*t, d, outcome(l));
+            }
+            out.push(c.limit());
+        }
+        out
+    }
+
+    #[test]
+    fn slow_start_reaches_the_maximum_in_a_few_round_trips() {
+        let mut t = Instant::now();
+        let mut c = Controller::new(Mode::Adaptive, 1000, t);
+        assert_eq!(c.limit(), INITIAL_LIMIT);
+        let limits = drive(&mut c, &mut t, 8, |_| 150 * MS, |_| Outcome::Answered);
+        assert_eq!(*limits.last().unwrap(), 1000, "{limits:?}");
+        assert_eq!(c.baseline(), Some(150 * MS));
+    }
+
+    #[test]
+    fn back_pressure_shrinks_multiplicatively_then_growth_is_additive() {
+        let mut t = Instant::now();
+        let mut c = Controller::new(Mode::Adaptive, 1000, t);
+        // A receiver that serves 200 at once and turns away the rest.
+        let limits = drive(
+            &mut c,
+            &mut t,
+            60,
+            |_| 100 * MS,
+            |l| {
+                if l > 200 {
+                    Outcome::Overloaded
+                } else {
+                    Outcome::Answered
+                }
+            },
+        );
+        let tail = &limits[20..];
+        assert!(
+            tail.iter().all(|l| (100..=260).contains(l)),
+            "limit settles around the knee: {limits:?}"
+        );
+        let over = tail.iter().filter(|l| **l > 200).count();
+        assert!(over * 4 < tail.len(), "mostly under the knee: {limits:?}");
+    }
+
+    #[test]
+    fn latency_climbing_past_the_baseline_shrinks_the_limit() {
+        let mut t = Instant::now();
+        let mut c = Controller::new(Mode::Adaptive, 1000, t);
+        // 20 ms unloaded; beyond 100 in flight the receiver queues (2,000 req/s of service).
+        let rtt = |l: usize| 20 * MS + MS.mul_f64((l.saturating_sub(40)) as f64 / 2.0);
+        let limits = drive(&mut c, &mut t, 80, rtt, |_| Outcome::Answered);
+        let tail = &limits[30..];
+        assert!(
+            tail.iter().all(|l| *l <= 80),
+            "limit stays near the point where latency starts to grow: {limits:?}"
+        );
+        assert!(tail.iter().all(|l| *l >= 20), "{limits:?}");
+    }
+
+    #[test]
+    fn an_idle_consumer_does_not_grow_its_limit() {
+        let mut t = Instant::now();
+        let mut c = Controller::new(Mode::Adaptive, 1000, t);
+        for _ in 0..100 {
+            c.acquired(1);
+            t += 50 * MS;
+            c.sample(t, 50 * MS, Outcome::Answered);
+        }
+        assert_eq!(c.limit(), INITIAL_LIMIT);
+    }
+
+    #[test]
+    fn fixed_mode_never_moves() {
+        let mut t = Instant::now();
+        let mut c = Controller::new(Mode::Fixed, 64, t);
+        let limits = drive(&mut c, &mut t, 10, |_| 10 * MS, |_| Outcome::Overloaded);
+        assert!(limits.iter().all(|l| *l == 64));
+    }
+
+    #[test]
+    fn ignored_outcomes_do_not_move_the_limit_down() {
+        let mut t = Instant::now();
+        let mut c = Controller::new(Mode::Adaptive, 100, t);
+        let limits = drive(&mut c, &mut t, 5, |_| 10 * MS, |_| Outcome::Ignored);
+        assert!(limits.iter().all(|l| *l == INITIAL_LIMIT), "{limits:?}");
+    }
+
+    #[test]
+    fn never_below_one_nor_above_the_maximum() {
+        let mut t = Instant::now();
+        let mut c = Controller::new(Mode::Adaptive, 5, t);
+        assert_eq!(c.limit(), 5);
+        let limits = drive(&mut c, &mut t, 40, |_| 10 * MS, |_| Outcome::Overloaded);
+        assert_eq!(*limits.last().unwrap(), MIN_LIMIT);
+    }
+}
