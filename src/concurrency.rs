@@ -21,8 +21,10 @@
 //! `cfq-bench simulate` runs this controller and the other candidates against simulated
 //! receivers; the README's Performance section has the figures that chose it.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{Notify, Semaphore, futures::Notified};
 use tokio::time::Instant;
 
 /// How a request ended, as far as the controller cares.
@@ -71,9 +73,8 @@ pub struct Controller {
     window_sum: Duration,
     window_count: u32,
     window_overloaded: bool,
-    /// The most requests in flight seen during the window (reported by `acquired`).
+    /// The most slots in use seen during the window (reported by `in_use`).
     window_peak: usize,
-    in_flight: usize,
 }
 
 impl Controller {
@@ -94,7 +95,6 @@ impl Controller {
             window_count: 0,
             window_overloaded: false,
             window_peak: 0,
-            in_flight: 0,
         }
     }
 
@@ -113,20 +113,13 @@ impl Controller {
         self.baseline
     }
 
-    /// Requests currently in flight, as reported by `acquired` and `sample`.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
-    /// `n` requests started (taking their slots).
-    pub fn acquired(&mut self, n: usize) {
-        self.in_flight += n;
-        self.window_peak = self.window_peak.max(self.in_flight);
+    /// `n` slots are in use right now: the limit grows only in windows where it was used.
+    pub fn in_use(&mut self, n: usize) {
+        self.window_peak = self.window_peak.max(n);
     }
 
     /// A request ended after `rtt` with `outcome`; returns the limit afterwards.
     pub fn sample(&mut self, now: Instant, rtt: Duration, outcome: Outcome) -> usize {
-        self.in_flight = self.in_flight.saturating_sub(1);
         if self.mode == Mode::Fixed {
             return self.limit();
         }
@@ -180,7 +173,96 @@ impl Controller {
         self.window_sum = Duration::ZERO;
         self.window_count = 0;
         self.window_overloaded = false;
-        self.window_peak = self.in_flight;
+        self.window_peak = 0;
+    }
+}
+
+/// The controller applied to a semaphore: one permit per slot, and the number of permits
+/// follows the limit. A shrinking limit never takes a slot from a request (or a held message):
+/// permits in use are forgotten as they come back.
+#[derive(Debug)]
+pub struct Limiter {
+    slots: Arc<Semaphore>,
+    changed: Notify,
+    inner: Mutex<LimiterState>,
+}
+
+#[derive(Debug)]
+struct LimiterState {
+    controller: Controller,
+    /// Permits that exist beyond the limit (in use when the limit shrank); forgotten as they
+    /// are released.
+    debt: usize,
+}
+
+impl Limiter {
+    pub fn new(mode: Mode, max: usize) -> Self {
+        let controller = Controller::new(mode, max, Instant::now());
+        Self {
+            slots: Arc::new(Semaphore::new(controller.limit())),
+            changed: Notify::new(),
+            inner: Mutex::new(LimiterState {
+                controller,
+                debt: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LimiterState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The permits: acquire one per slot; dropping the permit frees the slot.
+    pub fn slots(&self) -> &Arc<Semaphore> {
+        &self.slots
+    }
+
+    pub fn limit(&self) -> usize {
+        self.lock().controller.limit()
+    }
+
+    pub fn baseline(&self) -> Option<Duration> {
+        self.lock().controller.baseline()
+    }
+
+    /// A request ended: feed the controller and resize the pool. Returns the new limit.
+    pub fn sample(&self, rtt: Duration, outcome: Outcome) -> usize {
+        let mut g = self.lock();
+        let before = g.controller.limit();
+        let in_use = (before + g.debt).saturating_sub(self.slots.available_permits());
+        g.controller.in_use(in_use);
+        let after = g.controller.sample(Instant::now(), rtt, outcome);
+        if after > before {
+            let grow = after - before;
+            let repaid = grow.min(g.debt);
+            g.debt -= repaid;
+            self.slots.add_permits(grow - repaid);
+        } else if after < before {
+            g.debt += before - after;
+        }
+        Self::settle_locked(&self.slots, &mut g);
+        drop(g);
+        if after != before {
+            self.changed.notify_waiters();
+        }
+        after
+    }
+
+    /// Completes at the next change of the limit (for a waiter sized on the old one).
+    pub fn changed(&self) -> Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Forget released permits the limit no longer allows.
+    pub fn settle(&self) {
+        let mut g = self.lock();
+        Self::settle_locked(&self.slots, &mut g);
+    }
+
+    fn settle_locked(slots: &Semaphore, g: &mut LimiterState) {
+        if g.debt > 0 {
+            g.debt -= slots.forget_permits(g.debt);
+        }
     }
 }
 
@@ -203,7 +285,7 @@ mod tests {
         for _ in 0..rounds {
             let l = c.limit();
             let d = rtt(l);
-            c.acquired(l);
+            c.in_use(l);
             *t += d;
             for _ in 0..l {
                 c.sample(*t, d, outcome(l));
@@ -270,7 +352,7 @@ mod tests {
         let mut t = Instant::now();
         let mut c = Controller::new(Mode::Adaptive, 1000, t);
         for _ in 0..100 {
-            c.acquired(1);
+            c.in_use(1);
             t += 50 * MS;
             c.sample(t, 50 * MS, Outcome::Answered);
         }
@@ -300,5 +382,28 @@ mod tests {
         assert_eq!(c.limit(), 5);
         let limits = drive(&mut c, &mut t, 40, |_| 10 * MS, |_| Outcome::Overloaded);
         assert_eq!(*limits.last().unwrap(), MIN_LIMIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pool_follows_the_limit_without_taking_slots_in_use() {
+        let l = Limiter::new(Mode::Adaptive, 100);
+        assert_eq!(l.slots().available_permits(), INITIAL_LIMIT);
+        let held = l.slots().clone().try_acquire_many_owned(32).unwrap();
+        tokio::time::advance(Duration::from_millis(20)).await;
+        let after = l.sample(Duration::from_millis(20), Outcome::Overloaded);
+        assert_eq!(after, 24);
+        // The 8 slots too many are in use: nothing to forget yet.
+        assert_eq!(l.slots().available_permits(), 0);
+        drop(held);
+        l.settle();
+        assert_eq!(l.slots().available_permits(), 24);
+        // Growing again first cancels what is still owed, then adds permits.
+        let held = l.slots().clone().try_acquire_many_owned(24).unwrap();
+        tokio::time::advance(Duration::from_millis(20)).await;
+        let grown = l.sample(Duration::from_millis(20), Outcome::Answered);
+        assert!(grown > 24, "{grown}");
+        assert_eq!(l.slots().available_permits(), grown - 24);
+        drop(held);
+        assert_eq!(l.slots().available_permits(), grown);
     }
 }

@@ -156,6 +156,15 @@ impl Default for LogConfig {
     }
 }
 
+/// How a consumer's deliveries in flight are bounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConcurrencyMode {
+    #[default]
+    Adaptive,
+    Fixed,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -203,9 +212,15 @@ pub struct ConsumerConfig {
     /// Lease length of a pulled message, 1s..=12h. A message not acked in time is redelivered.
     #[serde(default = "default_visibility_timeout", with = "humantime_serde")]
     pub visibility_timeout: Duration,
-    /// Maximum deliveries in flight (and messages held) for this consumer, 1..=10000.
+    /// Upper bound of deliveries in flight (and messages held) for this consumer, 1..=10000.
+    /// With `concurrency_mode = "adaptive"` (the default) the relay finds the webhook's limit
+    /// below it; with `"fixed"` it always uses this many.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// `adaptive` (default): deliveries in flight follow the webhook's latency and its 429/503
+    /// answers, up to `concurrency`. `fixed`: always `concurrency`.
+    #[serde(default)]
+    pub concurrency_mode: ConcurrencyMode,
     /// Maximum pull calls in flight at once, 1..=32; several are used when the free
     /// delivery slots exceed one batch.
     #[serde(default = "default_max_pulls_in_flight")]
@@ -231,7 +246,8 @@ fn default_visibility_timeout() -> Duration {
     Duration::from_secs(60)
 }
 fn default_concurrency() -> usize {
-    64
+    // 5,000 msg/s (Cloudflare's per-queue ceiling) at 150 ms round trips needs 750 in flight.
+    1000
 }
 fn default_max_pulls_in_flight() -> usize {
     4
@@ -307,6 +323,10 @@ pub struct WebhookConfig {
     /// Upper bound of requests per second to this webhook (unset: no limit).
     #[serde(default)]
     pub max_requests_per_second: Option<f64>,
+    /// Speak HTTP/2 to an `http://` webhook without negotiation (h2c prior knowledge). Over
+    /// `https://` HTTP/2 is used whenever the receiver offers it (ALPN); no key needed.
+    #[serde(default)]
+    pub http2_prior_knowledge: bool,
 }
 
 /// `[consumers.webhook.basic_auth]`
@@ -346,6 +366,7 @@ impl fmt::Debug for WebhookConfig {
             .field("client_key_file", &self.client_key_file)
             .field("envelope", &self.envelope)
             .field("max_requests_per_second", &self.max_requests_per_second)
+            .field("http2_prior_knowledge", &self.http2_prior_knowledge)
             .finish()
     }
 }
@@ -375,6 +396,7 @@ impl Default for WebhookConfig {
             client_key_file: None,
             envelope: false,
             max_requests_per_second: None,
+            http2_prior_knowledge: false,
         }
     }
 }
@@ -953,7 +975,8 @@ url = "http://127.0.0.1:8080/hook"
         let q = &c.consumers[0];
         assert_eq!(q.batch_size, 100);
         assert_eq!(q.visibility_timeout, Duration::from_secs(60));
-        assert_eq!(q.concurrency, 64);
+        assert_eq!(q.concurrency, 1000);
+        assert_eq!(q.concurrency_mode, ConcurrencyMode::Adaptive);
         assert_eq!(q.webhook.timeout, Duration::from_secs(10));
         assert_eq!(q.retry.base_delay, Duration::from_secs(5));
         assert_eq!(q.retry.max_delay, Duration::from_secs(3600));

@@ -5,14 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::acker::{AckItem, Acker};
 use crate::cloudflare::QueueClient;
-use crate::config::ConsumerConfig;
+use crate::concurrency::{Limiter, Mode};
+use crate::config::{ConcurrencyMode, ConsumerConfig};
 use crate::delivery::Webhook;
 use crate::metrics::ConsumerMetrics;
 use crate::policy::Policy;
@@ -41,8 +42,9 @@ pub struct Ctx {
     pub readiness: Arc<Readiness>,
     /// Sends outcomes to the acker.
     pub acks: mpsc::Sender<AckItem>,
-    /// Bounds deliveries in flight plus messages held: one permit per message.
-    pub slots: Arc<Semaphore>,
+    /// Bounds deliveries in flight plus messages held: one permit per message; the number of
+    /// permits follows the adaptive limit.
+    pub limiter: Limiter,
     /// Deliveries in progress.
     pub workers: TaskTracker,
     /// Stop pulling (first signal).
@@ -98,7 +100,13 @@ impl Consumer {
         let ctx = Arc::new(Ctx {
             label,
             policy: Policy::from_config(&config),
-            slots: Arc::new(Semaphore::new(config.concurrency)),
+            limiter: Limiter::new(
+                match config.concurrency_mode {
+                    ConcurrencyMode::Adaptive => Mode::Adaptive,
+                    ConcurrencyMode::Fixed => Mode::Fixed,
+                },
+                config.concurrency,
+            ),
             config,
             client,
             webhook,
@@ -119,8 +127,11 @@ impl Consumer {
     pub async fn run(self) {
         let Consumer { ctx, acker, rx } = self;
         let acker = tokio::spawn(acker.run(rx));
+        ctx.metrics
+            .concurrency_limit
+            .set(i64::try_from(ctx.limiter.limit()).unwrap_or(i64::MAX));
         info!(queue = %ctx.label, queue_id = %ctx.config.queue_id, concurrency = ctx.config.concurrency,
-            batch_size = ctx.config.batch_size, "consumer started");
+            concurrency_mode = ?ctx.config.concurrency_mode, batch_size = ctx.config.batch_size, "consumer started");
         crate::poller::run(ctx.clone()).await;
         ctx.workers.close();
         ctx.workers.wait().await;

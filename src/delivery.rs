@@ -278,12 +278,15 @@ pub fn client_builder() -> reqwest::ClientBuilder {
 }
 
 /// The client for one webhook: `shared` unless the webhook has its own CA bundle or client
-/// certificate, which need a client of their own.
+/// certificate, or speaks cleartext HTTP/2, which need a client of their own.
 pub fn client_for(shared: &reqwest::Client, w: &WebhookConfig) -> anyhow::Result<reqwest::Client> {
-    if w.ca_file.is_none() && w.client_cert_file.is_none() {
+    if w.ca_file.is_none() && w.client_cert_file.is_none() && !w.http2_prior_knowledge {
         return Ok(shared.clone());
     }
     let mut builder = client_builder();
+    if w.http2_prior_knowledge {
+        builder = builder.http2_prior_knowledge();
+    }
     if let Some(ca) = &w.ca_file {
         let pem = std::fs::read(ca)
             .with_context(|| format!("reading webhook.ca_file {}", ca.display()))?;

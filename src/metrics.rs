@@ -39,6 +39,8 @@ pub struct Metrics {
     message_age: HistogramVec,
     in_flight: IntGaugeVec,
     concurrency: IntGaugeVec,
+    concurrency_limit: IntGaugeVec,
+    rtt_baseline: GaugeVec,
     last_pull: GaugeVec,
     breaker_state: IntGaugeVec,
 }
@@ -201,6 +203,20 @@ impl Metrics {
                 ),
                 q
             )),
+            concurrency_limit: reg!(IntGaugeVec::new(
+                Opts::new(
+                    name("concurrency_limit"),
+                    "Webhook requests allowed in flight now: the adaptive limit (at most `concurrency`)."
+                ),
+                q
+            )),
+            rtt_baseline: reg!(GaugeVec::new(
+                Opts::new(
+                    name("webhook_rtt_baseline_seconds"),
+                    "The webhook's unloaded round-trip time as the adaptive limit sees it (0 until known)."
+                ),
+                q
+            )),
             breaker_state: reg!(IntGaugeVec::new(
                 Opts::new(
                     name("breaker_state"),
@@ -260,6 +276,8 @@ impl Metrics {
             ack_results: api("ack"),
             message_age: self.message_age.with_label_values(&q),
             in_flight: self.in_flight.with_label_values(&q),
+            concurrency_limit: self.concurrency_limit.with_label_values(&q),
+            rtt_baseline: self.rtt_baseline.with_label_values(&q),
             last_pull: self.last_pull.with_label_values(&q),
             breaker_state: self.breaker_state.with_label_values(&q),
         }
@@ -283,6 +301,8 @@ impl Metrics {
         let _ = self.message_age.remove_label_values(&q);
         let _ = self.in_flight.remove_label_values(&q);
         let _ = self.concurrency.remove_label_values(&q);
+        let _ = self.concurrency_limit.remove_label_values(&q);
+        let _ = self.rtt_baseline.remove_label_values(&q);
         let _ = self.last_pull.remove_label_values(&q);
         let _ = self.breaker_state.remove_label_values(&q);
         for o in OUTCOMES {
@@ -340,6 +360,8 @@ pub struct ConsumerMetrics {
     ack_results: Vec<IntCounter>,
     pub message_age: Histogram,
     pub in_flight: IntGauge,
+    pub concurrency_limit: IntGauge,
+    pub rtt_baseline: Gauge,
     pub last_pull: Gauge,
     pub breaker_state: IntGauge,
 }

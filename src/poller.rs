@@ -44,9 +44,26 @@ pub fn idle_backoff(max: Duration) -> impl Iterator<Item = Duration> + Send {
         .map(move |d| d.min(max))
 }
 
+/// Consecutive failed pulls after which the whole consumer backs off (before that, each
+/// failed pull only delays its own retry).
+const CONSUMER_BACKOFF_AFTER_FAILURES: u32 = 3;
+
+/// How long a trickling queue is left to gather messages between pulls.
+const TRICKLE_GATHER: Duration = Duration::from_millis(20);
+
+/// Backoff of one pull slot after a failure of its own: 100 ms doubling to 2 s, jittered.
+pub fn isolated_backoff() -> impl Iterator<Item = Duration> + Send {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// How one pull call ended.
 enum Pulled {
-    Messages(usize),
+    Messages { got: usize, asked: usize },
     Empty,
     Failed(ApiError),
 }
@@ -55,19 +72,28 @@ enum Pulled {
 /// messages were dispatched (or handed back).
 pub async fn run(ctx: Arc<Ctx>) {
     let batch = ctx.config.batch_size as usize;
-    let concurrency = ctx.config.concurrency;
-    // Do not pull a handful of messages per round trip: wait until a useful share of a batch
-    // is free (pulls are billed operations and each costs a round trip).
-    let min_chunk = (batch.min(concurrency) / 4).max(1);
     let max_pulls = ctx.config.max_pulls_in_flight;
     let mut pulls: JoinSet<Pulled> = JoinSet::new();
     let mut next_pull_at = Instant::now();
     let mut idle = idle_backoff(ctx.config.max_idle_backoff);
     let mut errors = api_backoff();
+    let mut own_retry = isolated_backoff();
     let mut failures_in_row = 0u32;
+    // Pull slots resting after a failed call of their own, until these instants.
+    let mut resting: Vec<Instant> = Vec::new();
+    // The last pull came back less than half full: the queue trickles, so one pull at a time
+    // gathers fuller batches (fewer API calls per message) without slowing delivery.
+    let mut trickling = false;
 
     loop {
-        let can_launch = pulls.len() < max_pulls;
+        let now = Instant::now();
+        resting.retain(|t| *t > now);
+        let wanted_pulls = if trickling { 1 } else { max_pulls };
+        let can_launch = pulls.len() + resting.len() < wanted_pulls;
+        let next_rest_end = resting.iter().min().copied();
+        // Do not pull a handful of messages per round trip: wait until a useful share of a
+        // batch is free (pulls are billed operations and each costs a round trip).
+        let min_chunk = (batch.min(ctx.limiter.limit()) / 4).max(1);
         tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => break,
@@ -80,16 +106,23 @@ pub async fn run(ctx: Arc<Ctx>) {
                     }
                 };
                 match outcome {
-                    Pulled::Messages(n) => {
-                        debug!(queue = %ctx.label, messages = n, "pulled");
+                    Pulled::Messages { got, asked } => {
+                        debug!(queue = %ctx.label, messages = got, asked, "pulled");
                         idle = idle_backoff(ctx.config.max_idle_backoff);
                         errors = api_backoff();
+                        own_retry = isolated_backoff();
                         failures_in_row = 0;
                         ctx.readiness.ready.store(true, Ordering::Relaxed);
+                        trickling = got * 2 < asked;
+                        if trickling {
+                            next_pull_at = next_pull_at.max(Instant::now() + TRICKLE_GATHER);
+                        }
                     }
                     Pulled::Empty => {
                         ctx.gate.probe_unused();
+                        trickling = true;
                         errors = api_backoff();
+                        own_retry = isolated_backoff();
                         failures_in_row = 0;
                         ctx.readiness.ready.store(true, Ordering::Relaxed);
                         let wait = idle.next().unwrap_or(ctx.config.max_idle_backoff);
@@ -101,8 +134,22 @@ pub async fn run(ctx: Arc<Ctx>) {
                         if failures_in_row >= UNREADY_AFTER_FAILURES {
                             ctx.readiness.ready.store(false, Ordering::Relaxed);
                         }
-                        let wait = retry_wait(&err, &mut errors);
-                        next_pull_at = next_pull_at.max(Instant::now() + wait);
+                        // A lone failure costs only its own pull slot, which retries after
+                        // a short backoff of its own while the other pulls go on. Failures in a
+                        // row, a 429 and an authentication error back the whole consumer off.
+                        let persistent = failures_in_row >= CONSUMER_BACKOFF_AFTER_FAILURES
+                            || err.retry_after().is_some()
+                            || err.is_auth()
+                            || max_pulls == 1;
+                        let wait = if persistent {
+                            let wait = retry_wait(&err, &mut errors);
+                            next_pull_at = next_pull_at.max(Instant::now() + wait);
+                            wait
+                        } else {
+                            let wait = own_retry.next().unwrap_or(Duration::from_secs(1));
+                            resting.push(Instant::now() + wait);
+                            wait
+                        };
                         if err.is_auth() {
                             error!(queue = %ctx.label, error = %err, retry_in = ?wait, "pull rejected");
                         } else {
@@ -112,14 +159,17 @@ pub async fn run(ctx: Arc<Ctx>) {
                 }
             }
             _ = sleep_until(next_pull_at), if can_launch && Instant::now() < next_pull_at => {}
-            permit = ctx.slots.clone().acquire_many_owned(min_chunk as u32),
+            _ = sleep_until(next_rest_end.unwrap_or(now)), if next_rest_end.is_some() => {}
+            // A limit that shrank below what the wait below asks for must not strand it.
+            _ = ctx.limiter.changed() => {}
+            permit = ctx.limiter.slots().clone().acquire_many_owned(min_chunk as u32),
                 if can_launch && Instant::now() >= next_pull_at =>
             {
                 let Ok(mut permit) = permit else { break };
                 // Top up to a whole batch with whatever else is free right now.
-                let extra = ctx.slots.available_permits().min(batch - min_chunk);
+                let extra = ctx.limiter.slots().available_permits().min(batch - min_chunk);
                 if extra > 0
-                    && let Ok(more) = ctx.slots.clone().try_acquire_many_owned(extra as u32)
+                    && let Ok(more) = ctx.limiter.slots().clone().try_acquire_many_owned(extra as u32)
                 {
                     permit.merge(more);
                 }
@@ -228,7 +278,10 @@ async fn pull(
         ctx.workers
             .spawn(crate::worker::deliver(ctx.clone(), msg, slot));
     }
-    Pulled::Messages(count)
+    Pulled::Messages {
+        got: count,
+        asked: n as usize,
+    }
 }
 
 fn to_message(ctx: &Ctx, raw: PulledMessage, deadline: Instant) -> Option<Message> {

@@ -53,7 +53,7 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     }
     // The body moves into the request: no copy of it is made on the way to the socket.
     let body = std::mem::take(&mut msg.body);
-    let mut took_ms: Option<u64> = None;
+    let mut took: Option<std::time::Duration> = None;
     let (attempt, detail, outcome) = match decode_body(msg.content_type.as_deref(), body) {
         Err(e) => (Attempt::Undecodable, e.to_string(), "undecodable"),
         Ok(payload) => {
@@ -67,7 +67,7 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
                 }
             };
             let elapsed = started.elapsed();
-            took_ms = Some(elapsed.as_millis() as u64);
+            took = Some(elapsed);
             ctx.metrics
                 .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
             if let Some(ts) = msg.timestamp_ms {
@@ -83,15 +83,30 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
         }
     };
     let decision = ctx.policy.decide(&attempt, msg.attempts, jitter());
+    if let Some(rtt) = took {
+        let limit = ctx.limiter.sample(rtt, control_outcome(&attempt));
+        ctx.metrics
+            .concurrency_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        if let Some(b) = ctx.limiter.baseline() {
+            ctx.metrics.rtt_baseline.set(b.as_secs_f64());
+        }
+    }
     if let Attempt::Status {
         status: 429 | 503,
         retry_after: Some(after),
     } = attempt
     {
-        // The receiver asked for room: no more pulls for this consumer until then.
-        let pause = after.min(ctx.policy.max_delay);
-        ctx.gate.pause(Instant::now() + pause);
-        warn!(queue = %ctx.label, status = ?attempt, pause_s = pause.as_secs(), "webhook asked to slow down: pausing pulls");
+        // The receiver asked for room. The message itself waits at least `Retry-After` (the
+        // policy), and the adaptive limit shrinks; once it is down to one request, or when the
+        // limit is fixed, the whole consumer pauses: the floor under the adaptive limit.
+        if ctx.limiter.limit() <= crate::concurrency::MIN_LIMIT
+            || ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed
+        {
+            let pause = after.min(ctx.policy.max_delay);
+            ctx.gate.pause(Instant::now() + pause);
+            warn!(queue = %ctx.label, status = ?attempt, pause_s = pause.as_secs(), "webhook asked to slow down: pausing pulls");
+        }
     }
     if attempt == Attempt::Undecodable {
         ctx.gate.probe_unused();
@@ -105,13 +120,13 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
         Decision::Ack => {
             ctx.metrics.delivered("acked");
             debug!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts,
-                status = http_status(&attempt), duration_ms = took_ms, "delivered");
+                status = http_status(&attempt), duration_ms = took_ms(took), "delivered");
             AckKind::Ack
         }
         Decision::Drop => {
             ctx.metrics.delivered("dropped");
             warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, result = ?attempt,
-                status = http_status(&attempt), duration_ms = took_ms, response = %detail,
+                status = http_status(&attempt), duration_ms = took_ms(took), response = %detail,
                 "webhook status is configured to drop: acking without delivery");
             AckKind::Ack
         }
@@ -123,7 +138,7 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
             };
             ctx.metrics.delivered(outcome);
             warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, result = ?attempt,
-                status = http_status(&attempt), duration_ms = took_ms, detail = %detail,
+                status = http_status(&attempt), duration_ms = took_ms(took), detail = %detail,
                 delay_s = delay_seconds(delay), "delivery failed; retrying later");
             AckKind::Retry {
                 delay_seconds: delay_seconds(delay),
@@ -132,6 +147,21 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     };
     send(&ctx, msg, kind).await;
     drop(slot);
+    ctx.limiter.settle();
+}
+
+/// What an answer tells the adaptive limit: back-pressure, a latency sample, or nothing.
+fn control_outcome(attempt: &Attempt) -> crate::concurrency::Outcome {
+    use crate::concurrency::Outcome;
+    match attempt {
+        Attempt::Status {
+            status: 408 | 429 | 503,
+            ..
+        }
+        | Attempt::Timeout => Outcome::Overloaded,
+        Attempt::Status { .. } => Outcome::Answered,
+        _ => Outcome::Ignored,
+    }
 }
 
 /// Log and export a change of the circuit breaker's state.
@@ -147,6 +177,10 @@ pub fn breaker_changed(ctx: &Ctx, t: crate::gate::Transition) {
         BreakerState::Closed => tracing::info!(queue = %ctx.label,
             "circuit breaker closed: webhook recovered; pulling again"),
     }
+}
+
+fn took_ms(took: Option<std::time::Duration>) -> Option<u64> {
+    took.map(|d| d.as_millis() as u64)
 }
 
 /// The HTTP status of an answer, for log fields (absent when there was no answer).
