@@ -6,8 +6,9 @@
 //! Adaptive Request Concurrency, with a slow start so that a far-away receiver is reached in a
 //! few round trips instead of minutes:
 //! - time is cut into windows of about one round trip (the RTT baseline);
-//! - a window that saw a back-pressure answer (429, 503, 408, a timeout) or whose mean RTT
-//!   climbed past `baseline × (1 + RTT_TOLERANCE)` shrinks the limit by `DECREASE`;
+//! - a back-pressure answer (429, 503, 408, a timeout) shrinks the limit by `DECREASE` at once,
+//!   then back-pressure is ignored for one round trip (those answers belong to the old limit);
+//! - a window whose mean RTT climbed past `baseline × (1 + RTT_TOLERANCE)` shrinks it too;
 //! - otherwise, if the window used the limit (requests really waited on it), the limit grows:
 //!   it doubles while in slow start (until the first congestion signal), else grows by one
 //!   request plus a share that scales with √limit (so a large limit regains its room in tens
@@ -57,7 +58,7 @@ pub const DECREASE: f64 = 0.75;
 /// A window's mean RTT this much above the baseline counts as congestion.
 pub const RTT_TOLERANCE: f64 = 0.5;
 /// How far the baseline drifts towards a higher window mean per uncongested window.
-const BASELINE_DRIFT: f64 = 0.02;
+const BASELINE_DRIFT: f64 = 0.005;
 /// Windows never shorter than this, so that a 1 ms receiver does not adjust on noise.
 const MIN_WINDOW: Duration = Duration::from_millis(10);
 
@@ -75,6 +76,9 @@ pub struct Controller {
     window_overloaded: bool,
     /// The most slots in use seen during the window (reported by `in_use`).
     window_peak: usize,
+    /// After a decrease on back-pressure, further back-pressure answers until this instant
+    /// come from requests sent under the old limit: they do not shrink it again.
+    recovering_until: Instant,
 }
 
 impl Controller {
@@ -95,6 +99,7 @@ impl Controller {
             window_count: 0,
             window_overloaded: false,
             window_peak: 0,
+            recovering_until: now,
         }
     }
 
@@ -128,7 +133,17 @@ impl Controller {
                 self.window_sum += rtt;
                 self.window_count += 1;
             }
-            Outcome::Overloaded => self.window_overloaded = true,
+            Outcome::Overloaded => {
+                // React at once, not at the end of the window: a receiver past its capacity
+                // answers 503 in a millisecond, so every excess slot would spin on 503s.
+                if now >= self.recovering_until {
+                    self.window_overloaded = true;
+                    let window = self.baseline.unwrap_or(rtt).max(MIN_WINDOW);
+                    self.end_window(now);
+                    self.recovering_until = now + window;
+                }
+                return self.limit();
+            }
             Outcome::Ignored => {}
         }
         let window = self.baseline.unwrap_or(rtt).max(MIN_WINDOW);

@@ -108,6 +108,13 @@ enum Command {
         /// Print one line per request: message id, attempt, content type, size, excerpt.
         #[arg(long)]
         print: bool,
+        /// Serve at most this many requests at once; answer 503 at once beyond.
+        #[arg(long)]
+        capacity: Option<usize>,
+        /// Add this many microseconds to the delay for every other request in progress (a
+        /// receiver whose latency grows with load).
+        #[arg(long, default_value_t = 0)]
+        delay_per_in_flight_us: u64,
     },
     /// Emulator + webhook receiver + relay in one process: see the relay work, no account needed.
     Demo {
@@ -205,6 +212,8 @@ fn main() -> ExitCode {
             listen,
             delay_ms,
             print,
+            capacity,
+            delay_per_in_flight_us,
         } => {
             init_logging("info", LogFormat::Text);
             runtime(async move {
@@ -213,6 +222,8 @@ fn main() -> ExitCode {
                 let opts = cfq_relay::receiver::ReceiverOptions {
                     delay: Duration::from_millis(delay_ms),
                     print,
+                    capacity,
+                    delay_per_in_flight: Duration::from_micros(delay_per_in_flight_us),
                 };
                 let addr = cfq_relay::receiver::start(listen, opts, shutdown.clone()).await?;
                 println!("webhook receiver: url = \"http://{addr}/hook\"");

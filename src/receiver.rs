@@ -1,6 +1,8 @@
 //! `cfq-relay receive`: a local webhook sink. It answers every request with 200 (after an
 //! optional delay, to stand in for a real endpoint's latency) and counts requests and body
-//! bytes; `GET /_receiver/stats` reports them. The other end of the relay for development, the
+//! bytes; `GET /_receiver/stats` reports them. It can also play a small receiver: one that
+//! serves `capacity` requests at once and answers 503 at once beyond that, and one whose
+//! latency grows with the requests it is serving. It speaks HTTP/1.1 and cleartext HTTP/2. The other end of the relay for development, the
 //! demo flow of the README and the benchmark (`bench/`), kept small so it is never the
 //! bottleneck.
 
@@ -26,19 +28,38 @@ pub struct ReceiverOptions {
     pub delay: Duration,
     /// Print one line per request (method, path, message id, content type, size, excerpt).
     pub print: bool,
+    /// Serve at most this many requests at once; answer 503 at once beyond (no `Retry-After`).
+    pub capacity: Option<usize>,
+    /// Added to `delay` for every other request being served when this one arrives: a
+    /// receiver whose latency grows with its load.
+    pub delay_per_in_flight: Duration,
 }
 
 /// What the receiver has seen (`GET /_receiver/stats`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ReceiverStats {
+    /// Requests served (answered 200).
     pub requests: u64,
     pub bytes: u64,
+    /// Requests turned away with 503 because `capacity` was reached.
+    pub overloaded: u64,
 }
 
 #[derive(Default)]
 struct Counters {
     requests: AtomicU64,
     bytes: AtomicU64,
+    overloaded: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// One request being served; leaves the count when the answer is sent (or the client left).
+struct Serving<'a>(&'a AtomicU64);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Clone)]
@@ -81,6 +102,12 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
+    let others = app.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _serving = Serving(&app.counters.in_flight);
+    if app.opts.capacity.is_some_and(|c| others >= c as u64) {
+        app.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
     app.counters.requests.fetch_add(1, Ordering::Relaxed);
     app.counters
         .bytes
@@ -103,8 +130,9 @@ async fn receive(
             body.len(),
         );
     }
-    if !app.opts.delay.is_zero() {
-        tokio::time::sleep(app.opts.delay).await;
+    let delay = app.opts.delay + app.opts.delay_per_in_flight * others as u32;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     StatusCode::OK
 }
@@ -113,6 +141,7 @@ async fn stats(State(app): State<App>) -> Response {
     axum::Json(ReceiverStats {
         requests: app.counters.requests.load(Ordering::Relaxed),
         bytes: app.counters.bytes.load(Ordering::Relaxed),
+        overloaded: app.counters.overloaded.load(Ordering::Relaxed),
     })
     .into_response()
 }
@@ -149,7 +178,67 @@ mod tests {
             .json()
             .await
             .unwrap();
-        assert_eq!(stats, serde_json::json!({"requests": 2, "bytes": 8}));
+        assert_eq!(stats, serde_json::json!({"requests": 2, "bytes": 8, "overloaded": 0}));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn beyond_its_capacity_it_answers_503_at_once() {
+        let stop = CancellationToken::new();
+        let opts = ReceiverOptions {
+            delay: Duration::from_secs(30),
+            capacity: Some(2),
+            ..ReceiverOptions::default()
+        };
+        let addr = start(SocketAddr::from(([127, 0, 0, 1], 0)), opts, stop.clone())
+            .await
+            .unwrap();
+        let http = reqwest::Client::new();
+        let url = format!("http://{addr}/hook");
+        // Two slow requests take the capacity...
+        let held: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(http.post(&url).body("x").send()))
+            .collect();
+        let stats_url = format!("http://{addr}/_receiver/stats");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s: serde_json::Value = http.get(&stats_url).send().await.unwrap().json().await.unwrap();
+            if s["requests"] == 2 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "requests never arrived");
+            tokio::task::yield_now().await;
+        }
+        // ...so the third is turned away without waiting.
+        let started = std::time::Instant::now();
+        let r = http.post(&url).body("x").send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let s: serde_json::Value = http.get(&stats_url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(s["overloaded"], 1);
+        for h in held {
+            h.abort();
+        }
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn speaks_cleartext_http2() {
+        let stop = CancellationToken::new();
+        let addr = start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            ReceiverOptions::default(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let r = h2.post(format!("http://{addr}/hook")).body("x").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
         stop.cancel();
     }
 }

@@ -24,6 +24,9 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+#[path = "cfq_bench/sim.rs"]
+mod sim;
+
 const ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
 const TOKEN: &str = "bench-token";
 /// Cloudflare's throughput ceiling of one queue (pull and ack included).
@@ -38,6 +41,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Simulate the adaptive concurrency candidates against model receivers (simulated time:
+    /// instant and deterministic) and print one Markdown table.
+    Simulate {
+        /// The upper bound of every candidate (`concurrency`).
+        #[arg(long, default_value_t = 1000)]
+        max: usize,
+        /// Simulated seconds per run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run every scenario and print one Markdown table.
     Run {
         /// Messages of the CPU-bound scenario.
@@ -97,6 +110,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
+        Cmd::Simulate { max, seconds } => {
+            print!("{}", sim::table(max, seconds));
+            Ok(())
+        }
         Cmd::Run {
             messages,
             size,
