@@ -7,7 +7,8 @@
 //! few round trips instead of minutes:
 //! - time is cut into windows of about one round trip (the RTT baseline);
 //! - a back-pressure answer (429, 503, 408, a timeout) shrinks the limit by `DECREASE` at once,
-//!   then back-pressure is ignored for one round trip (those answers belong to the old limit);
+//!   then, for one round trip, each further back-pressure answer removes its own slot (a
+//!   receiver past its capacity answers 503 in a millisecond, so an excess slot would spin);
 //! - a window whose mean RTT climbed past `baseline × (1 + RTT_TOLERANCE)` shrinks it too;
 //! - otherwise, if the window used the limit (requests really waited on it), the limit grows:
 //!   it doubles while in slow start (until the first congestion signal), else grows by one
@@ -141,6 +142,11 @@ impl Controller {
                     let window = self.baseline.unwrap_or(rtt).max(MIN_WINDOW);
                     self.end_window(now);
                     self.recovering_until = now + window;
+                } else {
+                    // Within the round trip after a decrease, each further back-pressure
+                    // answer gives up its own slot: a slot past the receiver's capacity
+                    // would otherwise be refilled at once and turned away again.
+                    self.limit = (self.limit - 1.0).max(MIN_LIMIT as f64);
                 }
                 return self.limit();
             }
@@ -294,7 +300,7 @@ mod tests {
         t: &mut Instant,
         rounds: usize,
         rtt: impl Fn(usize) -> Duration,
-        outcome: impl Fn(usize) -> Outcome,
+        outcome: impl Fn(usize, usize) -> Outcome,
     ) -> Vec<usize> {
         let mut out = Vec::new();
         for _ in 0..rounds {
@@ -302,8 +308,8 @@ mod tests {
             let d = rtt(l);
             c.in_use(l);
             *t += d;
-            for _ in 0..l {
-                c.sample(*t, d, outcome(l));
+            for i in 0..l {
+                c.sample(*t, d, outcome(l, i));
             }
             out.push(c.limit());
         }
@@ -315,7 +321,7 @@ mod tests {
         let mut t = Instant::now();
         let mut c = Controller::new(Mode::Adaptive, 1000, t);
         assert_eq!(c.limit(), INITIAL_LIMIT);
-        let limits = drive(&mut c, &mut t, 8, |_| 150 * MS, |_| Outcome::Answered);
+        let limits = drive(&mut c, &mut t, 8, |_| 150 * MS, |_, _| Outcome::Answered);
         assert_eq!(*limits.last().unwrap(), 1000, "{limits:?}");
         assert_eq!(c.baseline(), Some(150 * MS));
     }
@@ -330,8 +336,9 @@ mod tests {
             &mut t,
             60,
             |_| 100 * MS,
-            |l| {
-                if l > 200 {
+            // The requests past the first 200 are turned away.
+            |_, i| {
+                if i >= 200 {
                     Outcome::Overloaded
                 } else {
                     Outcome::Answered
@@ -353,7 +360,7 @@ mod tests {
         let mut c = Controller::new(Mode::Adaptive, 1000, t);
         // 20 ms unloaded; beyond 100 in flight the receiver queues (2,000 req/s of service).
         let rtt = |l: usize| 20 * MS + MS.mul_f64((l.saturating_sub(40)) as f64 / 2.0);
-        let limits = drive(&mut c, &mut t, 80, rtt, |_| Outcome::Answered);
+        let limits = drive(&mut c, &mut t, 80, rtt, |_, _| Outcome::Answered);
         let tail = &limits[30..];
         assert!(
             tail.iter().all(|l| *l <= 80),
@@ -378,7 +385,7 @@ mod tests {
     fn fixed_mode_never_moves() {
         let mut t = Instant::now();
         let mut c = Controller::new(Mode::Fixed, 64, t);
-        let limits = drive(&mut c, &mut t, 10, |_| 10 * MS, |_| Outcome::Overloaded);
+        let limits = drive(&mut c, &mut t, 10, |_| 10 * MS, |_, _| Outcome::Overloaded);
         assert!(limits.iter().all(|l| *l == 64));
     }
 
@@ -386,7 +393,7 @@ mod tests {
     fn ignored_outcomes_do_not_move_the_limit_down() {
         let mut t = Instant::now();
         let mut c = Controller::new(Mode::Adaptive, 100, t);
-        let limits = drive(&mut c, &mut t, 5, |_| 10 * MS, |_| Outcome::Ignored);
+        let limits = drive(&mut c, &mut t, 5, |_| 10 * MS, |_, _| Outcome::Ignored);
         assert!(limits.iter().all(|l| *l == INITIAL_LIMIT), "{limits:?}");
     }
 
@@ -395,7 +402,7 @@ mod tests {
         let mut t = Instant::now();
         let mut c = Controller::new(Mode::Adaptive, 5, t);
         assert_eq!(c.limit(), 5);
-        let limits = drive(&mut c, &mut t, 40, |_| 10 * MS, |_| Outcome::Overloaded);
+        let limits = drive(&mut c, &mut t, 40, |_| 10 * MS, |_, _| Outcome::Overloaded);
         assert_eq!(*limits.last().unwrap(), MIN_LIMIT);
     }
 

@@ -75,6 +75,9 @@ pub struct EmulatorOptions {
     /// `false`: json bodies go on the wire as base64 of the JSON text (what the docs describe);
     /// `true`: as the raw JSON text (what some examples show).
     pub json_raw: bool,
+    /// This share of pull and ack calls (0..1, spread evenly) answers 500 and does nothing:
+    /// a flaky API for benchmarks and tests.
+    pub error_ratio: f64,
 }
 
 impl Default for EmulatorOptions {
@@ -84,6 +87,7 @@ impl Default for EmulatorOptions {
             max_retries: 3,
             latency: Duration::ZERO,
             json_raw: false,
+            error_ratio: 0.0,
         }
     }
 }
@@ -232,6 +236,8 @@ struct State {
     queues: HashMap<String, Queue>,
     pull_faults: VecDeque<Fault>,
     ack_faults: VecDeque<Fault>,
+    /// API calls seen, for `error_ratio`.
+    calls: u64,
     /// Added to the tokio clock: see [`Emulator::advance`].
     clock_offset: Duration,
 }
@@ -415,10 +421,26 @@ impl Emulator {
 
     fn take_fault(&self, op: Op) -> Option<Fault> {
         let mut st = self.lock();
-        match op {
+        let injected = match op {
             Op::Pull => st.pull_faults.pop_front(),
             Op::Ack => st.ack_faults.pop_front(),
+        };
+        if injected.is_some() {
+            return injected;
         }
+        let ratio = self.inner.opts.error_ratio;
+        if ratio <= 0.0 {
+            return None;
+        }
+        // Evenly spread: call k fails when k × ratio crosses an integer.
+        let k = st.calls as f64;
+        st.calls += 1;
+        (((k + 1.0) * ratio).floor() > (k * ratio).floor()).then(|| Fault::Status {
+            status: 500,
+            body: r#"{"success":false,"errors":[{"code":10001,"message":"internal error (injected)"}]}"#
+                .into(),
+            retry_after: None,
+        })
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {

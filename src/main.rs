@@ -95,6 +95,9 @@ enum Command {
         /// Put json bodies on the wire as raw JSON instead of base64.
         #[arg(long)]
         json_raw: bool,
+        /// Answer this share of pull and ack calls (0..1, spread evenly) with a 500.
+        #[arg(long, default_value_t = 0.0)]
+        error_ratio: f64,
     },
     /// Serve a local webhook sink: answers every request with 200 and counts what it got
     /// (GET /_receiver/stats). For development and benchmarks.
@@ -188,6 +191,7 @@ fn main() -> ExitCode {
             max_retries,
             latency_ms,
             json_raw,
+            error_ratio,
         } => {
             init_logging("info", LogFormat::Text);
             runtime(async move {
@@ -198,6 +202,7 @@ fn main() -> ExitCode {
                     max_retries,
                     latency: Duration::from_millis(latency_ms),
                     json_raw,
+                    error_ratio,
                 });
                 let addr = emulator.start(listen, shutdown.clone()).await?;
                 println!(

@@ -62,8 +62,8 @@ enum Cmd {
         /// Smaller counts and shorter windows: a check that everything works, not figures.
         #[arg(long)]
         quick: bool,
-        /// Only these scenarios (comma-separated: cpu, latency, idle).
-        #[arg(long, default_value = "cpu,latency,idle")]
+        /// Only these scenarios (comma-separated: cpu, latency, knee, producer, idle).
+        #[arg(long, default_value = "cpu,latency,knee,producer,idle")]
         only: String,
         /// Also write the table (and the run's details) to this file.
         #[arg(long)]
@@ -484,8 +484,14 @@ struct RunOptions {
 /// The two relay configurations the table compares.
 #[derive(Clone, Copy)]
 enum Profile {
+    /// Only the required keys.
     Default,
     HighThroughput,
+    /// `concurrency = 1000` (adaptive below it, as by default).
+    Max1000,
+    /// `concurrency = 1000`, `concurrency_mode = "fixed"`: the behaviour before adaptive
+    /// concurrency, for comparison.
+    Fixed1000,
 }
 
 impl Profile {
@@ -493,6 +499,8 @@ impl Profile {
         match self {
             Profile::Default => "relay, default config",
             Profile::HighThroughput => "relay, high-throughput config",
+            Profile::Max1000 => "relay, concurrency = 1000",
+            Profile::Fixed1000 => "relay, concurrency = 1000, concurrency_mode = fixed",
         }
     }
 
@@ -501,6 +509,8 @@ impl Profile {
         match self {
             Profile::Default => "",
             Profile::HighThroughput => "concurrency = 1000\nmax_pulls_in_flight = 16\n",
+            Profile::Max1000 => "concurrency = 1000\n",
+            Profile::Fixed1000 => "concurrency = 1000\nconcurrency_mode = \"fixed\"\n",
         }
     }
 }
@@ -523,6 +533,20 @@ impl Bed {
         latency_ms: u64,
         delay_ms: u64,
     ) -> anyhow::Result<Self> {
+        Self::start_with(dir, bin, name, latency_ms, delay_ms, &[], &[])
+    }
+
+    /// `emulate_args` and `receive_args` are added to the emulator's and the receiver's
+    /// command lines (e.g. `--error-ratio 0.02`, `--capacity 200`).
+    fn start_with(
+        dir: &Path,
+        bin: &Path,
+        name: &str,
+        latency_ms: u64,
+        delay_ms: u64,
+        emulate_args: &[&str],
+        receive_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let (emulator, line) = Proc::start(
             &format!("{name}-emulator"),
             Command::new(bin).args([
@@ -533,7 +557,8 @@ impl Bed {
                 TOKEN,
                 "--latency-ms",
                 &latency_ms.to_string(),
-            ]),
+            ])
+            .args(emulate_args),
             dir,
             Duration::from_secs(10),
         )?;
@@ -546,7 +571,8 @@ impl Bed {
                 "127.0.0.1:0",
                 "--delay-ms",
                 &delay_ms.to_string(),
-            ]),
+            ])
+            .args(receive_args),
             dir,
             Duration::from_secs(10),
         )?;
@@ -559,6 +585,13 @@ impl Bed {
             emulator,
             receiver,
         })
+    }
+
+    /// The receiver's counters: (requests served, requests turned away with 503).
+    async fn receiver_stats(&self) -> anyhow::Result<(u64, u64)> {
+        let url = self.hook.replace("/hook", "/_receiver/stats");
+        let v: Value = self.api.http.get(&url).send().await?.json().await?;
+        Ok((count(&v, "requests"), count(&v, "overloaded")))
     }
 
     fn stop(self) -> anyhow::Result<()> {
@@ -663,12 +696,15 @@ struct Measured {
     receiver_cpu: f64,
     max_in_flight: u64,
     retried: u64,
+    acked: u64,
+    dead_lettered: u64,
     lease_expired: u64,
 }
 
 impl Measured {
+    /// Messages acked (delivered) per second.
     fn rate(&self) -> f64 {
-        self.messages as f64 / self.seconds.max(1e-9)
+        self.acked as f64 / self.seconds.max(1e-9)
     }
 
     fn cpu_per_10k(&self) -> f64 {
@@ -712,9 +748,11 @@ async fn relay_run(
         .build()?;
     let mut max_in_flight = 0;
     let mut last_sample = Instant::now();
+    let dead_before = count(&before, "dead_lettered");
     let stats = loop {
         let s = bed.api.stats(queue).await?;
-        if count(&s, "acked") - acked_before >= messages {
+        let done = count(&s, "acked") - acked_before + count(&s, "dead_lettered") - dead_before;
+        if done >= messages {
             break s;
         }
         if started.elapsed() > timeout {
@@ -758,6 +796,8 @@ async fn relay_run(
         receiver_cpu: bed.receiver.cpu() - recv0,
         max_in_flight,
         retried: count(&stats, "retried") - count(&before, "retried"),
+        acked: count(&stats, "acked") - acked_before,
+        dead_lettered: count(&stats, "dead_lettered") - dead_before,
         lease_expired: count(&stats, "lease_expired") - count(&before, "lease_expired"),
     };
     relay.proc.stop(Duration::from_secs(30))?;
@@ -983,6 +1023,62 @@ async fn idle_run(bed: &Bed, warm_up: Duration, window: Duration) -> anyhow::Res
             - count(&s0, "ack_calls"),
         cpu: relay.proc.cpu() - cpu0,
         rss: relay.proc.peak_rss(),
+    };
+    relay.proc.stop(Duration::from_secs(30))?;
+    Ok(run)
+}
+
+/// What a steady producer run measured.
+struct ProducerRun {
+    rate: f64,
+    published: u64,
+    acked: u64,
+    left: u64,
+    per_pull: f64,
+    calls_per_message: f64,
+    cpu: f64,
+    rss: f64,
+    lease_expired: u64,
+}
+
+/// Publish `rate` messages a second for `window` while a default-config relay consumes them;
+/// the rate is what was acked over the window.
+async fn producer_run(
+    bed: &Bed,
+    queue: &str,
+    rate: usize,
+    window: Duration,
+    size: usize,
+) -> anyhow::Result<ProducerRun> {
+    let relay = bed.start_relay(&format!("{queue}-relay"), queue, Profile::Default)?;
+    let s0 = bed.api.stats(queue).await?;
+    let cpu0 = relay.proc.cpu();
+    let started = Instant::now();
+    let tick = Duration::from_millis(50);
+    let per_tick = rate * tick.as_millis() as usize / 1000;
+    let mut published = 0u64;
+    let mut next = tokio::time::Instant::now();
+    while started.elapsed() < window {
+        publish(&bed.api, queue, per_tick, size, 1).await?;
+        published += per_tick as u64;
+        next += tick;
+        tokio::time::sleep_until(next).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let s1 = bed.api.stats(queue).await?;
+    let diff = |k: &str| count(&s1, k) - count(&s0, k);
+    let acked = diff("acked");
+    let pulls = diff("pull_calls");
+    let run = ProducerRun {
+        rate: acked as f64 / seconds,
+        published,
+        acked,
+        left: published.saturating_sub(acked),
+        per_pull: diff("deliveries") as f64 / pulls.max(1) as f64,
+        calls_per_message: (pulls + diff("ack_calls")) as f64 / acked.max(1) as f64,
+        cpu: relay.proc.cpu() - cpu0,
+        rss: relay.proc.peak_rss(),
+        lease_expired: diff("lease_expired"),
     };
     relay.proc.stop(Duration::from_secs(30))?;
     Ok(run)
@@ -1254,6 +1350,114 @@ async fn run_all(opts: RunOptions) -> anyhow::Result<()> {
             ));
         }
         bed.stop()?;
+    }
+
+    if want("knee") {
+        eprintln!(
+            "cfq-bench: 4. capacity knee: a receiver that serves 200 at once (100 ms each) and answers 503 beyond"
+        );
+        let n_knee = if opts.quick { 3_000 } else { 20_000 };
+        for (i, profile) in [Profile::Fixed1000, Profile::Max1000, Profile::Default]
+            .into_iter()
+            .enumerate()
+        {
+            // A receiver of its own per run: its counters are the run's.
+            let bed = Bed::start_with(
+                &dir,
+                &bin,
+                &format!("knee{i}"),
+                0,
+                100,
+                &[],
+                &["--capacity", "200"],
+            )?;
+            let queue = format!("bench-knee-{i}");
+            publish(&bed.api, &queue, n_knee, opts.size, 8).await?;
+            let m = relay_run(&bed, &format!("{queue}-relay"), &queue, profile, n_knee as u64, false)
+                .await?;
+            let (served, overloaded) = bed.receiver_stats().await?;
+            let over_pct = 100.0 * overloaded as f64 / (served + overloaded).max(1) as f64;
+            eprintln!(
+                "  {}: {:.0} messages/s, {overloaded} overload answers ({over_pct:.1} %), {} dead-lettered",
+                profile.label(),
+                m.rate(),
+                m.dead_lettered
+            );
+            table.rows.push([
+                "4. capacity knee (200 at once, 100 ms; 2,000/s)".into(),
+                profile.label().into(),
+                format!("{} msg/s", thousands(m.rate())),
+                format!("{:.0} % of the knee", 100.0 * m.rate() / 2000.0),
+                format!("{:.2}", m.cpu_per_10k()),
+                mib(m.relay_rss),
+                format!("{:.1}", m.emulator_cpu),
+                format!("{:.1}", m.receiver_cpu),
+                format!(
+                    "{} msgs in {:.1} s; {} overload answers ({over_pct:.1} % of requests); {} dead-lettered; retried {}, leases expired {}",
+                    thousands(m.messages as f64),
+                    m.seconds,
+                    thousands(overloaded as f64),
+                    m.dead_lettered,
+                    m.retried,
+                    m.lease_expired
+                ),
+            ]);
+            bed.stop()?;
+        }
+    }
+
+    if want("producer") {
+        eprintln!(
+            "cfq-bench: 5. producer at 2,000 msg/s, webhook 20 ms, default config; fault-free and with 2 % of API calls answering 500"
+        );
+        let secs = if opts.quick { 8 } else { 30 };
+        let mut fault_free = None;
+        for (i, ratio) in [0.0, 0.02].into_iter().enumerate() {
+            let ratio_arg = ratio.to_string();
+            let bed = Bed::start_with(
+                &dir,
+                &bin,
+                &format!("producer{i}"),
+                0,
+                20,
+                &["--error-ratio", &ratio_arg],
+                &[],
+            )?;
+            let queue = format!("bench-producer-{i}");
+            let p = producer_run(&bed, &queue, 2_000, Duration::from_secs(secs), opts.size).await?;
+            let vs = match fault_free {
+                None => "100 %".to_owned(),
+                Some(r) => format!("{:.0} % of fault-free", 100.0 * p.rate / r),
+            };
+            fault_free.get_or_insert(p.rate);
+            eprintln!(
+                "  {:.0} % API errors: {:.0} messages/s, {} left queued, {:.3} API calls per message",
+                ratio * 100.0,
+                p.rate,
+                p.left,
+                p.calls_per_message
+            );
+            table.rows.push([
+                "5. producer 2,000 msg/s, webhook 20 ms".into(),
+                format!("relay, default config, {:.0} % API errors", ratio * 100.0),
+                format!("{} msg/s", thousands(p.rate)),
+                vs,
+                format!("{:.2}", p.cpu / (p.acked as f64 / 10_000.0).max(1e-9)),
+                mib(p.rss),
+                "–".into(),
+                "–".into(),
+                format!(
+                    "{} published and {} acked in {secs} s; {} still queued at the end; {:.1} messages a pull; {:.3} API calls per message (pull + ack); leases expired {}",
+                    thousands(p.published as f64),
+                    thousands(p.acked as f64),
+                    thousands(p.left as f64),
+                    p.per_pull,
+                    p.calls_per_message,
+                    p.lease_expired
+                ),
+            ]);
+            bed.stop()?;
+        }
     }
 
     if want("idle") {
