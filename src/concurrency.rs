@@ -8,7 +8,8 @@
 //! - time is cut into windows of about one round trip (the RTT baseline);
 //! - a back-pressure answer (429, 503, 408, a timeout) shrinks the limit by `DECREASE` at once,
 //!   then, for one round trip, each further back-pressure answer removes its own slot (a
-//!   receiver past its capacity answers 503 in a millisecond, so an excess slot would spin);
+//!   receiver past its capacity answers 503 in a millisecond, so an excess slot would spin),
+//!   down to at most half the limit before the decrease;
 //! - a window whose mean RTT climbed past `baseline × (1 + RTT_TOLERANCE)` shrinks it too;
 //! - otherwise, if the window used the limit (requests really waited on it), the limit grows:
 //!   it doubles while in slow start (until the first congestion signal), else grows by one
@@ -26,7 +27,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore, futures::Notified};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, futures::Notified};
 use tokio::time::Instant;
 
 /// How a request ended, as far as the controller cares.
@@ -80,6 +81,8 @@ pub struct Controller {
     /// After a decrease on back-pressure, further back-pressure answers until this instant
     /// come from requests sent under the old limit: they do not shrink it again.
     recovering_until: Instant,
+    /// The lowest the limit goes while recovering: half of what it was before the decrease.
+    recovery_floor: f64,
 }
 
 impl Controller {
@@ -101,6 +104,7 @@ impl Controller {
             window_overloaded: false,
             window_peak: 0,
             recovering_until: now,
+            recovery_floor: MIN_LIMIT as f64,
         }
     }
 
@@ -138,6 +142,7 @@ impl Controller {
                 // React at once, not at the end of the window: a receiver past its capacity
                 // answers 503 in a millisecond, so every excess slot would spin on 503s.
                 if now >= self.recovering_until {
+                    self.recovery_floor = (self.limit * 0.5).max(MIN_LIMIT as f64);
                     self.window_overloaded = true;
                     let window = self.baseline.unwrap_or(rtt).max(MIN_WINDOW);
                     self.end_window(now);
@@ -146,7 +151,9 @@ impl Controller {
                     // Within the round trip after a decrease, each further back-pressure
                     // answer gives up its own slot: a slot past the receiver's capacity
                     // would otherwise be refilled at once and turned away again.
-                    self.limit = (self.limit - 1.0).max(MIN_LIMIT as f64);
+                    // At most a halving per round trip, though: the answers of one burst
+                    // must not take the limit to nothing.
+                    self.limit = (self.limit - 1.0).max(self.recovery_floor);
                 }
                 return self.limit();
             }
@@ -272,6 +279,22 @@ impl Limiter {
     /// Completes at the next change of the limit (for a waiter sized on the old one).
     pub fn changed(&self) -> Notified<'_> {
         self.changed.notified()
+    }
+
+    /// Give slots back. Slots the limit no longer allows are forgotten here, before a waiting
+    /// poller could take them: a released permit goes straight to a waiter.
+    pub fn release(&self, mut permit: OwnedSemaphorePermit) {
+        let mut g = self.lock();
+        let owed = g.debt.min(permit.num_permits());
+        if owed > 0 {
+            g.debt -= owed;
+            // `owed` is at most what the permit holds, so the split succeeds.
+            if let Some(p) = permit.split(owed) {
+                p.forget();
+            }
+        }
+        drop(g);
+        drop(permit);
     }
 
     /// Forget released permits the limit no longer allows.

@@ -181,11 +181,13 @@ pub async fn run(ctx: Arc<Ctx>) {
                 match admit {
                     Admit::Later(at) => {
                         next_pull_at = next_pull_at.max(at);
-                        drop(permit);
+                        ctx.limiter.release(permit);
                     }
                     Admit::Now { max, first_send, pace } => {
-                        if permit.num_permits() > max {
-                            drop(permit.split(permit.num_permits() - max));
+                        if permit.num_permits() > max
+                            && let Some(extra) = permit.split(permit.num_permits() - max)
+                        {
+                            ctx.limiter.release(extra);
                         }
                         let pacing = first_send.zip(pace);
                         pulls.spawn(pull(ctx.clone(), permit, pacing));
@@ -229,6 +231,7 @@ async fn pull(
         Ok(r) => r,
         Err(e) => {
             ctx.metrics.api(Op::Pull, e.class(), elapsed);
+            ctx.limiter.release(permit);
             return Pulled::Failed(e);
         }
     };
@@ -252,6 +255,7 @@ async fn pull(
 
     let count = result.messages.len();
     if count == 0 {
+        ctx.limiter.release(permit);
         return Pulled::Empty;
     }
     ctx.metrics.pulled.inc_by(count as u64);
@@ -278,6 +282,8 @@ async fn pull(
         ctx.workers
             .spawn(crate::worker::deliver(ctx.clone(), msg, slot));
     }
+    // Slots asked for but not filled go back (or away, if the limit shrank meanwhile).
+    ctx.limiter.release(permit);
     Pulled::Messages {
         got: count,
         asked: n as usize,

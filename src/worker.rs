@@ -146,8 +146,7 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
         }
     };
     send(&ctx, msg, kind).await;
-    drop(slot);
-    ctx.limiter.settle();
+    ctx.limiter.release(slot);
 }
 
 /// What an answer tells the adaptive limit: back-pressure, a latency sample, or nothing.
