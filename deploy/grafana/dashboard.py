@@ -225,18 +225,25 @@ endrow()
 row("Capacity and health")
 ts(
     "Deliveries in flight",
-    "Webhook deliveries in progress against the configured concurrency, summed over replicas.",
+    "Webhook deliveries in progress against the adaptive limit and the configured upper bound (concurrency), summed over replicas.",
     [
         (f"sum by (queue) (cfq_relay_deliveries_in_flight{sel()})", "{{queue}} in flight"),
-        (f"sum by (queue) (cfq_relay_concurrency{sel()})", "{{queue}} concurrency"),
+        (f"sum by (queue) (cfq_relay_concurrency_limit{sel()})", "{{queue}} adaptive limit"),
+        (f"sum by (queue) (cfq_relay_concurrency{sel()})", "{{queue}} concurrency (upper bound)"),
     ],
 )
 ts(
+    "Webhook RTT baseline",
+    "The webhook's unloaded round trip as the adaptive limit sees it; the limit shrinks when latency climbs well past it.",
+    [(f"max by (queue) (cfq_relay_webhook_rtt_baseline_seconds{sel()})", "{{queue}}")],
+    unit="s",
+)
+ts(
     "Utilisation",
-    "Deliveries in flight / concurrency. Near 100% with a growing backlog: raise concurrency or add replicas.",
+    "Adaptive limit / concurrency. Near 100% with a growing backlog: raise concurrency or add replicas; low while the backlog grows: the webhook is the bottleneck.",
     [
         (
-            f"sum by (queue) (cfq_relay_deliveries_in_flight{sel()}) / sum by (queue) (cfq_relay_concurrency{sel()})",
+            f"sum by (queue) (cfq_relay_concurrency_limit{sel()}) / sum by (queue) (cfq_relay_concurrency{sel()})",
             "{{queue}}",
         )
     ],
