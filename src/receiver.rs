@@ -178,7 +178,10 @@ mod tests {
             .json()
             .await
             .unwrap();
-        assert_eq!(stats, serde_json::json!({"requests": 2, "bytes": 8, "overloaded": 0}));
+        assert_eq!(
+            stats,
+            serde_json::json!({"requests": 2, "bytes": 8, "overloaded": 0})
+        );
         stop.cancel();
     }
 
@@ -202,11 +205,21 @@ mod tests {
         let stats_url = format!("http://{addr}/_receiver/stats");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let s: serde_json::Value = http.get(&stats_url).send().await.unwrap().json().await.unwrap();
+            let s: serde_json::Value = http
+                .get(&stats_url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if s["requests"] == 2 {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "requests never arrived");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests never arrived"
+            );
             tokio::task::yield_now().await;
         }
         // ...so the third is turned away without waiting.
@@ -214,7 +227,14 @@ mod tests {
         let r = http.post(&url).body("x").send().await.unwrap();
         assert_eq!(r.status(), 503);
         assert!(started.elapsed() < Duration::from_secs(5));
-        let s: serde_json::Value = http.get(&stats_url).send().await.unwrap().json().await.unwrap();
+        let s: serde_json::Value = http
+            .get(&stats_url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(s["overloaded"], 1);
         for h in held {
             h.abort();
@@ -236,7 +256,12 @@ mod tests {
             .http2_prior_knowledge()
             .build()
             .unwrap();
-        let r = h2.post(format!("http://{addr}/hook")).body("x").send().await.unwrap();
+        let r = h2
+            .post(format!("http://{addr}/hook"))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.version(), reqwest::Version::HTTP_2);
         stop.cancel();

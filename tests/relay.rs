@@ -367,3 +367,62 @@ async fn webhook_retry_after_sets_the_retry_delay() {
     assert!(tries[1].at - tries[0].at >= Duration::from_secs(3));
     stop.cancel();
 }
+
+/// A small receiver (20 requests at once, 503 at once beyond): with only the required keys the
+/// adaptive limit finds its capacity, so few requests are turned away and none of the messages
+/// is dead-lettered (the fixed default of old put 64 in flight and dead-lettered a share).
+#[tokio::test]
+async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let opts = cfq_relay::receiver::ReceiverOptions {
+        delay: Duration::from_millis(50),
+        capacity: Some(20),
+        ..Default::default()
+    };
+    let addr = cfq_relay::receiver::start("127.0.0.1:0".parse().unwrap(), opts, stop.clone())
+        .await
+        .unwrap();
+    let n = 600u64;
+    for i in 0..n {
+        emu.publish(
+            "q1",
+            Some(ContentType::Text),
+            format!("m{i}").as_bytes(),
+            Duration::ZERO,
+        )
+        .unwrap();
+    }
+    let cfg = config(&api, &[("q1", &format!("http://{addr}/hook"), "", "")]);
+    let relay = cfq_relay::start(cfg, stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(90), "every message handled", || {
+        let s = emu.stats("q1");
+        s.acked + s.dead_lettered >= n
+    })
+    .await;
+    let s = emu.stats("q1");
+    let stats: serde_json::Value = reqwest::get(format!("http://{addr}/_receiver/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let served = stats["requests"].as_u64().unwrap();
+    let overloaded = stats["overloaded"].as_u64().unwrap();
+    assert_eq!((s.acked, s.dead_lettered), (n, 0), "{s:?}");
+    assert!(
+        overloaded * 10 <= served + overloaded,
+        "{overloaded} of {} requests turned away",
+        served + overloaded
+    );
+    let metrics = relay.metrics().render();
+    let limit: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("cfq_relay_concurrency_limit{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!((1.0..=40.0).contains(&limit), "limit {limit}");
+    stop.cancel();
+    relay.wait().await.unwrap();
+}

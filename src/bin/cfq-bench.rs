@@ -549,30 +549,32 @@ impl Bed {
     ) -> anyhow::Result<Self> {
         let (emulator, line) = Proc::start(
             &format!("{name}-emulator"),
-            Command::new(bin).args([
-                "emulate",
-                "--listen",
-                "127.0.0.1:0",
-                "--token",
-                TOKEN,
-                "--latency-ms",
-                &latency_ms.to_string(),
-            ])
-            .args(emulate_args),
+            Command::new(bin)
+                .args([
+                    "emulate",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--token",
+                    TOKEN,
+                    "--latency-ms",
+                    &latency_ms.to_string(),
+                ])
+                .args(emulate_args),
             dir,
             Duration::from_secs(10),
         )?;
         let base = quoted(&line).context("emulator: no api_base_url on its first line")?;
         let (receiver, line) = Proc::start(
             &format!("{name}-receiver"),
-            Command::new(bin).args([
-                "receive",
-                "--listen",
-                "127.0.0.1:0",
-                "--delay-ms",
-                &delay_ms.to_string(),
-            ])
-            .args(receive_args),
+            Command::new(bin)
+                .args([
+                    "receive",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--delay-ms",
+                    &delay_ms.to_string(),
+                ])
+                .args(receive_args),
             dir,
             Duration::from_secs(10),
         )?;
@@ -1374,8 +1376,15 @@ async fn run_all(opts: RunOptions) -> anyhow::Result<()> {
             )?;
             let queue = format!("bench-knee-{i}");
             publish(&bed.api, &queue, n_knee, opts.size, 8).await?;
-            let m = relay_run(&bed, &format!("{queue}-relay"), &queue, profile, n_knee as u64, false)
-                .await?;
+            let m = relay_run(
+                &bed,
+                &format!("{queue}-relay"),
+                &queue,
+                profile,
+                n_knee as u64,
+                false,
+            )
+            .await?;
             let (served, overloaded) = bed.receiver_stats().await?;
             let over_pct = 100.0 * overloaded as f64 / (served + overloaded).max(1) as f64;
             eprintln!(

@@ -260,7 +260,10 @@ pub fn table(max: usize, secs: u64) -> String {
     for rx in receivers {
         let now = Instant::now();
         let mut candidates: Vec<(&str, Box<dyn Candidate>)> = vec![
-            ("fixed", Box::new(Ours(Controller::new(Mode::Fixed, max, now)))),
+            (
+                "fixed",
+                Box::new(Ours(Controller::new(Mode::Fixed, max, now))),
+            ),
             (
                 "AIMD on 503 only",
                 Box::new(AimdLoss {
