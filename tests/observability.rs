@@ -420,7 +420,10 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
         assert_eq!(s.int(zero, &q), 0, "{zero}");
     }
     assert_eq!(s.sum("cfq_relay_messages_released_total", &q), 0.0);
-    assert_eq!(s.int("cfq_relay_concurrency", &q), 64);
+    assert_eq!(s.int("cfq_relay_concurrency", &q), 1000);
+    // The adaptive limit is exported and stays within its bounds.
+    let limit = s.int("cfq_relay_concurrency_limit", &q);
+    assert!((1..=1000).contains(&limit), "limit {limit}");
     assert_eq!(
         s.value(
             "cfq_relay_build_info",
