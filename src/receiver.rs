@@ -150,6 +150,16 @@ async fn stats(State(app): State<App>) -> Response {
 mod tests {
     use super::*;
 
+    async fn fetch_stats(http: &reqwest::Client, addr: SocketAddr) -> serde_json::Value {
+        http.get(format!("http://{addr}/_receiver/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn answers_200_and_counts() {
         let stop = CancellationToken::new();
@@ -170,14 +180,7 @@ mod tests {
                 .unwrap();
             assert_eq!(r.status(), 200);
         }
-        let stats: serde_json::Value = http
-            .get(format!("http://{addr}/_receiver/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let stats = fetch_stats(&http, addr).await;
         assert_eq!(
             stats,
             serde_json::json!({"requests": 2, "bytes": 8, "overloaded": 0})
@@ -202,17 +205,9 @@ mod tests {
         let held: Vec<_> = (0..2)
             .map(|_| tokio::spawn(http.post(&url).body("x").send()))
             .collect();
-        let stats_url = format!("http://{addr}/_receiver/stats");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let s: serde_json::Value = http
-                .get(&stats_url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let s = fetch_stats(&http, addr).await;
             if s["requests"] == 2 {
                 break;
             }
@@ -220,21 +215,14 @@ mod tests {
                 std::time::Instant::now() < deadline,
                 "requests never arrived"
             );
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // ...so the third is turned away without waiting.
         let started = std::time::Instant::now();
         let r = http.post(&url).body("x").send().await.unwrap();
         assert_eq!(r.status(), 503);
         assert!(started.elapsed() < Duration::from_secs(5));
-        let s: serde_json::Value = http
-            .get(&stats_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = fetch_stats(&http, addr).await;
         assert_eq!(s["overloaded"], 1);
         for h in held {
             h.abort();
