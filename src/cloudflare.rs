@@ -259,16 +259,7 @@ fn fmt_excerpt(excerpt: &str) -> String {
 
 /// `s` with its control characters (newlines included) escaped, for a single log line.
 pub fn one_line(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect()
+    crate::logs::one_line(s)
 }
 
 /// A printable excerpt of an answer body, cut at a char boundary.
