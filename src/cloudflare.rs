@@ -158,6 +158,20 @@ impl Op {
     }
 }
 
+/// Cloudflare's limit of one message body (128 KB).
+pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
+/// What one message may take in a pull answer: its body base64-encoded (4/3 of the body), its
+/// id, lease id (a few hundred characters) and metadata, with slack.
+const ANSWER_BYTES_PER_MESSAGE: usize = MAX_MESSAGE_BYTES * 4 / 3 + 16 * 1024;
+/// The largest ack answer read (it lists at most a warning per item of 100).
+pub const ACK_ANSWER_LIMIT: usize = 1024 * 1024;
+
+/// The largest pull answer read for a pull of `batch_size` messages (~18 MB for 100): a larger
+/// answer is an API error, refused before it is allocated.
+pub fn pull_answer_limit(batch_size: u32) -> usize {
+    (batch_size.max(1) as usize) * ANSWER_BYTES_PER_MESSAGE + 64 * 1024
+}
+
 /// A failed API call. `Display` is one line of context, never the token.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -182,6 +196,10 @@ pub enum ApiError {
     Malformed { reason: String, excerpt: String },
     #[error("API answered success=false{}", fmt_errors(.errors))]
     Unsuccessful { errors: Vec<ApiMessage> },
+    #[error(
+        "answer larger than {limit} bytes: refused unread (the messages it leased return when their leases expire)"
+    )]
+    TooLarge { limit: usize },
     #[error("request timed out")]
     Timeout,
     #[error("transport error: {0}")]
@@ -196,7 +214,9 @@ impl ApiError {
             ApiError::Auth { .. } => "4xx",
             ApiError::Status { status, .. } if *status >= 500 => "5xx",
             ApiError::Status { .. } => "4xx",
-            ApiError::Malformed { .. } | ApiError::Unsuccessful { .. } => "malformed",
+            ApiError::Malformed { .. }
+            | ApiError::Unsuccessful { .. }
+            | ApiError::TooLarge { .. } => "malformed",
             ApiError::Timeout | ApiError::Transport(_) => "transport_error",
         }
     }
@@ -333,7 +353,8 @@ impl QueueClient {
             batch_size,
             visibility_timeout_ms: visibility_timeout.as_millis() as u64,
         };
-        self.call(&self.pull_url, &req).await
+        self.call(&self.pull_url, &req, pull_answer_limit(batch_size))
+            .await
     }
 
     /// Acknowledge and retry leases in one call.
@@ -342,14 +363,19 @@ impl QueueClient {
         acks: &[AckEntry<'_>],
         retries: &[RetryEntry<'_>],
     ) -> Result<AckResult, ApiError> {
-        self.call(&self.ack_url, &AckRequest { acks, retries })
-            .await
+        self.call(
+            &self.ack_url,
+            &AckRequest { acks, retries },
+            ACK_ANSWER_LIMIT,
+        )
+        .await
     }
 
     async fn call<T: serde::de::DeserializeOwned + Default>(
         &self,
         url: &reqwest::Url,
         body: &impl Serialize,
+        limit: usize,
     ) -> Result<T, ApiError> {
         let body = serde_json::to_vec(body).map_err(|e| ApiError::Transport(e.to_string()))?;
         let resp = self
@@ -364,9 +390,26 @@ impl QueueClient {
             .map_err(transport_error)?;
         let status = resp.status().as_u16();
         let retry_after = retry_after_header(resp.headers());
-        let bytes = resp.bytes().await.map_err(transport_error)?;
+        let bytes = read_bounded(resp, limit).await?;
         interpret(status, retry_after, &bytes)
     }
+}
+
+/// The answer body, read chunk by chunk and refused as soon as it passes `limit` bytes (or
+/// announces more): a hostile or broken API cannot make the relay allocate without bound.
+async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let announced = resp.content_length().unwrap_or(0);
+    if announced > limit as u64 {
+        return Err(ApiError::TooLarge { limit });
+    }
+    let mut body = Vec::with_capacity(announced as usize);
+    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Turn a status and body into the result or an error. Pure, so the odd answers are unit-tested.

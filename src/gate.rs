@@ -358,7 +358,11 @@ mod tests {
 
     #[test]
     fn disabled_breaker_never_opens() {
-        let g = Gate::new(BreakerConfig::default(), None);
+        let off = BreakerConfig {
+            enabled: false,
+            ..BreakerConfig::default()
+        };
+        let g = Gate::new(off, None);
         let t = Instant::now();
         for _ in 0..1000 {
             assert_eq!(g.record(t, true), None);
