@@ -402,11 +402,29 @@ async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u
     if announced > limit as u64 {
         return Err(ApiError::TooLarge { limit });
     }
-    let mut body = Vec::with_capacity(announced as usize);
+    if announced > 0 {
+        let mut body = Vec::with_capacity(announced as usize);
+        while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        return Ok(body);
+    }
+    // No length announced (chunked): keep the chunks as they come and join them once, so the
+    // peak is the answer plus one copy, never a doubling buffer's spare half on top.
+    let mut chunks = Vec::new();
+    let mut total = 0usize;
     while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
-        if body.len() + chunk.len() > limit {
+        total += chunk.len();
+        if total > limit {
             return Err(ApiError::TooLarge { limit });
         }
+        chunks.push(chunk);
+    }
+    let mut body = Vec::with_capacity(total);
+    for chunk in chunks.drain(..) {
         body.extend_from_slice(&chunk);
     }
     Ok(body)

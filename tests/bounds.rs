@@ -362,6 +362,7 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
     let hook = Receiver::start(|_, _| Answer::ok()).await;
     let relay = Relay::spawn("huge", &minimal_config(&api.base_url, &hook.url(), ""), None);
     let admin = admin_addr(&relay).await;
+    println!("FIGURES huge: vm_hwm_at_start={:.1}MiB", vm_hwm_kib(relay.pid()) as f64 / 1024.0);
     wait_until(Duration::from_secs(60), "several rounds of huge answers", || {
         api.pulls() >= 9 && api.retried().len() >= 24
     })
