@@ -13,8 +13,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tower::ServiceExt;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 use crate::consumer::Readiness;
 use crate::metrics::Metrics;
@@ -88,15 +88,21 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
             let mut live = slots.lock().unwrap_or_else(PoisonError::into_inner);
             if live.len() >= MAX_CONNECTIONS {
                 // The oldest connection with no request in progress makes room.
-                match live.iter().position(|s| s.busy.load(Ordering::Relaxed) == 0) {
+                match live
+                    .iter()
+                    .position(|s| s.busy.load(Ordering::Relaxed) == 0)
+                {
                     Some(i) => {
                         live.remove(i).close.cancel();
                     }
                     None => {
                         refused += 1;
                         if refused.is_power_of_two() {
-                            tracing::warn!(refused, max = MAX_CONNECTIONS,
-                                "admin server: connection limit reached, every connection busy; refusing");
+                            tracing::warn!(
+                                refused,
+                                max = MAX_CONNECTIONS,
+                                "admin server: connection limit reached, every connection busy; refusing"
+                            );
                         }
                         drop(stream);
                         continue;

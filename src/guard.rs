@@ -13,9 +13,13 @@ use crate::logs::Event;
 /// Why a message is refused before delivery.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("body of {len} bytes is over Cloudflare's {MAX_MESSAGE_BYTES}-byte message limit: not delivered")]
+    #[error(
+        "body of {len} bytes is over Cloudflare's {MAX_MESSAGE_BYTES}-byte message limit: not delivered"
+    )]
     Oversized { len: usize },
-    #[error("message id cannot be an HTTP header value (control characters): not delivered unsigned")]
+    #[error(
+        "message id cannot be an HTTP header value (control characters): not delivered unsigned"
+    )]
     BadId,
 }
 

@@ -156,5 +156,7 @@ pub fn vm_hwm_kib(pid: u32) -> u64 {
 
 /// Open descriptors of process `pid`.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
