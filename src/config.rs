@@ -805,6 +805,16 @@ impl Config {
                 return Err(invalid(key("webhook.url"), "is required"));
             }
             check_http_url(&key("webhook.url"), &w.url)?;
+            // A password in the URL would travel into the HTTP client's debug logs (its pool
+            // keys are the URL's authority): credentials have their own keys.
+            if reqwest::Url::parse(&w.url)
+                .is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
+            {
+                return Err(invalid(
+                    key("webhook.url"),
+                    "must not contain a user name or password: use [consumers.webhook.basic_auth] (`username` with `password_file`, `password_env` or `password`)",
+                ));
+            }
             check_range(
                 &key("webhook.timeout"),
                 w.timeout,
@@ -1136,12 +1146,6 @@ fn check_range(key: &str, v: Duration, min: Duration, max: Duration) -> Result<(
 
 fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
     match reqwest::Url::parse(url) {
-        // A password in the URL would travel into the HTTP client's debug logs (its pool keys
-        // are the URL's authority): credentials have their own keys.
-        Ok(u) if !u.username().is_empty() || u.password().is_some() => Err(invalid(
-            key,
-            "must not contain a user name or password: use `basic_auth` (with `password_file` or `password_env`) in [consumers.webhook.basic_auth]",
-        )),
         Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
         Ok(u) => Err(invalid(
             key,
@@ -1280,7 +1284,7 @@ url = "http://127.0.0.1:8080/hook"
             (with("", "name = \"a b\""), "`consumers[0].name` must be 1 to 64 characters"),
             (
                 with("", "").replace("http://127.0.0.1/h", "http://user:pw@127.0.0.1/h"),
-                "`consumers[0].webhook.url` must not contain a user name or password: use `basic_auth`",
+                "`consumers[0].webhook.url` must not contain a user name or password: use [consumers.webhook.basic_auth]",
             ),
             (
                 with("", "").replace("http://127.0.0.1/h", "http://user@127.0.0.1/h"),
@@ -1497,6 +1501,38 @@ url = "http://127.0.0.1:8080/hook"
             got.contains("`shutdown.grace_period` must be shorter"),
             "{got}"
         );
+    }
+
+    #[test]
+    fn secrets_readable_by_others_are_found() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cfq-relay-perms-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        let config_path = dir.join("config.toml");
+        std::fs::write(&token, "t").unwrap();
+        std::fs::write(&config_path, GOOD).unwrap();
+        let mut c = Config::from_toml(GOOD).unwrap();
+        c.cloudflare.api_token_file = Some(token.clone());
+        let set = |p: &Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        set(&token, 0o644);
+        set(&config_path, 0o644);
+        let keys: Vec<String> = c
+            .readable_by_others(&config_path)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["the config file", "cloudflare.api_token_file"]);
+        set(&token, 0o600);
+        set(&config_path, 0o640);
+        assert!(c.readable_by_others(&config_path).is_empty());
+        // A config without an inline secret may be world-readable.
+        set(&config_path, 0o644);
+        c.cloudflare.api_token = None;
+        assert!(c.readable_by_others(&config_path).is_empty());
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -140,6 +140,16 @@ fn minimal_config(api: &str, hook: &str, extra_webhook: &str) -> String {
     )
 }
 
+/// The Prometheus text of a relay's admin server.
+async fn scrape(admin: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Safe defaults
 
@@ -312,12 +322,7 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
     assert_eq!(received[0].header("webhook-id"), Some("good-1"));
     assert!(received[0].header("webhook-signature").is_some());
     let admin = admin_addr(&relay).await;
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(admin).await;
     let invalid = metric(
         &text,
         "cfq_relay_messages_delivered_total",
@@ -406,12 +411,7 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
         || api.pulls() >= 9 && api.retried().len() >= 24,
     )
     .await;
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(admin).await;
     let oversized = metric(
         &text,
         "cfq_relay_messages_delivered_total",
@@ -538,12 +538,7 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
             .any(|l| l.contains("similar log lines suppressed"))
     })
     .await;
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(admin).await;
     let failures = metric(
         &text,
         "cfq_relay_messages_delivered_total",
