@@ -134,6 +134,32 @@ impl LogLimiter {
         }
     }
 
+    /// Write the summary of every kind whose window has ended with suppressed events, so the
+    /// count is not held back until the next event of that kind (which may never come). The
+    /// poller calls it after each pull.
+    pub fn flush(&self) {
+        let now = Instant::now();
+        let due: Vec<(Event, u64, u64)> = {
+            let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+            Event::ALL
+                .iter()
+                .zip(slots.iter_mut())
+                .filter_map(|(event, slot)| {
+                    let start = slot.window_start?;
+                    if slot.suppressed == 0 || now.duration_since(start) < self.window {
+                        return None;
+                    }
+                    let count = std::mem::take(&mut slot.suppressed);
+                    Some((*event, count, now.duration_since(start).as_secs()))
+                })
+                .collect()
+        };
+        for (event, count, over_s) in due {
+            tracing::warn!(queue = %self.label, event = event.as_str(), suppressed = count,
+                over_s, "similar log lines suppressed (the metrics count every event)");
+        }
+    }
+
     /// Whether this occurrence of `event` is to be logged in full. When it opens a new window
     /// after suppressed ones, the summary line of those is written first.
     pub fn allow(&self, event: Event) -> bool {
@@ -197,6 +223,12 @@ mod tests {
         // Another kind has its own budget.
         assert!(l.allow(Event::PullFailed));
         tokio::time::advance(Duration::from_secs(10)).await;
+        // The summary is due once the window is over, and written once.
+        let suppressed =
+            |l: &LogLimiter| l.slots.lock().unwrap()[Event::DeliveryFailed.index()].suppressed;
+        assert_eq!(suppressed(&l), 7);
+        l.flush();
+        assert_eq!(suppressed(&l), 0);
         assert!(l.allow(Event::DeliveryFailed), "a new window logs again");
         let s = l.slots.lock().unwrap()[Event::DeliveryFailed.index()];
         assert_eq!((s.logged, s.suppressed), (1, 0));

@@ -80,6 +80,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                         continue;
                     }
                 };
+                ctx.logs.flush();
                 match outcome {
                     Pulled::Messages(n) => {
                         debug!(queue = %ctx.label, messages = n, "pulled");
