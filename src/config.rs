@@ -648,14 +648,12 @@ impl Config {
     /// Deserialize, fill the defaults that depend on other keys, validate.
     fn finish(built: config::Config) -> Result<Config, ConfigError> {
         let grace_set = built.get_string("shutdown.grace_period").is_ok();
-        let timeout_set: Vec<bool> = (0..)
-            .map_while(|i| {
-                built.get_string(&format!("consumers[{i}].queue_id")).ok()?;
-                Some(
-                    built
-                        .get_string(&format!("consumers[{i}].webhook.timeout"))
-                        .is_ok(),
-                )
+        let consumers = built.get_array("consumers").map(|a| a.len()).unwrap_or(0);
+        let timeout_set: Vec<bool> = (0..consumers)
+            .map(|i| {
+                built
+                    .get_string(&format!("consumers[{i}].webhook.timeout"))
+                    .is_ok()
             })
             .collect();
         let mut config: Config = built.try_deserialize().map_err(config_error)?;
@@ -1492,6 +1490,14 @@ url = "http://127.0.0.1:8080/hook"
         assert_eq!(c.shutdown.grace_period, Duration::from_millis(2500));
         let c = Config::from_toml(GOOD).unwrap();
         assert_eq!(c.shutdown.grace_period, Duration::from_secs(25));
+        // Two consumers: each timeout fits its own lease, the grace fits the shortest.
+        let two = format!(
+            "{GOOD}[[consumers]]\nqueue_id = \"q2\"\nvisibility_timeout = \"3s\"\n[consumers.webhook]\nurl = \"http://127.0.0.1/2\"\n"
+        );
+        let c = Config::from_toml(&two).unwrap();
+        assert_eq!(c.consumers[0].webhook.timeout, Duration::from_secs(10));
+        assert_eq!(c.consumers[1].webhook.timeout, Duration::from_millis(2400));
+        assert_eq!(c.shutdown.grace_period, Duration::from_millis(1500));
         // Set explicitly, it is still validated.
         let got = err_of(&format!(
             "{}\n[shutdown]\ngrace_period = \"6s\"\n",
