@@ -67,6 +67,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
     let mut tasks = JoinSet::new();
     let mut next_id = 0u64;
     let mut refused = 0u64;
+    let logs = crate::logs::LogLimiter::new("admin");
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -77,7 +78,9 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors (EMFILE) and the like: wait a little rather than spin.
-                tracing::warn!(error = %e, "admin server: accept failed");
+                if logs.allow(crate::logs::Event::AcceptFailed) {
+                    tracing::warn!(error = %e, "admin server: accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

@@ -59,10 +59,12 @@ pub enum Event {
     NoLease,
     Oversized,
     BadId,
+    /// The admin server could not accept a connection (out of descriptors, …).
+    AcceptFailed,
 }
 
 impl Event {
-    const ALL: [Event; 7] = [
+    const ALL: [Event; 8] = [
         Event::DeliveryFailed,
         Event::PullFailed,
         Event::AckFailed,
@@ -70,6 +72,7 @@ impl Event {
         Event::NoLease,
         Event::Oversized,
         Event::BadId,
+        Event::AcceptFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +84,7 @@ impl Event {
             Event::NoLease => "no_lease",
             Event::Oversized => "oversized",
             Event::BadId => "bad_id",
+            Event::AcceptFailed => "accept_failed",
         }
     }
 
