@@ -497,7 +497,8 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
         hook.count()
     );
     assert_eq!(status, 200, "healthz must answer within a second");
-    assert!(fds < 200, "the relay holds {fds} descriptors");
+    // At most 64 admin connections, plus one per delivery slot (64) and the API pool.
+    assert!(fds < 300, "the relay holds {fds} descriptors");
     assert!(
         !relay
             .lines()
