@@ -812,6 +812,43 @@ pub fn short_lease(lease: &str) -> String {
 mod tests {
     use super::*;
 
+    fn answer(body: reqwest::Body) -> reqwest::Response {
+        reqwest::Response::from(axum::http::Response::new(body))
+    }
+
+    fn chunked(chunks: usize, size: usize) -> reqwest::Body {
+        let stream = futures_util::stream::iter(
+            (0..chunks).map(move |_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; size]))),
+        );
+        reqwest::Body::wrap_stream(stream)
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_up_to_their_cap() {
+        // Announced length: refused before reading; within the cap: read whole.
+        let big = answer(reqwest::Body::from(vec![b'x'; 2000]));
+        assert!(matches!(
+            read_bounded(big, 1000).await,
+            Err(ApiError::TooLarge { limit: 1000 })
+        ));
+        let small = answer(reqwest::Body::from(vec![b'x'; 1000]));
+        assert_eq!(read_bounded(small, 1000).await.unwrap().len(), 1000);
+        // No length (chunked): refused as soon as the chunks pass the cap.
+        assert!(matches!(
+            read_bounded(answer(chunked(100, 64)), 1000).await,
+            Err(ApiError::TooLarge { .. })
+        ));
+        assert_eq!(
+            read_bounded(answer(chunked(10, 64)), 1000).await.unwrap(),
+            vec![b'x'; 640]
+        );
+        assert_eq!(
+            pull_answer_limit(100),
+            100 * (131_072 * 4 / 3 + 16_384) + 65_536
+        );
+        assert_eq!(ApiError::TooLarge { limit: 1 }.class(), "malformed");
+    }
+
     fn pull(body: &str) -> Result<PullResult, ApiError> {
         interpret(200, None, body.as_bytes())
     }
