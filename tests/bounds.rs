@@ -593,7 +593,11 @@ async fn an_ack_batch_with_one_refused_item_lands_the_other_99() {
     let hook = Receiver::start(|_, _| Answer::ok()).await;
     let stop = CancellationToken::new();
     let text = minimal_config(&api.base_url, &hook.url(), "")
-        .replace("queue_id = \"q1\"", "queue_id = \"q1\"\nconcurrency = 100");
+        // One pull of 100 and one ack call of 100: a fixed pool, not the adaptive limit's start.
+        .replace(
+            "queue_id = \"q1\"",
+            "queue_id = \"q1\"\nconcurrency = 100\nconcurrency_mode = \"fixed\"",
+        );
     let config = cfq_relay::Config::from_toml(&text).unwrap();
     let _relay = cfq_relay::start(config, stop.clone()).await.unwrap();
     wait_until(Duration::from_secs(20), "99 acks landed", || {
