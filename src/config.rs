@@ -959,6 +959,19 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
 }
 
 /// Strip userinfo and query (which may carry credentials) from a URL for display.
+/// `scheme://host[:port]` of a URL: enough to recognise a webhook in a log line, nothing of its
+/// path or query (which may carry a token).
+pub fn url_origin(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{}://{h}:{p}", u.scheme()),
+            (Some(h), None) => format!("{}://{h}", u.scheme()),
+            _ => "<invalid url>".into(),
+        },
+        Err(_) => "<invalid url>".into(),
+    }
+}
+
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {

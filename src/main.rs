@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use cfq_relay::config::{ConfigError, LogFormat, check_log_filter, fmt_duration};
+use cfq_relay::config::{ConfigError, LogFormat, check_log_filter};
 use cfq_relay::emulator::{Emulator, EmulatorOptions};
 use cfq_relay::{Config, Reloader};
 use sd_notify::NotifyState;
@@ -291,40 +291,15 @@ fn load_checked(path: &Path) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-/// One short line for the process and one per consumer; the whole effective configuration
-/// (file + environment, secrets redacted by its `Debug`) only at DEBUG.
+/// One short line for the process (each consumer logs its own when it starts); the whole
+/// effective configuration (file + environment, secrets redacted by its `Debug`) only at DEBUG.
 fn log_startup(config: &Config) {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         consumers = config.consumers.len(),
-        admin = %config.admin.listen,
         "cfq-relay starting"
     );
-    for c in &config.consumers {
-        tracing::info!(
-            consumer = c.label(),
-            queue = %c.queue_id,
-            webhook = %webhook_host(&c.webhook.url),
-            batch = c.batch_size,
-            concurrency = c.concurrency,
-            visibility = %fmt_duration(c.visibility_timeout),
-            "consumer"
-        );
-    }
     tracing::debug!(config = ?config, "effective configuration");
-}
-
-/// `host[:port]` of a webhook URL: enough to recognise it, nothing of its path or query (which
-/// may carry a token).
-fn webhook_host(url: &str) -> String {
-    let Ok(u) = reqwest::Url::parse(url) else {
-        return "?".into();
-    };
-    match (u.host_str(), u.port()) {
-        (Some(h), Some(p)) => format!("{}://{h}:{p}", u.scheme()),
-        (Some(h), None) => format!("{}://{h}", u.scheme()),
-        _ => "?".into(),
-    }
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {
