@@ -277,3 +277,44 @@ fn start_up_logs_one_short_line_per_consumer_and_the_config_only_at_debug() {
         assert!(!all.contains(secret), "{secret} in\n{all}");
     }
 }
+
+fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The value of the first `key: value` line in a YAML file (the manifests are plain).
+fn yaml_value<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("{key}: ")))
+        .unwrap_or_else(|| panic!("no {key} in the manifest"))
+        .trim()
+}
+
+#[test]
+fn kubernetes_pod_can_read_its_token_and_runs_the_image_the_script_builds() {
+    let deployment = repo_file("deploy/kubernetes/deployment.yaml");
+    // The image's user (Dockerfile) is the pod's user, and the Secret's files are readable
+    // by it: group fsGroup with a group-readable mode (the kubelet chowns them to fsGroup).
+    let dockerfile = repo_file("Dockerfile");
+    assert!(dockerfile.contains("\nUSER 65532:65532\n"));
+    assert_eq!(yaml_value(&deployment, "runAsUser"), "65532");
+    assert_eq!(yaml_value(&deployment, "fsGroup"), "65532");
+    let mode = u32::from_str_radix(yaml_value(&deployment, "defaultMode"), 8).unwrap();
+    assert_eq!(mode & 0o040, 0o040, "the group must read the token: {mode:o}");
+    assert_eq!(mode & 0o007, 0, "others must not: {mode:o}");
+    // The image the manifest runs is the one scripts/image.sh builds and pushes.
+    let out = Command::new("sh")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh"))
+        .arg("--print")
+        .env_remove("IMAGE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let built = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        built.trim(),
+        format!("ghcr.io/cfq-relay/cfq-relay:{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(yaml_value(&deployment, "image"), built.trim());
+}
