@@ -1251,7 +1251,10 @@ url = "http://127.0.0.1:8080/hook"
         assert!(!e.contains("shared") && !e.contains("SHARED"), "{e}");
         // Nor does leaving the names out.
         let e = err_of(&two("queue_id = \"q9\"", "queue_id = \"q9\""));
-        assert!(e.starts_with("`consumers[2].queue_id` is also the queue"), "{e}");
+        assert!(
+            e.starts_with("`consumers[2].queue_id` is also the queue"),
+            "{e}"
+        );
         // Same name, different queues: the name is the problem, and no talk of distinct names
         // for one queue.
         let e = err_of(&two(
@@ -1293,13 +1296,19 @@ url = "http://127.0.0.1:8080/hook"
             assert!(e.starts_with("`log.level` "), "{bad:?}: {e}");
             assert!(e.contains(want), "{bad:?}: want {want:?}, got {e:?}");
             if want.contains("level") || want.contains("target") {
-                assert!(e.contains("not `warning` or `verbose`"), "{bad:?}: no hint in {e:?}");
+                assert!(
+                    e.contains("not `warning` or `verbose`"),
+                    "{bad:?}: no hint in {e:?}"
+                );
             }
             assert!(!e.contains("ifno"), "the value is echoed: {e:?}");
         }
         // Through the whole config too.
         let e = err_of(&format!("{}\n[log]\nlevel = \"warning\"\n", with("", "")));
-        assert!(e.starts_with("`log.level` directive 1 is not a known level"), "{e}");
+        assert!(
+            e.starts_with("`log.level` directive 1 is not a known level"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -256,7 +256,10 @@ fn start_up_logs_one_short_line_per_consumer_and_the_config_only_at_debug() {
     assert!(line.len() < 220, "{} characters: {line}", line.len());
     let all = lines.join("\n");
     assert!(lines.iter().all(|l| l.len() < 300), "a long line:\n{all}");
-    assert!(!all.contains("Config {"), "the config dump is DEBUG only:\n{all}");
+    assert!(
+        !all.contains("Config {"),
+        "the config dump is DEBUG only:\n{all}"
+    );
     for secret in [TOKEN, "path-5ecret", "query-5ecret"] {
         assert!(!all.contains(secret), "{secret} in\n{all}");
     }
@@ -270,7 +273,10 @@ fn start_up_logs_one_short_line_per_consumer_and_the_config_only_at_debug() {
         .iter()
         .find(|l| l.contains("effective configuration"))
         .unwrap();
-    assert!(dump.contains("DEBUG") && dump.contains("Config {"), "{dump}");
+    assert!(
+        dump.contains("DEBUG") && dump.contains("Config {"),
+        "{dump}"
+    );
     assert!(dump.contains("batch_size: 50"), "{dump}");
     // (The dump keeps URL paths, as every other log line does; queries are redacted.)
     for secret in [TOKEN, "query-5ecret"] {
@@ -301,7 +307,11 @@ fn kubernetes_pod_can_read_its_token_and_runs_the_image_the_script_builds() {
     assert_eq!(yaml_value(&deployment, "runAsUser"), "65532");
     assert_eq!(yaml_value(&deployment, "fsGroup"), "65532");
     let mode = u32::from_str_radix(yaml_value(&deployment, "defaultMode"), 8).unwrap();
-    assert_eq!(mode & 0o040, 0o040, "the group must read the token: {mode:o}");
+    assert_eq!(
+        mode & 0o040,
+        0o040,
+        "the group must read the token: {mode:o}"
+    );
     assert_eq!(mode & 0o007, 0, "others must not: {mode:o}");
     // The image the manifest runs is the one scripts/image.sh builds and pushes.
     let out = Command::new("sh")
@@ -310,11 +320,94 @@ fn kubernetes_pod_can_read_its_token_and_runs_the_image_the_script_builds() {
         .env_remove("IMAGE")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let built = String::from_utf8(out.stdout).unwrap();
     assert_eq!(
         built.trim(),
         format!("ghcr.io/cfq-relay/cfq-relay:{}", env!("CARGO_PKG_VERSION"))
     );
     assert_eq!(yaml_value(&deployment, "image"), built.trim());
+}
+
+fn parse_version(v: &str) -> (u64, u64) {
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+#[test]
+fn rust_version_covers_every_dependency() {
+    let declared = parse_version(env!("CARGO_PKG_RUST_VERSION"));
+    assert!(declared >= (1, 85), "edition 2024 needs 1.85");
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut checked = 0;
+    for p in meta["packages"].as_array().unwrap() {
+        if let Some(v) = p["rust_version"].as_str() {
+            checked += 1;
+            assert!(
+                parse_version(v) <= declared,
+                "{} {} needs Rust {v}, Cargo.toml says {}",
+                p["name"],
+                p["version"],
+                env!("CARGO_PKG_RUST_VERSION")
+            );
+        }
+    }
+    assert!(
+        checked > 50,
+        "only {checked} packages declare a rust-version"
+    );
+}
+
+#[test]
+fn readme_says_how_to_build_install_and_develop_without_an_account() {
+    let readme = repo_file("README.md");
+    for want in [
+        "cargo install --path .",
+        "target/release/cfq-relay",
+        "a C\ncompiler and `make`",
+        "on 2 cores",
+        &format!(
+            "Rust toolchain ({} or newer",
+            env!("CARGO_PKG_RUST_VERSION")
+        ),
+        "scripts/dev-loop.sh",
+        "scripts/image.sh",
+    ] {
+        assert!(readme.contains(want), "README: no {want:?}");
+    }
+    // The stats call needs the token, in the README and in the script CI runs.
+    let stats_call = "curl -s -H 'Authorization: Bearer dev-token' \\\n  http://127.0.0.1:8787/client/v4/_emulator/queues/dev-queue/stats";
+    assert!(
+        readme.contains(stats_call),
+        "README: the stats curl lacks the bearer header"
+    );
+    let script = repo_file("scripts/dev-loop.sh");
+    let stats = script
+        .lines()
+        .filter(|l| l.contains("/_emulator/queues/$queue/stats") && l.contains("curl -sf"))
+        .collect::<Vec<_>>();
+    assert!(!stats.is_empty());
+    assert!(
+        stats
+            .iter()
+            .all(|l| l.contains("Authorization: Bearer $token")),
+        "{stats:?}"
+    );
+    // The emulator's arguments sit in one place.
+    assert_eq!(script.matches("emulate_args=(").count(), 1);
+    assert!(script.contains("\"$relay\" emulate \"${emulate_args[@]}\""));
 }
