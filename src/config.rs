@@ -958,7 +958,6 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Strip userinfo and query (which may carry credentials) from a URL for display.
 /// `scheme://host[:port]` of a URL: enough to recognise a webhook in a log line, nothing of its
 /// path or query (which may carry a token).
 pub fn url_origin(url: &str) -> String {
@@ -972,6 +971,7 @@ pub fn url_origin(url: &str) -> String {
     }
 }
 
+/// Strip userinfo and query (which may carry credentials) from a URL for display.
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {

@@ -141,7 +141,8 @@ enum Command {
     },
     /// Serve a local webhook sink that answers 200 and counts what it got.
     ///
-    /// For development and benchmarks. Counts at GET /_receiver/stats. Webhook URL: http://ADDR/hook (any path works). Runs until SIGTERM or Ctrl-C.
+    /// For development and benchmarks. Counts at GET /_receiver/stats. Webhook URL:
+    /// http://ADDR/hook (any path works). Runs until SIGTERM or Ctrl-C.
     Receive {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
@@ -285,7 +286,7 @@ fn main() -> ExitCode {
 fn load_checked(path: &Path) -> Result<Config, ConfigError> {
     let config = Config::load(path)?;
     config.check_secrets()?;
-    if let Ok(filter) = std::env::var(EnvFilter::DEFAULT_ENV) {
+    if let Some(filter) = rust_log() {
         check_log_filter(EnvFilter::DEFAULT_ENV, &filter)?;
     }
     Ok(config)
@@ -328,9 +329,17 @@ fn runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCo
     }
 }
 
+/// `RUST_LOG`, unless unset or blank (`RUST_LOG= cfq-relay …` means "not set").
+fn rust_log() -> Option<String> {
+    std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+}
+
 /// `RUST_LOG` wins over the configured level.
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
+    let filter = rust_log()
+        .map_or_else(|| EnvFilter::try_new(level), EnvFilter::try_new)
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

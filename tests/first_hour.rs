@@ -164,7 +164,12 @@ fn a_mistyped_log_level_exits_2_naming_the_key_in_the_file_and_the_environment()
     for level in ["warn", "DEBUG", "info,cfq_relay=debug,hyper=off"] {
         let (code, stderr) = check(&good, &[("CFQ_RELAY__LOG__LEVEL", level)]);
         assert_eq!(code, Some(0), "{level}: {stderr}");
+        let (code, stderr) = check(&good, &[("RUST_LOG", level)]);
+        assert_eq!(code, Some(0), "RUST_LOG {level}: {stderr}");
     }
+    // A blank RUST_LOG counts as unset.
+    let (code, stderr) = check(&good, &[("RUST_LOG", "")]);
+    assert_eq!(code, Some(0), "blank RUST_LOG: {stderr}");
 }
 
 #[test]
