@@ -174,6 +174,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match load_checked(&config) {
             Ok(c) => {
+                for warning in readable_by_others(&c, &config) {
+                    eprintln!("cfq-relay: warning: {warning}");
+                }
                 println!("{}", c.summary());
                 ExitCode::SUCCESS
             }
@@ -185,6 +188,9 @@ fn main() -> ExitCode {
                 Err(e) => return config_error(&e),
             };
             init_logging(&config.log.level, config.log.format);
+            for warning in readable_by_others(&config, &path) {
+                tracing::warn!("{warning}");
+            }
             runtime(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(watch_signals(shutdown.clone()));
@@ -305,7 +311,24 @@ fn log_startup(config: &Config) {
 
 fn config_error(e: &ConfigError) -> ExitCode {
     eprintln!("cfq-relay: configuration error: {e}");
+    if let Some(detail) = e.detail() {
+        eprintln!("{detail}");
+    }
     ExitCode::from(EXIT_CONFIG)
+}
+
+/// Secrets readable by every local account: said at start, not refused (the operator decides).
+fn readable_by_others(config: &Config, path: &Path) -> Vec<String> {
+    config
+        .readable_by_others(path)
+        .into_iter()
+        .map(|(key, file)| {
+            format!(
+                "{key} ({}) is readable by other users; it holds a secret: chmod o-r it",
+                file.display()
+            )
+        })
+        .collect()
 }
 
 fn runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
