@@ -134,8 +134,12 @@ impl Consumer {
         ctx.metrics
             .concurrency_limit
             .set(i64::try_from(ctx.limiter.limit()).unwrap_or(i64::MAX));
-        info!(queue = %ctx.label, queue_id = %ctx.config.queue_id, concurrency = ctx.config.concurrency,
-            concurrency_mode = ?ctx.config.concurrency_mode, batch_size = ctx.config.batch_size, "consumer started");
+        // The one start-up line per consumer (the whole config is logged at DEBUG only).
+        info!(queue = %ctx.label, queue_id = %ctx.config.queue_id,
+            webhook = %crate::config::url_origin(&ctx.config.webhook.url),
+            batch_size = ctx.config.batch_size, concurrency = ctx.config.concurrency,
+            visibility = %crate::config::fmt_duration(ctx.config.visibility_timeout),
+            "consumer started");
         crate::poller::run(ctx.clone()).await;
         ctx.workers.close();
         ctx.workers.wait().await;
