@@ -874,7 +874,7 @@ async fn json_logs_are_one_object_per_line_with_fields() {
     assert_eq!(c["queue_id"], "q1");
     assert_eq!(c["webhook"], format!("http://{}", hook.addr).as_str());
     assert_eq!(c["batch_size"], 100);
-    assert_eq!(c["concurrency"], 64);
+    assert_eq!(c["concurrency"], 1000);
     assert_eq!(c["visibility"], "30s");
     assert!(find("effective configuration").is_empty(), "{lines:#?}");
 
