@@ -314,7 +314,12 @@ impl State {
     }
 
     /// Create a queue named `name` (its id derived from the name); `None` if the name is taken.
-    fn create(&mut self, name: &str, http_pull_consumer: bool, max_retries: u32) -> Option<&mut Queue> {
+    fn create(
+        &mut self,
+        name: &str,
+        http_pull_consumer: bool,
+        max_retries: u32,
+    ) -> Option<&mut Queue> {
         if self.names.contains_key(name) {
             return None;
         }
@@ -583,7 +588,8 @@ impl Emulator {
     /// Publish checked messages under one lock; returns their ids and the queue's metrics
     /// after them, or `None` if the queue does not exist.
     fn publish_drafts(&self, queue_id: &str, drafts: Vec<Draft>) -> Option<Vec<String>> {
-        self.publish_with_metrics(queue_id, drafts).map(|(ids, _)| ids)
+        self.publish_with_metrics(queue_id, drafts)
+            .map(|(ids, _)| ids)
     }
 
     fn publish_with_metrics(
@@ -662,7 +668,10 @@ impl Emulator {
                 q.settle(now, max_retries);
                 Ok(f(q, now, max_retries))
             }
-            None if !queue_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => {
+            None if !queue_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+            {
                 Err(fail(
                     StatusCode::BAD_REQUEST,
                     code::QUEUE_ID_MALFORMED,
@@ -1109,7 +1118,10 @@ impl Queue {
     /// Record that an ack or retry item named delivery `delivery`'s lease of message `seq`.
     fn answer(&mut self, seq: u64, delivery: u32) {
         let reused = self.book(seq).is_some_and(|b| {
-            match usize::try_from(delivery).ok().and_then(|i| b.lease_answers.get_mut(i)) {
+            match usize::try_from(delivery)
+                .ok()
+                .and_then(|i| b.lease_answers.get_mut(i))
+            {
                 Some(n) => {
                     *n += 1;
                     *n > 1
@@ -1200,9 +1212,9 @@ impl Queue {
 
     /// Whether delivery `delivery` of message `seq` is still leased (its lease is current).
     fn is_current(&self, seq: u64, delivery: u32) -> bool {
-        self.messages.get(&seq).is_some_and(|m| {
-            matches!(m.place, Place::Leased(_)) && m.attempts == delivery + 1
-        })
+        self.messages
+            .get(&seq)
+            .is_some_and(|m| matches!(m.place, Place::Leased(_)) && m.attempts == delivery + 1)
     }
 }
 
@@ -1382,7 +1394,11 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
 }
 
 fn auth_error() -> Response {
-    fail(StatusCode::FORBIDDEN, code::AUTHENTICATION, "Authentication error")
+    fail(
+        StatusCode::FORBIDDEN,
+        code::AUTHENTICATION,
+        "Authentication error",
+    )
 }
 
 /// `Path` of the routes under `…/queues/{queue_id}`.
@@ -1423,11 +1439,19 @@ async fn pull_handler(
         Ok(r) => r,
         Err(r) => return r,
     };
-    let batch_size = match whole("batch_size", req.batch_size.as_ref(), DEFAULT_BATCH, 1..=MAX_BATCH) {
+    let batch_size = match whole(
+        "batch_size",
+        req.batch_size.as_ref(),
+        DEFAULT_BATCH,
+        1..=MAX_BATCH,
+    ) {
         Ok(v) => v,
         Err(e) => return bad_request(code::BODY_INVALID, e),
     };
-    let visibility = req.visibility_timeout_ms.as_ref().or(req.visibility_timeout.as_ref());
+    let visibility = req
+        .visibility_timeout_ms
+        .as_ref()
+        .or(req.visibility_timeout.as_ref());
     let visibility_ms = match whole(
         "visibility_timeout_ms",
         visibility,
@@ -1523,10 +1547,14 @@ async fn ack_handler(
         );
     }
     let emu = app.emu.clone();
-    let out = app.emu.with_queue(&account, &queue_id, |q, now, max_retries| {
-        let qid = q.id.clone();
-        q.ack(now, &acks, &retries, max_retries, |l| emu.read_token(&qid, 0, l))
-    });
+    let out = app
+        .emu
+        .with_queue(&account, &queue_id, |q, now, max_retries| {
+            let qid = q.id.clone();
+            q.ack(now, &acks, &retries, max_retries, |l| {
+                emu.read_token(&qid, 0, l)
+            })
+        });
     let out = match out {
         Ok(o) => o,
         Err(r) => return r,
@@ -1560,7 +1588,12 @@ async fn peek_handler(
         Ok(r) => r,
         Err(r) => return r,
     };
-    let batch_size = match whole("batch_size", req.batch_size.as_ref(), DEFAULT_BATCH, 1..=MAX_BATCH) {
+    let batch_size = match whole(
+        "batch_size",
+        req.batch_size.as_ref(),
+        DEFAULT_BATCH,
+        1..=MAX_BATCH,
+    ) {
         Ok(v) => v,
         Err(e) => return bad_request(code::BODY_INVALID, e),
     };
@@ -1699,7 +1732,10 @@ async fn metrics_handler(
     if let Some(r) = gate(&app, &headers, None, &conn).await {
         return r;
     }
-    match app.emu.with_queue(&account, &queue_id, |q, _, _| q.metrics()) {
+    match app
+        .emu
+        .with_queue(&account, &queue_id, |q, _, _| q.metrics())
+    {
         Ok(r) => ok(r),
         Err(r) => r,
     }
@@ -1839,7 +1875,10 @@ async fn list_consumers_handler(
     if let Some(r) = gate(&app, &headers, None, &conn).await {
         return r;
     }
-    match app.emu.with_queue(&account, &queue_id, |q, _, _| q.consumers.clone()) {
+    match app
+        .emu
+        .with_queue(&account, &queue_id, |q, _, _| q.consumers.clone())
+    {
         Ok(r) => ok(r),
         Err(r) => r,
     }
@@ -1877,7 +1916,12 @@ async fn create_consumer_handler(
     }
     let settings = req.settings.unwrap_or(Value::Null);
     let number = |k: &str, default: u64, range| {
-        whole(k, settings.get(k).and_then(Value::as_number), default, range)
+        whole(
+            k,
+            settings.get(k).and_then(Value::as_number),
+            default,
+            range,
+        )
     };
     let max_retries = app.emu.inner.opts.max_retries;
     let parsed = (|| {
@@ -2001,7 +2045,9 @@ fn draft_from_request(
     };
     let payload = match (content_type, body) {
         (ContentType::Text, Value::String(s)) => s.into_bytes(),
-        (ContentType::Text, _) => return Err(schema("a text message's body must be a JSON string")),
+        (ContentType::Text, _) => {
+            return Err(schema("a text message's body must be a JSON string"));
+        }
         (ContentType::Json, v) => serde_json::to_vec(&v)
             .map_err(|e| schema(&format!("cannot serialize the body: {e}")))?,
         (ContentType::Bytes | ContentType::V8, Value::String(s)) => {
@@ -2037,13 +2083,20 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
 /// `MessageBulkPushResponse`: the queue's metrics after the publish.
 fn publish_answer(app: &App, account: &str, queue_id: &str, drafts: Vec<Draft>) -> Response {
     // Resolve (or create) the queue first, so that an unknown one answers 404 / 10104.
-    let key = match app.emu.with_queue(account, queue_id, |q, _, _| q.id.clone()) {
+    let key = match app
+        .emu
+        .with_queue(account, queue_id, |q, _, _| q.id.clone())
+    {
         Ok(id) => id,
         Err(r) => return r,
     };
     match app.emu.publish_with_metrics(&key, drafts) {
         Some((_, metrics)) => ok(serde_json::json!({"metadata": {"metrics": metrics}})),
-        None => fail(StatusCode::NOT_FOUND, code::QUEUE_NOT_FOUND, "Queue does not exist"),
+        None => fail(
+            StatusCode::NOT_FOUND,
+            code::QUEUE_NOT_FOUND,
+            "Queue does not exist",
+        ),
     }
 }
 
@@ -2094,9 +2147,19 @@ async fn publish_batch_handler(
             ),
         );
     }
-    let batch_delay = match whole("delay_seconds", req.delay_seconds.as_ref(), 0, 0..=MAX_DELAY_SECONDS) {
+    let batch_delay = match whole(
+        "delay_seconds",
+        req.delay_seconds.as_ref(),
+        0,
+        0..=MAX_DELAY_SECONDS,
+    ) {
         Ok(d) => d,
-        Err(e) => return bad_request(code::BATCH_DELAY_INVALID, format!("Invalid batch delay: {e}")),
+        Err(e) => {
+            return bad_request(
+                code::BATCH_DELAY_INVALID,
+                format!("Invalid batch delay: {e}"),
+            );
+        }
     };
     let mut drafts = Vec::with_capacity(req.messages.len());
     for m in req.messages {
@@ -2126,7 +2189,11 @@ async fn stats_handler(
         return auth_error();
     }
     if app.emu.queue_id(&queue_id).is_none() && !app.emu.inner.opts.create_queues_on_use {
-        return fail(StatusCode::NOT_FOUND, code::QUEUE_NOT_FOUND, "Queue does not exist");
+        return fail(
+            StatusCode::NOT_FOUND,
+            code::QUEUE_NOT_FOUND,
+            "Queue does not exist",
+        );
     }
     axum::Json(app.emu.stats(&queue_id)).into_response()
 }
@@ -2872,7 +2939,10 @@ mod tests {
         assert_eq!(st, 200, "{v}");
         assert_eq!(v["success"], true);
         // The SDK's MessagePushResponse: the queue's metrics after the publish.
-        assert_eq!(v["result"]["metadata"]["metrics"]["backlog_count"], 1, "{v}");
+        assert_eq!(
+            v["result"]["metadata"]["metrics"]["backlog_count"], 1,
+            "{v}"
+        );
         assert_eq!(
             one(json!({"body": "hi", "content_type": "text"})).await.0,
             200
@@ -2919,7 +2989,10 @@ mod tests {
             )
             .await;
         assert_eq!(st, 200, "{v}");
-        assert_eq!(v["result"]["metadata"]["metrics"]["backlog_count"], 7, "{v}");
+        assert_eq!(
+            v["result"]["metadata"]["metrics"]["backlog_count"], 7,
+            "{v}"
+        );
         // A batch with one bad message publishes nothing.
         let (st, _) = h
             .post(
@@ -3181,6 +3254,398 @@ mod tests {
             .await
             .expect("answer");
         assert_eq!(resp.status().as_u16(), 405);
+    }
+
+    const ACCOUNT: &str = "acc123";
+
+    /// An emulator as `cfq-relay emulate` runs it: one account, queues only when created.
+    async fn strict(queues: &[&str]) -> Harness {
+        harness(EmulatorOptions {
+            account_id: Some(ACCOUNT.into()),
+            queues: queues.iter().map(|q| (*q).to_owned()).collect(),
+            create_queues_on_use: false,
+            ..EmulatorOptions::default()
+        })
+        .await
+    }
+
+    impl Harness {
+        async fn call(
+            &self,
+            method: reqwest::Method,
+            url: &str,
+            body: Option<Value>,
+        ) -> (u16, Value) {
+            let mut req = self.http.request(method, url).bearer_auth(TOKEN);
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            let resp = req.send().await.expect("answer");
+            let st = resp.status().as_u16();
+            (st, resp.json().await.unwrap_or(Value::Null))
+        }
+
+        fn queues_url(&self, account: &str, tail: &str) -> String {
+            format!("{}/accounts/{account}/queues{tail}", self.base)
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_queues_and_accounts_answer_404_10104() {
+        let h = strict(&["dev-queue"]).await;
+        let not_found = |(st, v): (u16, Value)| {
+            assert_eq!(
+                (st, &v["errors"][0]["code"], &v["success"]),
+                (404, &json!(10104), &json!(false)),
+                "{v}"
+            );
+        };
+        for tail in ["/pull", "/ack", "", "/batch", "/peek"] {
+            not_found(
+                h.post(&h.url("nope", tail), json!({"body": "x", "messages": []}))
+                    .await,
+            );
+        }
+        let other = format!("{}/accounts/other/queues/dev-queue/messages/pull", h.base);
+        not_found(h.post(&other, json!({})).await);
+        not_found(
+            h.call(reqwest::Method::GET, &h.queues_url("other", ""), None)
+                .await,
+        );
+        not_found(
+            h.call(reqwest::Method::GET, &h.queues_url(ACCOUNT, "/nope"), None)
+                .await,
+        );
+        let (st, v) = h.post(&h.url("bad%20id", "/pull"), json!({})).await;
+        assert_eq!((st, &v["errors"][0]["code"]), (400, &json!(10107)), "{v}");
+        assert_eq!(h.emu.stats("nope"), QueueStats::default());
+        // The queue is there by name and by id.
+        let id = h.emu.queue_id("dev-queue").expect("created");
+        assert_eq!(id.len(), 32);
+        assert_eq!(h.post(&h.url("dev-queue", "/pull"), json!({})).await.0, 200);
+        assert_eq!(h.post(&h.url(&id, "/pull"), json!({})).await.0, 200);
+        assert_eq!(h.emu.stats(&id).pull_calls, 2);
+    }
+
+    #[tokio::test]
+    async fn queues_are_created_listed_shown_and_deleted() {
+        use reqwest::Method;
+        let h = strict(&["dev-queue"]).await;
+        let (st, v) = h
+            .call(
+                Method::POST,
+                &h.queues_url(ACCOUNT, ""),
+                Some(json!({"queue_name": "orders"})),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        let id = v["result"]["queue_id"]
+            .as_str()
+            .expect("queue_id")
+            .to_owned();
+        assert_eq!(v["result"]["queue_name"], "orders");
+        assert_eq!(
+            v["result"]["consumers"],
+            json!([]),
+            "a new queue has no consumer"
+        );
+        let (st, v) = h
+            .call(
+                Method::POST,
+                &h.queues_url(ACCOUNT, ""),
+                Some(json!({"queue_name": "orders"})),
+            )
+            .await;
+        assert_eq!((st, &v["errors"][0]["code"]), (409, &json!(11009)), "{v}");
+        let (st, v) = h
+            .call(
+                Method::POST,
+                &h.queues_url(ACCOUNT, ""),
+                Some(json!({"queue_name": "Bad Name"})),
+            )
+            .await;
+        assert_eq!((st, &v["errors"][0]["code"]), (400, &json!(10207)), "{v}");
+
+        let (st, v) = h.call(Method::GET, &h.queues_url(ACCOUNT, ""), None).await;
+        assert_eq!(st, 200);
+        let names: Vec<&str> = v["result"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|q| q["queue_name"].as_str())
+            .collect();
+        assert_eq!(names, ["dev-queue", "orders"]);
+
+        // `--queue` queues come with an HTTP pull consumer, as Cloudflare shows it.
+        let (st, v) = h
+            .call(Method::GET, &h.queues_url(ACCOUNT, "/dev-queue"), None)
+            .await;
+        assert_eq!(st, 200, "{v}");
+        let c = &v["result"]["consumers"][0];
+        assert_eq!(
+            (c["type"].as_str(), c["queue_name"].as_str()),
+            (Some("http_pull"), Some("dev-queue")),
+            "{v}"
+        );
+        assert_eq!(c["settings"]["visibility_timeout_ms"], 30_000);
+
+        // A consumer added through the API, listed, fetched and deleted.
+        let consumers = h.queues_url(ACCOUNT, &format!("/{id}/consumers"));
+        let (st, v) = h
+            .call(Method::POST, &consumers, Some(json!({"type": "http_pull", "settings": {"batch_size": 50.0, "max_retries": 5}})))
+            .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["result"]["settings"]["batch_size"], 50);
+        let cid = v["result"]["consumer_id"]
+            .as_str()
+            .expect("consumer_id")
+            .to_owned();
+        let (_, v) = h.call(Method::GET, &consumers, None).await;
+        assert_eq!(v["result"].as_array().map(Vec::len), Some(1));
+        let one = format!("{consumers}/{cid}");
+        assert_eq!(h.call(Method::GET, &one, None).await.0, 200);
+        assert_eq!(h.call(Method::DELETE, &one, None).await.0, 200);
+        assert_eq!(h.call(Method::GET, &one, None).await.0, 404);
+        let (st, _) = h
+            .call(
+                Method::POST,
+                &consumers,
+                Some(json!({"type": "worker", "script_name": "w"})),
+            )
+            .await;
+        assert_eq!(st, 400);
+
+        // Deleted: gone for every call.
+        let (st, v) = h
+            .call(
+                Method::DELETE,
+                &h.queues_url(ACCOUNT, &format!("/{id}")),
+                None,
+            )
+            .await;
+        assert_eq!((st, &v["success"]), (200, &json!(true)), "{v}");
+        assert_eq!(h.post(&h.url("orders", "/pull"), json!({})).await.0, 404);
+    }
+
+    #[tokio::test]
+    async fn publish_limits_follow_cloudflare() {
+        let h = strict(&["q"]).await;
+        let code_of = |(st, v): (u16, Value)| (st, v["errors"][0]["code"].as_u64().unwrap_or(0));
+        let text_of = |n: usize| "a".repeat(n);
+        // 128 KB = 128,000 bytes, ~100 of them metadata.
+        let fits = MAX_MESSAGE_BYTES - MESSAGE_METADATA_BYTES;
+        let one = h.url("q", "");
+        assert_eq!(
+            code_of(
+                h.post(&one, json!({"body": text_of(fits), "content_type": "text"}))
+                    .await
+            ),
+            (200, 0)
+        );
+        assert_eq!(
+            code_of(
+                h.post(
+                    &one,
+                    json!({"body": text_of(fits + 1), "content_type": "text"})
+                )
+                .await
+            ),
+            (400, 10204)
+        );
+        assert_eq!(
+            code_of(
+                h.post(
+                    &one,
+                    json!({"body": text_of(131_072), "content_type": "text"})
+                )
+                .await
+            ),
+            (400, 10204)
+        );
+        // 256 KB per batch: 3 × 100 KB does not fit, 2 do.
+        let batch = h.url("q", "/batch");
+        let msgs = |n: usize| json!({"messages": (0..n).map(|_| json!({"body": text_of(100_000), "content_type": "text"})).collect::<Vec<_>>()});
+        assert_eq!(code_of(h.post(&batch, msgs(3)).await), (400, 10205));
+        assert_eq!(code_of(h.post(&batch, msgs(2)).await), (200, 0));
+        let many = json!({"messages": (0..101).map(|i| json!({"body": i})).collect::<Vec<_>>()});
+        assert_eq!(code_of(h.post(&batch, many).await), (400, 10206));
+        assert_eq!(
+            code_of(
+                h.post(&batch, json!({"messages": [], "delay_seconds": 86_401}))
+                    .await
+            ),
+            (400, 10202)
+        );
+        assert_eq!(
+            code_of(
+                h.post(
+                    &batch,
+                    json!({"messages": [{"body": 1}], "delay_seconds": 2.5})
+                )
+                .await
+            ),
+            (400, 10202)
+        );
+        assert_eq!(
+            code_of(h.raw(&batch, "{\"messages\": [").await.into_parts()),
+            (400, 10208)
+        );
+        assert_eq!(
+            code_of(h.post(&batch, json!({"messages": 5})).await),
+            (400, 10207)
+        );
+        assert_eq!(
+            h.emu.stats("q").published,
+            3,
+            "refused calls publish nothing"
+        );
+    }
+
+    trait IntoParts {
+        fn into_parts(self) -> (u16, Value);
+    }
+
+    impl IntoParts for (u16, Option<String>, Value) {
+        fn into_parts(self) -> (u16, Value) {
+            (self.0, self.2)
+        }
+    }
+
+    #[tokio::test]
+    async fn whole_floats_are_numbers_and_the_legacy_visibility_field_is_read() {
+        let h = strict(&["q"]).await;
+        let (st, v) = h
+            .post(
+                &h.url("q", ""),
+                json!({"body": "x", "content_type": "text", "delay_seconds": 0.0}),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        let (st, v) = h
+            .post(
+                &h.url("q", "/pull"),
+                json!({"batch_size": 10.0, "visibility_timeout": 1000}),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        let m = v["result"]["messages"][0].clone();
+        h.emu.advance(Duration::from_secs(2));
+        assert_eq!(
+            h.emu.stats("q").lease_expired,
+            1,
+            "visibility_timeout (ms) was honoured"
+        );
+        let m2 = h
+            .pull_messages("q", json!({"visibility_timeout_ms": 60_000.0}))
+            .await
+            .remove(0);
+        let r = h.ack("q", &[], &[(&lease(&m2), 0)]).await;
+        assert_eq!(r["retryCount"], 1);
+        let body = json!({"retries": [{"lease_id": lease(&m), "delay_seconds": 5.5}]});
+        let (st, v) = h.post(&h.url("q", "/ack"), body).await;
+        assert_eq!((st, &v["errors"][0]["code"]), (400, &json!(10203)), "{v}");
+        let body = json!({"retries": [{"lease_id": lease(&m), "delay_seconds": 5.0}]});
+        assert_eq!(h.post(&h.url("q", "/ack"), body).await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn peek_does_not_lease_and_purge_removes() {
+        let h = strict(&["q"]).await;
+        for i in 0..3 {
+            let (st, _) = h.post(&h.url("q", ""), json!({"body": format!("m{i}"), "content_type": "text", "delay_seconds": if i == 2 { 60 } else { 0 }})).await;
+            assert_eq!(st, 200);
+        }
+        let (st, v) = h
+            .post(&h.url("q", "/peek"), json!({"batch_size": 10}))
+            .await;
+        assert_eq!(st, 200, "{v}");
+        let peeked = v["result"]["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(peeked.len(), 2, "the delayed one is not ready: {v}");
+        assert!(
+            peeked[0]["lease_id"].is_null() && peeked[0]["ref"].is_string(),
+            "{v}"
+        );
+        assert_eq!(h.emu.stats("q").deliveries, 0, "a peek leases nothing");
+        // Purge the first by its ref; an unknown ref is a warning.
+        let refs = json!({"refs": [{"ref": peeked[0]["ref"]}, {"ref": "nope"}]});
+        let (st, v) = h.post(&h.url("q", "/purge"), refs).await;
+        assert_eq!(st, 200, "{v}");
+        assert!(v["result"]["warnings"]["nope"].is_string(), "{v}");
+        let msgs = h.pull_messages("q", json!({})).await;
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0]["body"], "m1");
+        assert_eq!(msgs[0]["metadata"]["CF-sourceMessageSource"], "api");
+        // The whole queue: only when confirmed.
+        let purge = format!("{}/accounts/{ACCOUNT}/queues/q/purge", h.base);
+        assert_eq!(h.post(&purge, json!({})).await.0, 400);
+        let (st, v) = h
+            .post(&purge, json!({"delete_messages_permanently": true}))
+            .await;
+        assert_eq!((st, &v["result"]["queue_name"]), (200, &json!("q")), "{v}");
+        let (_, v) = h.call(reqwest::Method::GET, &purge, None).await;
+        assert_eq!(v["result"]["completed"], "true");
+        let s = h.emu.stats("q");
+        assert_eq!((s.purged, s.backlog, s.in_flight), (3, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_double_ack_shows_in_the_books_and_the_stats_endpoint() {
+        let h = strict(&["q"]).await;
+        text(&h.emu, "q", "once");
+        let m = h.pull_messages("q", json!({})).await.remove(0);
+        assert_eq!(h.ack("q", &[&lease(&m)], &[]).await["ackCount"], 1);
+        let stats = |h: &Harness| {
+            let url = format!("{}/_emulator/queues/q/stats", h.base);
+            let http = h.http.clone();
+            async move {
+                let v: Value = http
+                    .get(url)
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .expect("answer")
+                    .json()
+                    .await
+                    .expect("json");
+                v
+            }
+        };
+        let v = stats(&h).await;
+        assert_eq!(
+            (v["acked"].as_u64(), v["double_acks"].as_u64()),
+            (Some(1), Some(0)),
+            "{v}"
+        );
+        // The same lease once more, then in a retry: the books count each item.
+        assert_eq!(
+            h.ack("q", &[&lease(&m)], &[(&lease(&m), 0)]).await["ackCount"],
+            1
+        );
+        let v = stats(&h).await;
+        assert_eq!(
+            (
+                v["acked"].as_u64(),
+                v["double_acks"].as_u64(),
+                v["reused_leases"].as_u64(),
+                v["retried"].as_u64()
+            ),
+            (Some(2), Some(1), Some(2), Some(1)),
+            "{v}"
+        );
+        let b = &h.emu.books("q")[0];
+        assert_eq!(
+            (b.acks, b.lease_answers.clone(), b.retries.clone()),
+            (2, vec![3], vec![0])
+        );
+        // A lease of another queue is unknown here.
+        text(&h.emu, "other", "x");
+        let o = h.pull_messages("other", json!({})).await.remove(0);
+        let r = h.ack("q", &[&lease(&o)], &[]).await;
+        assert_eq!(r["ackCount"], 0);
+        assert!(r["warnings"][lease(&o)].is_string(), "{r}");
     }
 
     /// The core stays O(log n) per message: 20k messages through publish, pull, retry, ack.
