@@ -13,6 +13,7 @@ pub mod demo;
 pub mod emulator;
 pub mod gate;
 pub mod metrics;
+pub mod online;
 pub mod policy;
 pub mod poller;
 pub mod receiver;

@@ -60,6 +60,11 @@ enum Command {
     CheckConfig {
         #[arg(long, short, env = "CFQ_RELAY_CONFIG")]
         config: PathBuf,
+        /// Also ask the API (read-only calls, no pull) whether the token works, the account
+        /// and each consumer's queue exist and each queue has an HTTP pull consumer; one line
+        /// per failing consumer, exit 1.
+        #[arg(long)]
+        online: bool,
     },
     /// Ask a running relay's admin server for /healthz (or /readyz): exit 0 on a 200, else 1.
     /// For container health checks: needs no shell, curl or wget.
@@ -95,6 +100,14 @@ enum Command {
         /// Put json bodies on the wire as raw JSON instead of base64.
         #[arg(long)]
         json_raw: bool,
+        /// Create a queue of this name, with an HTTP pull consumer (repeatable). Calls may name
+        /// a queue by its id or its name; any other queue answers 404 (code 10104), as on
+        /// Cloudflare. More can be created through the API (POST …/queues).
+        #[arg(long = "queue", value_name = "NAME")]
+        queues: Vec<String>,
+        /// The account id the API answers for; others answer 404 (code 10104).
+        #[arg(long, default_value = "0123456789abcdef0123456789abcdef")]
+        account_id: String,
     },
     /// Serve a local webhook sink: answers every request with 200 and counts what it got
     /// (GET /_receiver/stats). For development and benchmarks.
@@ -123,8 +136,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config, online } => match Config::load(&config) {
             Ok(c) => match c.check_secrets() {
+                Ok(_) if online => check_online(&c),
                 Ok(_) => {
                     println!("{}", c.summary());
                     ExitCode::SUCCESS
@@ -181,6 +195,8 @@ fn main() -> ExitCode {
             max_retries,
             latency_ms,
             json_raw,
+            queues,
+            account_id,
         } => {
             init_logging("info", LogFormat::Text);
             runtime(async move {
@@ -191,12 +207,22 @@ fn main() -> ExitCode {
                     max_retries,
                     latency: Duration::from_millis(latency_ms),
                     json_raw,
+                    account_id: Some(account_id.clone()),
+                    queues: queues.clone(),
+                    create_queues_on_use: false,
                 });
                 let addr = emulator.start(listen, shutdown.clone()).await?;
                 println!(
-                    "Cloudflare Queues emulator: api_base_url = \"{}\"",
+                    "Cloudflare Queues emulator: api_base_url = \"{}\", account_id = \"{account_id}\"",
                     Emulator::base_url(addr)
                 );
+                if queues.is_empty() {
+                    println!("no queue yet: add `--queue NAME`, or create one with POST …/queues");
+                }
+                for name in &queues {
+                    let id = emulator.queue_id(name).unwrap_or_default();
+                    println!("queue {name:?}: queue_id = \"{id}\" (the name works too)");
+                }
                 shutdown.cancelled().await;
                 Ok(())
             })
@@ -237,6 +263,35 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// `check-config --online`: the summary, then one line per failing consumer (exit 1).
+fn check_online(config: &Config) -> ExitCode {
+    let token = match config.resolve_token() {
+        Ok(t) => t,
+        Err(e) => return config_error(&e),
+    };
+    let problems = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(cfq_relay::online::check(config, &token)))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cfq-relay: check-config --online: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", config.summary());
+    if problems.is_empty() {
+        println!("online: the token works; every queue exists and has an HTTP pull consumer");
+        return ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("cfq-relay: check-config --online: {p}");
+    }
+    ExitCode::FAILURE
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {
