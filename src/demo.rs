@@ -148,9 +148,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     let stop = CancellationToken::new();
     let _stop_guard = stop.clone().drop_guard();
     let token = "demo-token";
+    let queue = "demo-queue";
+    // Strict, as `cfq-relay emulate` runs: one account, and the demo's queue created up front.
     let emulator = Emulator::new(EmulatorOptions {
         token: Some(token.into()),
         max_retries: 3,
+        account_id: Some("0123456789abcdef0123456789abcdef".into()),
+        queues: vec![queue.into()],
+        create_queues_on_use: false,
         ..EmulatorOptions::default()
     });
     let api = emulator
@@ -174,7 +179,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             .await;
     });
 
-    let queue = "demo-queue";
     let mut published = 0u64;
     {
         let mut expected = receiver

@@ -189,6 +189,27 @@ impl Api {
         Ok(value)
     }
 
+    /// Create `queue` unless it exists (the emulator, like Cloudflare, answers 404 for a queue
+    /// never created).
+    async fn create_queue(&self, queue: &str) -> anyhow::Result<()> {
+        let url = format!("{}/accounts/{ACCOUNT}/queues", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .json(&json!({"queue_name": queue}))
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = resp.status();
+        // 409: it exists already.
+        if !status.is_success() && status.as_u16() != 409 {
+            let text = resp.text().await.unwrap_or_default();
+            bail!("POST {url}: {status}: {text}");
+        }
+        Ok(())
+    }
+
     /// The emulator's counters of a queue (`published`, `acked`, `pull_calls`, …).
     async fn stats(&self, queue: &str) -> anyhow::Result<Value> {
         let url = format!("{}/_emulator/queues/{queue}/stats", self.base);
@@ -232,10 +253,14 @@ async fn publish(
 ) -> anyhow::Result<()> {
     let raw: Vec<u8> = (0..size).map(|b| (b * 31 % 251) as u8).collect();
     let b64 = STANDARD.encode(raw);
+    api.create_queue(queue).await?;
     let url = api.queue_url(queue, "/batch");
+    // A batch holds at most 100 messages and 256 KB (each message's ~100 bytes of metadata
+    // included); bytes bodies go as base64, but the limit counts the payload.
+    let per_batch = (250_000 / (size + 100)).clamp(1, 100);
     let batches: Vec<(usize, usize)> = (0..messages)
-        .step_by(100)
-        .map(|start| (start, (start + 100).min(messages)))
+        .step_by(per_batch)
+        .map(|start| (start, (start + per_batch).min(messages)))
         .collect();
     let mut calls = futures_util::stream::iter(batches)
         .map(|(start, end)| {
@@ -952,6 +977,7 @@ struct IdleRun {
 
 async fn idle_run(bed: &Bed, warm_up: Duration, window: Duration) -> anyhow::Result<IdleRun> {
     let queue = "bench-idle";
+    bed.api.create_queue(queue).await?;
     let relay = bed.start_relay("idle-relay", queue, Profile::Default)?;
     tokio::time::sleep(warm_up).await;
     let s0 = bed.api.stats(queue).await?;
