@@ -25,8 +25,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::connect_info::Connected;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State as Ctx};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State as Ctx};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::{IncomingStream, Listener};
@@ -715,6 +716,7 @@ impl Emulator {
             .route(&format!("{q}/messages/purge"), post(purge_messages_handler))
             .route(&format!("{q}/messages"), post(publish_handler))
             .route(&format!("{q}/messages/batch"), post(publish_batch_handler))
+            .route_layer(axum::middleware::from_fn_with_state(app.clone(), api_gate))
             .route(
                 "/client/v4/_emulator/queues/{queue_id}/stats",
                 get(stats_handler),
@@ -1291,6 +1293,28 @@ fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Response> {
         .map_err(body_error)
 }
 
+/// A JSON request body read as [`parse`] reads it; the rejection is the 400 answer.
+struct Body<T>(T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        parse(&bytes).map(Body)
+    }
+}
+
+/// A handler's result as an answer: the envelope around it, or the error answer.
+fn reply<T: Serialize>(r: Result<T, Response>) -> Response {
+    match r {
+        Ok(v) => ok(v),
+        Err(r) => r,
+    }
+}
+
 fn body_error(e: serde_json::Error) -> Response {
     if e.is_syntax() || e.is_eof() {
         bad_request(
@@ -1334,18 +1358,22 @@ fn whole(
     }
 }
 
-/// Latency, authentication and injected faults, before a Cloudflare API call is handled.
-/// `Some` is the answer to give instead of handling it.
-async fn gate(app: &App, headers: &HeaderMap, op: Option<Op>, conn: &Conn) -> Option<Response> {
+/// Latency and authentication, before every Cloudflare API call (a route layer).
+async fn api_gate(Ctx(app): Ctx<App>, req: Request, next: Next) -> Response {
     let latency = app.emu.inner.opts.latency;
     if !latency.is_zero() && !sleep_or_shutdown(latency, &app.shutdown).await {
-        return Some(shutting_down());
+        return shutting_down();
     }
-    if !app.emu.authorized(headers) {
-        return Some(auth_error());
+    if !app.emu.authorized(req.headers()) {
+        return auth_error();
     }
-    let fault = op.and_then(|op| app.emu.take_fault(op).map(|f| (op, f)));
-    let (op, fault) = fault?;
+    next.run(req).await
+}
+
+/// An injected fault for this call of `op`, if one is queued: `Some` is the answer to give
+/// instead of handling it.
+async fn fault(app: &App, op: Op, conn: &Conn) -> Option<Response> {
+    let fault = app.emu.take_fault(op)?;
     debug!(?op, ?fault, "emulator: injecting a fault");
     match fault {
         Fault::Status {
@@ -1401,6 +1429,13 @@ fn auth_error() -> Response {
     )
 }
 
+/// `batch_size` of a pull or a peek: 1 to 100, default 5; `Err` is the 400 answer (10207).
+fn batch_size(n: &Option<serde_json::Number>) -> Result<usize, Response> {
+    whole("batch_size", n.as_ref(), DEFAULT_BATCH, 1..=MAX_BATCH)
+        .map(|v| usize::try_from(v).unwrap_or(1))
+        .map_err(|e| bad_request(code::BODY_INVALID, e))
+}
+
 /// `Path` of the routes under `…/queues/{queue_id}`.
 type QueuePath = Path<(String, String)>;
 
@@ -1429,24 +1464,14 @@ async fn pull_handler(
     Ctx(app): Ctx<App>,
     ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-    body: Bytes,
+    Body(req): Body<PullRequest>,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, Some(Op::Pull), &conn).await {
+    if let Some(r) = fault(&app, Op::Pull, &conn).await {
         return r;
     }
-    let req: PullRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let batch_size = match whole(
-        "batch_size",
-        req.batch_size.as_ref(),
-        DEFAULT_BATCH,
-        1..=MAX_BATCH,
-    ) {
+    let batch_size = match batch_size(&req.batch_size) {
         Ok(v) => v,
-        Err(e) => return bad_request(code::BODY_INVALID, e),
+        Err(r) => return r,
     };
     let visibility = req
         .visibility_timeout_ms
@@ -1466,7 +1491,7 @@ async fn pull_handler(
         let qid = q.id.clone();
         let messages = q.pull(
             now,
-            usize::try_from(batch_size).unwrap_or(1),
+            batch_size,
             Duration::from_millis(visibility_ms),
             |seq, delivery| emu.token_for(&qid, 0, seq, delivery),
         );
@@ -1478,10 +1503,7 @@ async fn pull_handler(
             },
         }
     });
-    match result {
-        Ok(r) => ok(r),
-        Err(r) => r,
-    }
+    reply(result)
 }
 
 #[derive(Deserialize, Default)]
@@ -1523,16 +1545,11 @@ async fn ack_handler(
     Ctx(app): Ctx<App>,
     ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-    body: Bytes,
+    Body(req): Body<AckRequest>,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, Some(Op::Ack), &conn).await {
+    if let Some(r) = fault(&app, Op::Ack, &conn).await {
         return r;
     }
-    let req: AckRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
     let acks = req.acks.unwrap_or_default();
     let retries = req.retries.unwrap_or_default();
     if retries
@@ -1576,42 +1593,23 @@ struct PeekRequest {
 
 async fn peek_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-    body: Bytes,
+    Body(req): Body<PeekRequest>,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
-    let req: PeekRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let batch_size = match whole(
-        "batch_size",
-        req.batch_size.as_ref(),
-        DEFAULT_BATCH,
-        1..=MAX_BATCH,
-    ) {
+    let batch_size = match batch_size(&req.batch_size) {
         Ok(v) => v,
-        Err(e) => return bad_request(code::BODY_INVALID, e),
+        Err(r) => return r,
     };
     let emu = app.emu.clone();
     let result = app.emu.with_queue(&account, &queue_id, |q, _, _| {
         let qid = q.id.clone();
-        let messages = q.peek(usize::try_from(batch_size).unwrap_or(1), |seq| {
-            emu.token_for(&qid, 1, seq, 0)
-        });
+        let messages = q.peek(batch_size, |seq| emu.token_for(&qid, 1, seq, 0));
         serde_json::json!({
             "messages": messages,
             "metadata": {"metrics": q.metrics()},
         })
     });
-    match result {
-        Ok(r) => ok(r),
-        Err(r) => r,
-    }
+    reply(result)
 }
 
 #[derive(Deserialize, Default)]
@@ -1629,18 +1627,9 @@ struct PeekRef {
 /// never issued) answers a warning.
 async fn purge_messages_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-    body: Bytes,
+    Body(req): Body<PurgeMessagesRequest>,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
-    let req: PurgeMessagesRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
     let emu = app.emu.clone();
     let result = app.emu.with_queue(&account, &queue_id, |q, _, _| {
         let qid = q.id.clone();
@@ -1662,10 +1651,7 @@ async fn purge_messages_handler(
         }
         serde_json::json!({"errors": [], "warnings": warnings})
     });
-    match result {
-        Ok(r) => ok(r),
-        Err(r) => r,
-    }
+    reply(result)
 }
 
 #[derive(Deserialize, Default)]
@@ -1675,70 +1661,39 @@ struct PurgeQueueRequest {
 
 async fn purge_queue_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-    body: Bytes,
+    Body(req): Body<PurgeQueueRequest>,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
-    let req: PurgeQueueRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
     if req.delete_messages_permanently != Some(true) {
         return bad_request(
             code::BODY_INVALID,
             "delete_messages_permanently must be true to confirm that every message is deleted",
         );
     }
-    match app.emu.with_queue(&account, &queue_id, |q, _, _| {
+    reply(app.emu.with_queue(&account, &queue_id, |q, _, _| {
         q.purge_all();
         q.info()
-    }) {
-        Ok(r) => ok(r),
-        Err(r) => r,
-    }
+    }))
 }
 
 async fn purge_status_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
     // A purge completes within its call here.
-    match app.emu.with_queue(&account, &queue_id, |q, _, _| {
+    reply(app.emu.with_queue(&account, &queue_id, |q, _, _| {
         serde_json::json!({
             "completed": if q.last_purge.is_some() { "true" } else { "false" },
             "started_at": q.last_purge,
         })
-    }) {
-        Ok(r) => ok(r),
-        Err(r) => r,
-    }
+    }))
 }
 
-async fn metrics_handler(
-    Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
-    Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
-    match app
-        .emu
-        .with_queue(&account, &queue_id, |q, _, _| q.metrics())
-    {
-        Ok(r) => ok(r),
-        Err(r) => r,
-    }
+async fn metrics_handler(Ctx(app): Ctx<App>, Path((account, queue_id)): QueuePath) -> Response {
+    reply(
+        app.emu
+            .with_queue(&account, &queue_id, |q, _, _| q.metrics()),
+    )
 }
 
 // Queues and their consumers -------------------------------------------------------------------
@@ -1751,15 +1706,7 @@ fn unknown_account() -> Response {
     )
 }
 
-async fn list_queues_handler(
-    Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
-    Path(account): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
+async fn list_queues_handler(Ctx(app): Ctx<App>, Path(account): Path<String>) -> Response {
     if !app.emu.account_known(&account) {
         return unknown_account();
     }
@@ -1783,7 +1730,7 @@ async fn list_queues_handler(
     .into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct CreateQueueRequest {
     queue_name: String,
 }
@@ -1798,21 +1745,12 @@ fn valid_queue_name(name: &str) -> bool {
 
 async fn create_queue_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path(account): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    Body(req): Body<CreateQueueRequest>,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
     if !app.emu.account_known(&account) {
         return unknown_account();
     }
-    let req: CreateQueueRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return body_error(e),
-    };
     if !valid_queue_name(&req.queue_name) {
         return bad_request(
             code::BODY_INVALID,
@@ -1830,19 +1768,8 @@ async fn create_queue_handler(
     }
 }
 
-async fn get_queue_handler(
-    Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
-    Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
-    match app.emu.with_queue(&account, &queue_id, |q, _, _| q.info()) {
-        Ok(r) => ok(r),
-        Err(r) => r,
-    }
+async fn get_queue_handler(Ctx(app): Ctx<App>, Path((account, queue_id)): QueuePath) -> Response {
+    reply(app.emu.with_queue(&account, &queue_id, |q, _, _| q.info()))
 }
 
 /// The answer of a delete: the envelope alone (the SDK's `QueueDeleteResponse`).
@@ -1852,13 +1779,8 @@ fn deleted() -> Response {
 
 async fn delete_queue_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
     if let Err(r) = app.emu.with_queue(&account, &queue_id, |_, _, _| ()) {
         return r;
     }
@@ -1868,23 +1790,15 @@ async fn delete_queue_handler(
 
 async fn list_consumers_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
-    match app
-        .emu
-        .with_queue(&account, &queue_id, |q, _, _| q.consumers.clone())
-    {
-        Ok(r) => ok(r),
-        Err(r) => r,
-    }
+    reply(
+        app.emu
+            .with_queue(&account, &queue_id, |q, _, _| q.consumers.clone()),
+    )
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct CreateConsumerRequest {
     #[serde(rename = "type")]
     kind: String,
@@ -1896,18 +1810,9 @@ struct CreateConsumerRequest {
 
 async fn create_consumer_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-    body: Bytes,
+    Body(req): Body<CreateConsumerRequest>,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
-    let req: CreateConsumerRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return body_error(e),
-    };
     if req.kind != "http_pull" {
         return bad_request(
             code::BODY_INVALID,
@@ -1941,16 +1846,13 @@ async fn create_consumer_handler(
         Ok(s) => s,
         Err(e) => return bad_request(code::BODY_INVALID, e),
     };
-    match app.emu.with_queue(&account, &queue_id, |q, _, _| {
+    reply(app.emu.with_queue(&account, &queue_id, |q, _, _| {
         let mut c = HttpPullConsumer::new(&q.name, max_retries);
         c.settings = settings;
         c.dead_letter_queue = req.dead_letter_queue.unwrap_or_default();
         q.consumers.push(c.clone());
         c
-    }) {
-        Ok(r) => ok(r),
-        Err(r) => r,
-    }
+    }))
 }
 
 fn consumer_not_found() -> Response {
@@ -1959,13 +1861,8 @@ fn consumer_not_found() -> Response {
 
 async fn get_consumer_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id, consumer_id)): Path<(String, String, String)>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
     match app.emu.with_queue(&account, &queue_id, |q, _, _| {
         q.consumers
             .iter()
@@ -1980,13 +1877,8 @@ async fn get_consumer_handler(
 
 async fn delete_consumer_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id, consumer_id)): Path<(String, String, String)>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
     match app.emu.with_queue(&account, &queue_id, |q, _, _| {
         let before = q.consumers.len();
         q.consumers.retain(|c| c.consumer_id != consumer_id);
@@ -2000,7 +1892,7 @@ async fn delete_consumer_handler(
 
 // Producers ------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct PublishRequest {
     body: Option<Value>,
     content_type: Option<String>,
@@ -2102,21 +1994,9 @@ fn publish_answer(app: &App, account: &str, queue_id: &str, drafts: Vec<Draft>) 
 
 async fn publish_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-    body: Bytes,
+    Body(req): Body<PublishRequest>,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return bad_request(code::BODY_INVALID, "missing request body: {\"body\": …}");
-    }
-    let req: PublishRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return body_error(e),
-    };
     let draft = match draft_from_request(&app.emu, req, 0) {
         Ok(d) => d,
         Err(r) => return r,
@@ -2126,18 +2006,9 @@ async fn publish_handler(
 
 async fn publish_batch_handler(
     Ctx(app): Ctx<App>,
-    ConnectInfo(conn): ConnectInfo<Conn>,
     Path((account, queue_id)): QueuePath,
-    headers: HeaderMap,
-    body: Bytes,
+    Body(req): Body<PublishBatchRequest>,
 ) -> Response {
-    if let Some(r) = gate(&app, &headers, None, &conn).await {
-        return r;
-    }
-    let req: PublishBatchRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
     if req.messages.len() > MAX_PUBLISH_BATCH {
         return bad_request(
             code::BATCH_COUNT,
