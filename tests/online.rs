@@ -187,3 +187,107 @@ async fn an_unreachable_api_is_named() {
         "{err}"
     );
 }
+
+/// `cfq-relay emulate --queue NAME` (repeatable): those queues exist, each with an HTTP pull
+/// consumer, and `check-config --online` passes against them; any other queue, or another
+/// account, answers 404 / 10104.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulate_creates_the_queues_it_is_given() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cfq-relay"))
+        .args(["emulate", "--listen", "127.0.0.1:0", "--token", TOKEN])
+        .args(["--queue", "orders", "--queue", "audit"])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut head = Vec::new();
+    for _ in 0..3 {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the emulator prints its address and queues")
+            .unwrap()
+            .unwrap_or_default();
+        head.push(line);
+    }
+    let api = head[0]
+        .split('"')
+        .nth(1)
+        .expect("api_base_url = \"…\"")
+        .to_owned();
+    assert!(
+        head[0].contains(&format!("account_id = \"{ACCOUNT}\"")),
+        "{head:?}"
+    );
+    assert!(
+        head[1].starts_with("queue \"orders\": queue_id = \""),
+        "{head:?}"
+    );
+    assert!(
+        head[2].starts_with("queue \"audit\": queue_id = \""),
+        "{head:?}"
+    );
+
+    let http = reqwest::Client::new();
+    let get = |url: String| {
+        let req = http.get(url).bearer_auth(TOKEN);
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (st, v) = get(format!("{api}/accounts/{ACCOUNT}/queues")).await;
+    assert_eq!(st, 200, "{v}");
+    let names: Vec<&str> = v["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|q| q["queue_name"].as_str())
+        .collect();
+    assert_eq!(names, ["audit", "orders"]);
+    let (st, v) = get(format!("{api}/accounts/{ACCOUNT}/queues/orders/consumers")).await;
+    assert_eq!(
+        (st, &v["result"][0]["type"]),
+        (200, &serde_json::json!("http_pull")),
+        "{v}"
+    );
+    for url in [
+        format!("{api}/accounts/{ACCOUNT}/queues/dev-queue"),
+        format!("{api}/accounts/ffffffffffffffffffffffffffffffff/queues/orders"),
+    ] {
+        let (st, v) = get(url).await;
+        assert_eq!(
+            (st, &v["errors"][0]["code"]),
+            (404, &serde_json::json!(10104)),
+            "{v}"
+        );
+    }
+
+    let path = config(
+        "emulate.toml",
+        &api,
+        ACCOUNT,
+        TOKEN,
+        &[("o", "orders"), ("a", "audit")],
+    );
+    let (code, out, err) = check(&path).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let path = config(
+        "emulate-typo.toml",
+        &api,
+        ACCOUNT,
+        TOKEN,
+        &[("d", "dev-queue")],
+    );
+    let (code, _, err) = check(&path).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("consumer \"d\": queue_id \"dev-queue\" does not exist"),
+        "{err}"
+    );
+    child.kill().await.unwrap();
+}
