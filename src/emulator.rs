@@ -654,9 +654,9 @@ impl Emulator {
         account_id: &str,
         queue_id: &str,
         f: impl FnOnce(&mut Queue, Instant, u32) -> T,
-    ) -> Result<T, Response> {
+    ) -> Result<T, Refusal> {
         if !self.account_known(account_id) {
-            return Err(fail(
+            return Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 code::QUEUE_NOT_FOUND,
                 "Queue does not exist: unknown account",
@@ -677,13 +677,13 @@ impl Emulator {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
             {
-                Err(fail(
+                Err(Refusal::new(
                     StatusCode::BAD_REQUEST,
                     code::QUEUE_ID_MALFORMED,
                     "The queue ID in the request URL is not a valid queue identifier",
                 ))
             }
-            None => Err(fail(
+            None => Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 code::QUEUE_NOT_FOUND,
                 "Queue does not exist",
@@ -1273,9 +1273,38 @@ fn fail(status: StatusCode, code: u32, message: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// An error answer: HTTP status, one of Cloudflare's error codes, and a message.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    code: u32,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: u32, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        fail(self.status, self.code, self.message)
+    }
+}
+
 /// A 400 answer with one of Cloudflare's Queues error codes.
+fn refuse(code: u32, message: impl Into<String>) -> Refusal {
+    Refusal::new(StatusCode::BAD_REQUEST, code, message)
+}
+
+/// [`refuse`], as an answer.
 fn bad_request(code: u32, message: impl Into<String>) -> Response {
-    fail(StatusCode::BAD_REQUEST, code, message)
+    refuse(code, message).into_response()
 }
 
 fn shutting_down() -> Response {
@@ -1288,7 +1317,7 @@ fn shutting_down() -> Response {
 
 /// Parse a JSON request body; an empty body or `null` is the default. `Err` is the 400 answer:
 /// code 10208 for a body that is not JSON, 10207 for JSON that does not match the schema.
-fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Response> {
+fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Refusal> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -1301,32 +1330,32 @@ fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Response> {
 struct Body<T>(T);
 
 impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for Body<T> {
-    type Rejection = Response;
+    type Rejection = Refusal;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+    async fn from_request(req: Request, state: &S) -> Result<Self, Refusal> {
         let bytes = Bytes::from_request(req, state)
             .await
-            .map_err(IntoResponse::into_response)?;
+            .map_err(|e| Refusal::new(e.status(), code::BODY_INVALID, e.body_text()))?;
         parse(&bytes).map(Body)
     }
 }
 
 /// A handler's result as an answer: the envelope around it, or the error answer.
-fn reply<T: Serialize>(r: Result<T, Response>) -> Response {
+fn reply<T: Serialize>(r: Result<T, Refusal>) -> Response {
     match r {
         Ok(v) => ok(v),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
-fn body_error(e: serde_json::Error) -> Response {
+fn body_error(e: serde_json::Error) -> Refusal {
     if e.is_syntax() || e.is_eof() {
-        bad_request(
+        refuse(
             code::BODY_MALFORMED,
             format!("Request body is not valid JSON: {e}"),
         )
     } else {
-        bad_request(
+        refuse(
             code::BODY_INVALID,
             format!("Request JSON body does not match expected schema: {e}"),
         )
@@ -1434,10 +1463,10 @@ fn auth_error() -> Response {
 }
 
 /// `batch_size` of a pull or a peek: 1 to 100, default 5; `Err` is the 400 answer (10207).
-fn batch_size(n: &Option<serde_json::Number>) -> Result<usize, Response> {
+fn batch_size(n: &Option<serde_json::Number>) -> Result<usize, Refusal> {
     whole("batch_size", n.as_ref(), DEFAULT_BATCH, 1..=MAX_BATCH)
         .map(|v| usize::try_from(v).unwrap_or(1))
-        .map_err(|e| bad_request(code::BODY_INVALID, e))
+        .map_err(|e| refuse(code::BODY_INVALID, e))
 }
 
 /// `Path` of the routes under `…/queues/{queue_id}`.
@@ -1475,7 +1504,7 @@ async fn pull_handler(
     }
     let batch_size = match batch_size(&req.batch_size) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let visibility = req
         .visibility_timeout_ms
@@ -1578,7 +1607,7 @@ async fn ack_handler(
         });
     let out = match out {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if !out.warnings.is_empty() {
         debug!(queue = %queue_id, unknown = out.warnings.len(), "emulator: ack named unknown leases");
@@ -1602,7 +1631,7 @@ async fn peek_handler(
 ) -> Response {
     let batch_size = match batch_size(&req.batch_size) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let emu = app.emu.clone();
     let result = app.emu.with_queue(&account, &queue_id, |q, _, _| {
@@ -1786,7 +1815,7 @@ async fn delete_queue_handler(
     Path((account, queue_id)): QueuePath,
 ) -> Response {
     if let Err(r) = app.emu.with_queue(&account, &queue_id, |_, _, _| ()) {
-        return r;
+        return r.into_response();
     }
     app.emu.lock().remove(&queue_id);
     deleted()
@@ -1875,7 +1904,7 @@ async fn get_consumer_handler(
     }) {
         Ok(Some(c)) => ok(c),
         Ok(None) => consumer_not_found(),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -1890,7 +1919,7 @@ async fn delete_consumer_handler(
     }) {
         Ok(true) => deleted(),
         Ok(false) => consumer_not_found(),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
@@ -1915,13 +1944,13 @@ fn draft_from_request(
     emu: &Emulator,
     req: PublishRequest,
     batch_delay: u64,
-) -> Result<Draft, Response> {
+) -> Result<Draft, Refusal> {
     const NOT_BASE64: &str = "a bytes or v8 message's body must be a base64 string";
-    let schema = |m: &str| bad_request(code::BODY_INVALID, m.to_owned());
+    let schema = |m: &str| refuse(code::BODY_INVALID, m.to_owned());
     let content_type = match req.content_type.as_deref() {
         None => ContentType::Json,
         Some(s) => s.parse().map_err(|e: UnknownContentType| {
-            bad_request(
+            refuse(
                 code::MESSAGE_METADATA_INVALID,
                 format!("Invalid message metadata: {e}"),
             )
@@ -1930,7 +1959,7 @@ fn draft_from_request(
     let delay = match req.delay_seconds {
         None => batch_delay,
         Some(n) => whole("delay_seconds", Some(&n), 0, 0..=MAX_DELAY_SECONDS).map_err(|e| {
-            bad_request(
+            refuse(
                 code::MESSAGE_METADATA_INVALID,
                 format!("Invalid message metadata: {e}"),
             )
@@ -1953,16 +1982,16 @@ fn draft_from_request(
     };
     emu.draft(Some(content_type), &payload, Duration::from_secs(delay))
         .map_err(|e| match e {
-            PublishError::TooLarge { .. } => bad_request(
+            PublishError::TooLarge { .. } => refuse(
                 code::MESSAGE_TOO_LARGE,
                 format!("Message size out of bounds: {e} (128 KB, metadata included)"),
             ),
-            PublishError::DelayTooLong(_) => bad_request(
+            PublishError::DelayTooLong(_) => refuse(
                 code::MESSAGE_METADATA_INVALID,
                 format!("Invalid message metadata: {e}"),
             ),
             PublishError::NotUtf8 | PublishError::InvalidJson(_) => {
-                bad_request(code::BODY_INVALID, e.to_string())
+                refuse(code::BODY_INVALID, e.to_string())
             }
         })
 }
@@ -1984,7 +2013,7 @@ fn publish_answer(app: &App, account: &str, queue_id: &str, drafts: Vec<Draft>) 
         .with_queue(account, queue_id, |q, _, _| q.id.clone())
     {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match app.emu.publish_with_metrics(&key, drafts) {
         Some((_, metrics)) => ok(serde_json::json!({"metadata": {"metrics": metrics}})),
@@ -2003,7 +2032,7 @@ async fn publish_handler(
 ) -> Response {
     let draft = match draft_from_request(&app.emu, req, 0) {
         Ok(d) => d,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     publish_answer(&app, &account, &queue_id, vec![draft])
 }
@@ -2040,7 +2069,7 @@ async fn publish_batch_handler(
     for m in req.messages {
         match draft_from_request(&app.emu, m, batch_delay) {
             Ok(d) => drafts.push(d),
-            Err(r) => return r,
+            Err(r) => return r.into_response(),
         }
     }
     let total: usize = drafts.iter().map(|d| d.size).sum();
