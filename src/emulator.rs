@@ -1889,7 +1889,8 @@ async fn create_consumer_handler(
 }
 
 fn consumer_not_found() -> Response {
-    fail(StatusCode::NOT_FOUND, 10_101, "Consumer does not exist")
+    // No Queues code is documented for this: 7003, the API's "no route" (the URI names nothing).
+    fail(StatusCode::NOT_FOUND, 7003, "Consumer does not exist")
 }
 
 async fn get_consumer_handler(
