@@ -96,6 +96,12 @@ def run(base):
     assert [c.consumer_id for c in listed] == [consumer.consumer_id], listed
     strict(Consumer, q.consumers.get(consumer.consumer_id, account_id=ACCOUNT, queue_id=created.queue_id))
     assert q.consumers.delete(consumer.consumer_id, account_id=ACCOUNT, queue_id=created.queue_id).success
+    edited = strict(Queue, q.edit(created.queue_id, account_id=ACCOUNT, queue_name="sdk-renamed",
+                                  settings={"delivery_delay": 0.0, "delivery_paused": False}))
+    assert edited.queue_name == "sdk-renamed" and edited.queue_id == created.queue_id, edited
+    updated = strict(Queue, q.update(created.queue_id, account_id=ACCOUNT, queue_name="sdk-renamed",
+                                     settings={"message_retention_period": 86400}))
+    assert updated.settings.message_retention_period == 86400, updated
     assert q.delete(created.queue_id, account_id=ACCOUNT).success
     raises(cloudflare.NotFoundError, 10104, q.get, created.queue_id, account_id=ACCOUNT)
 

@@ -400,6 +400,27 @@ impl HttpPullConsumer {
     }
 }
 
+/// A queue's `settings`, as Cloudflare shows them and `PATCH …/queues/{id}` changes them.
+#[derive(Clone, Debug, Serialize)]
+struct QueueSettings {
+    /// Seconds by which a message published without a delay is held back.
+    delivery_delay: u64,
+    /// Pulls hand out nothing while set.
+    delivery_paused: bool,
+    /// Shown, not applied: messages here never expire.
+    message_retention_period: u64,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            delivery_delay: 0,
+            delivery_paused: false,
+            message_retention_period: 345_600,
+        }
+    }
+}
+
 impl Emulator {
     pub fn new(opts: EmulatorOptions) -> Self {
         let mut key = [0u8; 32];
@@ -700,7 +721,13 @@ impl Emulator {
         let q = "/client/v4/accounts/{account_id}/queues/{queue_id}";
         Router::new()
             .route(a, get(list_queues_handler).post(create_queue_handler))
-            .route(q, get(get_queue_handler).delete(delete_queue_handler))
+            .route(
+                q,
+                get(get_queue_handler)
+                    .delete(delete_queue_handler)
+                    .patch(update_queue_handler)
+                    .put(update_queue_handler),
+            )
             .route(
                 &format!("{q}/consumers"),
                 get(list_consumers_handler).post(create_consumer_handler),
@@ -814,6 +841,8 @@ struct Queue {
     consumers: Vec<HttpPullConsumer>,
     /// When the last purge of the whole queue ran (RFC 3339).
     last_purge: Option<String>,
+    settings: QueueSettings,
+    modified_on: String,
     /// Live messages (not acked, not dead-lettered) by publish sequence number; the first is
     /// the oldest.
     messages: BTreeMap<u64, Message>,
@@ -917,16 +946,12 @@ impl Queue {
             "queue_id": self.id,
             "queue_name": self.name,
             "created_on": self.created_on,
-            "modified_on": self.created_on,
+            "modified_on": if self.modified_on.is_empty() { &self.created_on } else { &self.modified_on },
             "producers": [],
             "producers_total_count": 0,
             "consumers": self.consumers,
             "consumers_total_count": self.consumers.len(),
-            "settings": {
-                "delivery_delay": 0,
-                "delivery_paused": false,
-                "message_retention_period": 345_600,
-            },
+            "settings": self.settings,
         })
     }
 
@@ -946,7 +971,11 @@ impl Queue {
         }
     }
 
-    fn publish(&mut self, now: Instant, timestamp_ms: u64, draft: Draft) -> String {
+    fn publish(&mut self, now: Instant, timestamp_ms: u64, mut draft: Draft) -> String {
+        if draft.delay.is_zero() {
+            // The queue's `delivery_delay` applies to a message published without a delay.
+            draft.delay = Duration::from_secs(self.settings.delivery_delay);
+        }
         let seq = self.books.len() as u64;
         let id = format!("{:032x}", rand::rng().random::<u128>());
         let place = if draft.delay.is_zero() {
@@ -1072,6 +1101,10 @@ impl Queue {
         lease: impl Fn(u64, u32) -> String,
     ) -> Vec<WireMessage> {
         self.stats.pull_calls += 1;
+        if self.settings.delivery_paused {
+            self.stats.empty_pulls += 1;
+            return Vec::new();
+        }
         let until = now + visibility;
         let mut out = Vec::with_capacity(batch_size.min(self.messages.len()));
         while out.len() < batch_size {
@@ -1803,6 +1836,94 @@ async fn create_queue_handler(
 
 async fn get_queue_handler(Ctx(app): Ctx<App>, Path((account, queue_id)): QueuePath) -> Response {
     reply(app.emu.with_queue(&account, &queue_id, |q, _, _| q.info()))
+}
+
+#[derive(Deserialize, Default)]
+struct UpdateQueueRequest {
+    queue_name: Option<String>,
+    settings: Option<UpdateSettings>,
+}
+
+#[derive(Deserialize, Default)]
+struct UpdateSettings {
+    delivery_delay: Option<serde_json::Number>,
+    delivery_paused: Option<bool>,
+    message_retention_period: Option<serde_json::Number>,
+}
+
+/// `PUT` and `PATCH …/queues/{id}`: rename, and change the settings given (others are kept).
+async fn update_queue_handler(
+    Ctx(app): Ctx<App>,
+    Path((account, queue_id)): QueuePath,
+    Body(req): Body<UpdateQueueRequest>,
+) -> Response {
+    let settings = req.settings.unwrap_or_default();
+    let delay = settings
+        .delivery_delay
+        .as_ref()
+        .map(|n| whole("delivery_delay", Some(n), 0, 0..=MAX_DELAY_SECONDS))
+        .transpose();
+    let retention = settings
+        .message_retention_period
+        .as_ref()
+        .map(|n| whole("message_retention_period", Some(n), 0, 60..=1_209_600))
+        .transpose();
+    let (delay, retention) = match (delay, retention) {
+        (Ok(d), Ok(r)) => (d, r),
+        (Err(e), _) | (_, Err(e)) => return bad_request(code::BODY_INVALID, e),
+    };
+    if let Some(name) = &req.queue_name
+        && !valid_queue_name(name)
+    {
+        return bad_request(
+            code::BODY_INVALID,
+            "queue_name must be 1 to 63 lowercase letters, digits and dashes",
+        );
+    }
+    let (id, old_name) = match app.emu.with_queue(&account, &queue_id, |q, _, _| {
+        (q.id.clone(), q.name.clone())
+    }) {
+        Ok(found) => found,
+        Err(r) => return r.into_response(),
+    };
+    let mut st = app.emu.lock();
+    if let Some(name) = &req.queue_name
+        && *name != old_name
+    {
+        if st.names.contains_key(name) {
+            return fail(
+                StatusCode::CONFLICT,
+                code::QUEUE_NAME_TAKEN,
+                "A queue with this name already exists",
+            );
+        }
+        st.names.remove(&old_name);
+        st.names.insert(name.clone(), id.clone());
+    }
+    let Some(q) = st.queues.get_mut(&id) else {
+        return fail(
+            StatusCode::NOT_FOUND,
+            code::QUEUE_NOT_FOUND,
+            "Queue does not exist",
+        );
+    };
+    if let Some(name) = req.queue_name {
+        for c in &mut q.consumers {
+            c.queue_name.clone_from(&name);
+        }
+        q.name = name;
+    }
+    if let Some(d) = delay {
+        q.settings.delivery_delay = d;
+    }
+    if let Some(p) = settings.delivery_paused {
+        q.settings.delivery_paused = p;
+    }
+    if let Some(r) = retention {
+        q.settings.message_retention_period = r;
+    }
+    q.modified_on = rfc3339_now();
+    ok(q.info())
 }
 
 /// The answer of a delete: the envelope alone (the SDK's `QueueDeleteResponse`).
@@ -3320,6 +3441,47 @@ mod tests {
             .await;
         assert_eq!(st, 400);
 
+        // Renamed, delayed and paused (PATCH), then resumed (PUT).
+        let (st, v) = h
+            .call(Method::PATCH, &h.queues_url(ACCOUNT, "/orders"), Some(json!({"queue_name": "orders-v2", "settings": {"delivery_delay": 60.0, "delivery_paused": true}})))
+            .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            (
+                v["result"]["queue_id"].as_str(),
+                v["result"]["queue_name"].as_str()
+            ),
+            (Some(id.as_str()), Some("orders-v2"))
+        );
+        assert_eq!(v["result"]["settings"]["delivery_delay"], 60);
+        text(&h.emu, &id, "held");
+        assert!(
+            h.pull_messages("orders-v2", json!({})).await.is_empty(),
+            "paused"
+        );
+        let (st, _) = h
+            .call(
+                Method::PUT,
+                &h.queues_url(ACCOUNT, &format!("/{id}")),
+                Some(json!({"settings": {"delivery_paused": false}})),
+            )
+            .await;
+        assert_eq!(st, 200);
+        assert!(
+            h.pull_messages(&id, json!({})).await.is_empty(),
+            "delayed by delivery_delay"
+        );
+        h.emu.advance(Duration::from_secs(61));
+        assert_eq!(h.pull_messages(&id, json!({})).await.len(), 1);
+        let (st, v) = h
+            .call(
+                Method::PATCH,
+                &h.queues_url(ACCOUNT, &format!("/{id}")),
+                Some(json!({"queue_name": "dev-queue"})),
+            )
+            .await;
+        assert_eq!((st, &v["errors"][0]["code"]), (409, &json!(11009)), "{v}");
+
         // Deleted: gone for every call.
         let (st, v) = h
             .call(
@@ -3329,7 +3491,7 @@ mod tests {
             )
             .await;
         assert_eq!((st, &v["success"]), (200, &json!(true)), "{v}");
-        assert_eq!(h.post(&h.url("orders", "/pull"), json!({})).await.0, 404);
+        assert_eq!(h.post(&h.url(&id, "/pull"), json!({})).await.0, 404);
     }
 
     #[tokio::test]
