@@ -95,6 +95,10 @@ def run(base):
     listed = list(q.consumers.list(created.queue_id, account_id=ACCOUNT))
     assert [c.consumer_id for c in listed] == [consumer.consumer_id], listed
     strict(Consumer, q.consumers.get(consumer.consumer_id, account_id=ACCOUNT, queue_id=created.queue_id))
+    changed = strict(Consumer, q.consumers.update(consumer.consumer_id, account_id=ACCOUNT,
+                                                  queue_id=created.queue_id, type="http_pull",
+                                                  settings={"max_retries": 7.0}))
+    assert changed.settings.max_retries == 7, changed
     assert q.consumers.delete(consumer.consumer_id, account_id=ACCOUNT, queue_id=created.queue_id).success
     edited = strict(Queue, q.edit(created.queue_id, account_id=ACCOUNT, queue_name="sdk-renamed",
                                   settings={"delivery_delay": 0.0, "delivery_paused": False}))

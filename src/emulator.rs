@@ -103,7 +103,8 @@ pub struct EmulatorOptions {
     /// If set, every request must carry `Authorization: Bearer <token>`, else 403 (code 10000).
     pub token: Option<String>,
     /// A message whose delivery failed (explicit retry or lease expiry) with
-    /// `attempts > max_retries` is dead-lettered (counted and removed).
+    /// `attempts > max_retries` is dead-lettered (counted and removed). The default of every
+    /// HTTP pull consumer the emulator creates; a queue follows its first consumer's setting.
     pub max_retries: u32,
     /// Added before answering every Cloudflare API call (not the `_emulator` routes).
     pub latency: Duration,
@@ -524,7 +525,7 @@ impl Emulator {
         let max_retries = self.inner.opts.max_retries;
         match st.find(queue_id) {
             Some(q) => {
-                q.settle(now, max_retries);
+                q.settle(now, q.max_retries(max_retries));
                 q.stats()
             }
             None => QueueStats::default(),
@@ -538,7 +539,7 @@ impl Emulator {
         let max_retries = self.inner.opts.max_retries;
         match st.find(queue_id) {
             Some(q) => {
-                q.settle(now, max_retries);
+                q.settle(now, q.max_retries(max_retries));
                 q.books.clone()
             }
             None => Vec::new(),
@@ -628,7 +629,7 @@ impl Emulator {
         let now = st.now();
         let max_retries = self.inner.opts.max_retries;
         let q = st.find(queue_id)?;
-        q.settle(now, max_retries);
+        q.settle(now, q.max_retries(max_retries));
         let ids = drafts
             .into_iter()
             .map(|d| q.publish(now, timestamp_ms, d))
@@ -691,6 +692,7 @@ impl Emulator {
         }
         match st.find(queue_id) {
             Some(q) => {
+                let max_retries = q.max_retries(max_retries);
                 q.settle(now, max_retries);
                 Ok(f(q, now, max_retries))
             }
@@ -734,7 +736,9 @@ impl Emulator {
             )
             .route(
                 &format!("{q}/consumers/{{consumer_id}}"),
-                get(get_consumer_handler).delete(delete_consumer_handler),
+                get(get_consumer_handler)
+                    .put(update_consumer_handler)
+                    .delete(delete_consumer_handler),
             )
             .route(&format!("{q}/metrics"), get(metrics_handler))
             .route(
@@ -921,6 +925,14 @@ struct AckOutcome {
 }
 
 impl Queue {
+    /// Deliveries after which a failing message is dead-lettered: its first HTTP pull
+    /// consumer's `max_retries`, or `default` (`--max-retries`) without one.
+    fn max_retries(&self, default: u32) -> u32 {
+        self.consumers
+            .first()
+            .map_or(default, |c| c.settings.max_retries)
+    }
+
     fn stats(&self) -> QueueStats {
         QueueStats {
             backlog: self.messages.len() as u64,
@@ -1962,18 +1974,18 @@ struct CreateConsumerRequest {
     settings: Option<Value>,
 }
 
-async fn create_consumer_handler(
-    Ctx(app): Ctx<App>,
-    Path((account, queue_id)): QueuePath,
-    Body(req): Body<CreateConsumerRequest>,
-) -> Response {
+/// A consumer request's type and settings, checked; `Err` is the 400 answer (10207).
+fn consumer_settings(
+    req: &CreateConsumerRequest,
+    max_retries: u32,
+) -> Result<ConsumerSettings, Refusal> {
     if req.kind != "http_pull" {
-        return bad_request(
+        return Err(refuse(
             code::BODY_INVALID,
             "the emulator serves HTTP pull consumers only: type must be \"http_pull\"",
-        );
+        ));
     }
-    let settings = req.settings.unwrap_or(Value::Null);
+    let settings = req.settings.as_ref().unwrap_or(&Value::Null);
     let number = |k: &str, default: u64, range| {
         whole(
             k,
@@ -1981,24 +1993,30 @@ async fn create_consumer_handler(
             default,
             range,
         )
+        .map_err(|e| refuse(code::BODY_INVALID, e))
     };
+    Ok(ConsumerSettings {
+        batch_size: number("batch_size", DEFAULT_BATCH, 1..=MAX_BATCH)?,
+        max_retries: u32::try_from(number("max_retries", u64::from(max_retries), 0..=100)?)
+            .unwrap_or(max_retries),
+        retry_delay: number("retry_delay", 0, 0..=MAX_DELAY_SECONDS)?,
+        visibility_timeout_ms: number(
+            "visibility_timeout_ms",
+            DEFAULT_VISIBILITY_MS,
+            1..=MAX_VISIBILITY_MS,
+        )?,
+    })
+}
+
+async fn create_consumer_handler(
+    Ctx(app): Ctx<App>,
+    Path((account, queue_id)): QueuePath,
+    Body(req): Body<CreateConsumerRequest>,
+) -> Response {
     let max_retries = app.emu.inner.opts.max_retries;
-    let parsed = (|| {
-        Ok::<_, String>(ConsumerSettings {
-            batch_size: number("batch_size", DEFAULT_BATCH, 1..=MAX_BATCH)?,
-            max_retries: u32::try_from(number("max_retries", u64::from(max_retries), 0..=100)?)
-                .unwrap_or(max_retries),
-            retry_delay: number("retry_delay", 0, 0..=MAX_DELAY_SECONDS)?,
-            visibility_timeout_ms: number(
-                "visibility_timeout_ms",
-                DEFAULT_VISIBILITY_MS,
-                1..=MAX_VISIBILITY_MS,
-            )?,
-        })
-    })();
-    let settings = match parsed {
+    let settings = match consumer_settings(&req, max_retries) {
         Ok(s) => s,
-        Err(e) => return bad_request(code::BODY_INVALID, e),
+        Err(r) => return r.into_response(),
     };
     reply(app.emu.with_queue(&account, &queue_id, |q, _, _| {
         let mut c = HttpPullConsumer::new(&q.name, max_retries);
@@ -2007,6 +2025,34 @@ async fn create_consumer_handler(
         q.consumers.push(c.clone());
         c
     }))
+}
+
+/// `PUT …/consumers/{id}`: new settings (and dead-letter queue) for an HTTP pull consumer.
+async fn update_consumer_handler(
+    Ctx(app): Ctx<App>,
+    Path((account, queue_id, consumer_id)): Path<(String, String, String)>,
+    Body(req): Body<CreateConsumerRequest>,
+) -> Response {
+    let settings = match consumer_settings(&req, app.emu.inner.opts.max_retries) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    let found = app.emu.with_queue(&account, &queue_id, |q, _, _| {
+        let c = q
+            .consumers
+            .iter_mut()
+            .find(|c| c.consumer_id == consumer_id)?;
+        c.settings = settings;
+        if let Some(dlq) = req.dead_letter_queue {
+            c.dead_letter_queue = dlq;
+        }
+        Some(c.clone())
+    });
+    match found {
+        Ok(Some(c)) => ok(c),
+        Ok(None) => consumer_not_found(),
+        Err(r) => r.into_response(),
+    }
 }
 
 fn consumer_not_found() -> Response {
@@ -3430,6 +3476,23 @@ mod tests {
         assert_eq!(v["result"].as_array().map(Vec::len), Some(1));
         let one = format!("{consumers}/{cid}");
         assert_eq!(h.call(Method::GET, &one, None).await.0, 200);
+        // The consumer's max_retries is the queue's: 0 dead-letters at the first failure.
+        let (st, v) = h
+            .call(
+                Method::PUT,
+                &one,
+                Some(json!({"type": "http_pull", "settings": {"max_retries": 0}})),
+            )
+            .await;
+        assert_eq!(
+            (st, &v["result"]["settings"]["max_retries"]),
+            (200, &json!(0)),
+            "{v}"
+        );
+        text(&h.emu, &id, "fails once");
+        let m = h.pull_messages(&id, json!({})).await.remove(0);
+        h.ack(&id, &[], &[(&lease(&m), 0)]).await;
+        assert_eq!(h.emu.stats(&id).dead_lettered, 1);
         assert_eq!(h.call(Method::DELETE, &one, None).await.0, 200);
         assert_eq!(h.call(Method::GET, &one, None).await.0, 404);
         let (st, _) = h
