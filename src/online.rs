@@ -132,8 +132,16 @@ pub async fn check(config: &Config, token: &SecretString) -> anyhow::Result<Vec<
     Ok(problems)
 }
 
+/// A 404, or Cloudflare's "queue not found" / "malformed queue id" (10104 / 10107) whatever
+/// the status: what Cloudflare answers for a `queue_id` that is a name or a typo.
 fn not_found(e: &ApiError) -> bool {
-    matches!(e, ApiError::Status { status: 404, .. })
+    match e {
+        ApiError::Status { status: 404, .. } => true,
+        ApiError::Status { errors, .. } | ApiError::Unsuccessful { errors } => errors
+            .iter()
+            .any(|m| matches!(m.code, Some(10_104 | 10_107))),
+        _ => false,
+    }
 }
 
 fn account_problem(account_id: &str, api_base_url: &str, e: &ApiError) -> String {
@@ -151,5 +159,45 @@ fn account_problem(account_id: &str, api_base_url: &str, e: &ApiError) -> String
             crate::config::redact_url(api_base_url)
         ),
         e => format!("listing the account's queues failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloudflare::ApiMessage;
+
+    #[test]
+    fn a_queue_needs_an_http_pull_consumer() {
+        let info = |v: serde_json::Value| serde_json::from_value::<QueueInfo>(v).unwrap();
+        assert!(
+            info(serde_json::json!({"consumers": [{"type": "worker"}, {"type": "http_pull"}]}))
+                .has_http_pull_consumer()
+        );
+        assert!(
+            !info(serde_json::json!({"consumers": [{"type": "worker", "script_name": "w"}]}))
+                .has_http_pull_consumer()
+        );
+        assert!(!info(serde_json::json!({"consumers": []})).has_http_pull_consumer());
+        assert!(!info(serde_json::json!({})).has_http_pull_consumer());
+    }
+
+    #[test]
+    fn a_missing_or_malformed_queue_id_reads_as_not_found() {
+        let status = |status, code| ApiError::Status {
+            status,
+            errors: vec![ApiMessage {
+                code: Some(code),
+                message: None,
+            }],
+            excerpt: String::new(),
+            retry_after: None,
+        };
+        assert!(not_found(&status(404, 10_104)));
+        assert!(not_found(&status(400, 10_107)));
+        assert!(not_found(&status(400, 10_104)));
+        assert!(!not_found(&status(400, 10_207)));
+        assert!(!not_found(&status(500, 10_001)));
+        assert!(!not_found(&ApiError::Timeout));
     }
 }
