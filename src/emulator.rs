@@ -925,6 +925,12 @@ struct AckOutcome {
 }
 
 impl Queue {
+    /// What lease ids and peek refs are bound to: this queue, not an earlier one of the same
+    /// name (and so the same id) that was deleted.
+    fn scope(&self) -> String {
+        format!("{}/{}", self.id, self.created_on)
+    }
+
     /// Deliveries after which a failing message is dead-lettered: its first HTTP pull
     /// consumer's `max_retries`, or `default` (`--max-retries`) without one.
     fn max_retries(&self, default: u32) -> u32 {
@@ -1566,7 +1572,7 @@ async fn pull_handler(
     };
     let emu = app.emu.clone();
     let result = app.emu.with_queue(&account, &queue_id, |q, now, _| {
-        let qid = q.id.clone();
+        let qid = q.scope();
         let messages = q.pull(
             now,
             batch_size,
@@ -1645,7 +1651,7 @@ async fn ack_handler(
     let out = app
         .emu
         .with_queue(&account, &queue_id, |q, now, max_retries| {
-            let qid = q.id.clone();
+            let qid = q.scope();
             q.ack(now, &acks, &retries, max_retries, |l| {
                 emu.read_token(&qid, 0, l)
             })
@@ -1680,7 +1686,7 @@ async fn peek_handler(
     };
     let emu = app.emu.clone();
     let result = app.emu.with_queue(&account, &queue_id, |q, _, _| {
-        let qid = q.id.clone();
+        let qid = q.scope();
         let messages = q.peek(batch_size, |seq| emu.token_for(&qid, 1, seq, 0));
         serde_json::json!({
             "messages": messages,
@@ -1710,7 +1716,7 @@ async fn purge_messages_handler(
 ) -> Response {
     let emu = app.emu.clone();
     let result = app.emu.with_queue(&account, &queue_id, |q, _, _| {
-        let qid = q.id.clone();
+        let qid = q.scope();
         let mut warnings = BTreeMap::new();
         for r in &req.refs {
             let removed = emu
@@ -3555,6 +3561,22 @@ mod tests {
             .await;
         assert_eq!((st, &v["success"]), (200, &json!(true)), "{v}");
         assert_eq!(h.post(&h.url(&id, "/pull"), json!({})).await.0, 404);
+        // Created again under its first name: the same id, but the old leases are not its own.
+        let (st, v) = h
+            .call(
+                Method::POST,
+                &h.queues_url(ACCOUNT, ""),
+                Some(json!({"queue_name": "orders"})),
+            )
+            .await;
+        assert_eq!(
+            (st, v["result"]["queue_id"].as_str()),
+            (200, Some(id.as_str())),
+            "{v}"
+        );
+        let r = h.ack(&id, &[&lease(&m)], &[]).await;
+        assert_eq!(r["ackCount"], 0);
+        assert!(r["warnings"][lease(&m)].is_string(), "{r}");
     }
 
     #[tokio::test]
@@ -3781,13 +3803,14 @@ mod tests {
                 .expect("draft")
             })
             .collect();
-        let id = emu.create_queue("q");
+        emu.create_queue("q");
         emu.publish_drafts("q", drafts);
         let started = std::time::Instant::now();
         let emu2 = emu.clone();
         let mut st = emu.lock();
         let now = st.now();
         let q = st.find("q").expect("queue");
+        let id = q.scope();
         let mut round = 0u32;
         while !q.messages.is_empty() {
             round += 1;
