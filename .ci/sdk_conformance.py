@@ -7,6 +7,7 @@ Not needed by `cargo test`.
 """
 
 import base64
+import os
 import socket
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def main(binary):
     emu = subprocess.Popen(
         [binary, "emulate", "--listen", f"127.0.0.1:{port}", "--token", TOKEN,
          "--queue", "sdk-queue", "--max-retries", "5"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "RUST_LOG": "warn"},
     )
     try:
         line = emu.stdout.readline()
