@@ -12,6 +12,8 @@ pub mod delivery;
 pub mod demo;
 pub mod emulator;
 pub mod gate;
+pub mod guard;
+pub mod logs;
 pub mod metrics;
 pub mod online;
 pub mod policy;
