@@ -47,6 +47,9 @@ fn config(name: &str, api: &str, account: &str, token: &str, queues: &[(&str, &s
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
+    // It holds a token: readable by its owner only (else check-config warns, rightly).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
 }
 
