@@ -307,6 +307,10 @@ pub struct WebhookConfig {
     /// Upper bound of requests per second to this webhook (unset: no limit).
     #[serde(default)]
     pub max_requests_per_second: Option<f64>,
+    /// Batch delivery: many messages per request with per-message results (unset: one
+    /// message per request).
+    #[serde(default)]
+    pub batch: Option<crate::batch::BatchConfig>,
 }
 
 /// `[consumers.webhook.basic_auth]`
@@ -346,6 +350,7 @@ impl fmt::Debug for WebhookConfig {
             .field("client_key_file", &self.client_key_file)
             .field("envelope", &self.envelope)
             .field("max_requests_per_second", &self.max_requests_per_second)
+            .field("batch", &self.batch)
             .finish()
     }
 }
@@ -375,6 +380,7 @@ impl Default for WebhookConfig {
             client_key_file: None,
             envelope: false,
             max_requests_per_second: None,
+            batch: None,
         }
     }
 }
@@ -697,6 +703,34 @@ impl Config {
                     key("webhook.max_requests_per_second"),
                     format!("must be above 0 and at most 100000, got {rps}"),
                 ));
+            }
+            if let Some(b) = &w.batch {
+                if !(1..=100).contains(&b.max_messages) {
+                    return Err(invalid(
+                        key("webhook.batch.max_messages"),
+                        format!("must be between 1 and 100, got {}", b.max_messages),
+                    ));
+                }
+                check_range(
+                    &key("webhook.batch.max_wait"),
+                    b.max_wait,
+                    Duration::ZERO,
+                    Duration::from_secs(10),
+                )?;
+                if let Some(bytes) = b.max_bytes
+                    && !(1024..=100 * 1024 * 1024).contains(&bytes)
+                {
+                    return Err(invalid(
+                        key("webhook.batch.max_bytes"),
+                        format!("must be between 1024 and 104857600, got {bytes}"),
+                    ));
+                }
+                if w.envelope {
+                    return Err(invalid(
+                        key("webhook.envelope"),
+                        "and `webhook.batch` are both set: a batch already carries each message's metadata; choose one",
+                    ));
+                }
             }
             if w.client_cert_file.is_some() != w.client_key_file.is_some() {
                 return Err(invalid(

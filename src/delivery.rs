@@ -159,6 +159,10 @@ pub struct Response {
     pub attempt: Attempt,
     /// A short excerpt of a non-2xx answer, or the error text, for logs.
     pub detail: String,
+    /// The (bounded) body of a 2xx answer: a batch's per-message results.
+    pub answer: Vec<u8>,
+    /// False when that body broke off or was longer than the relay reads.
+    pub answer_complete: bool,
 }
 
 /// The webhook of one consumer: URL, fixed headers, timeout, shared client.
@@ -426,10 +430,49 @@ impl Webhook {
         if let Some(ct) = msg.content_type.as_deref().and_then(cf_content_type) {
             headers.insert(NAME_CONTENT_TYPE, ct);
         }
+        self.execute(headers, payload.bytes).await
+    }
+
+    /// POST one batch (`body` is `{"messages": [...]}`): the fixed headers, the batch's size
+    /// and id, and a Standard Webhooks signature over the whole body with the batch id as
+    /// `webhook-id`. Never fails: every error becomes an [`Attempt`]; a 2xx answer's body is in
+    /// [`Response::answer`].
+    pub async fn post_batch(&self, batch_id: &str, messages: usize, body: Bytes) -> Response {
+        let extra = if self.signer.is_some() { 6 } else { 3 };
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + extra);
+        for (name, value) in &self.headers {
+            headers.append(name.clone(), value.clone());
+        }
+        if let Some(signer) = &self.signer {
+            let now = SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            if let Ok(v) = HeaderValue::from_str(batch_id) {
+                headers.insert(signing::HEADER_ID, v);
+            }
+            headers.insert(signing::HEADER_TIMESTAMP, HeaderValue::from(now));
+            if let Ok(v) = HeaderValue::from_str(&signer.sign(batch_id, now, &body)) {
+                headers.insert(signing::HEADER_SIGNATURE, v);
+            }
+        }
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            crate::batch::HEADER_BATCH_SIZE,
+            HeaderValue::from(messages as u64),
+        );
+        if let Ok(v) = HeaderValue::from_str(batch_id) {
+            headers.insert(crate::batch::HEADER_BATCH_ID, v);
+        }
+        self.execute(headers, body).await
+    }
+
+    /// Send a POST with these headers and body; classify the answer.
+    async fn execute(&self, headers: HeaderMap, body: Bytes) -> Response {
         let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
         *request.headers_mut() = headers;
         *request.timeout_mut() = Some(self.timeout);
-        *request.body_mut() = Some(payload.bytes.into());
+        *request.body_mut() = Some(body.into());
         let sent = self.client.execute(request).await;
         let resp = match sent {
             Ok(r) => r,
@@ -458,6 +501,7 @@ impl Webhook {
             }
         }
         let success = (200..300).contains(&status);
+        let complete = broken.is_none() && body.len() < MAX_RESPONSE_BODY;
         if let Some(e) = broken
             && !success
         {
@@ -468,6 +512,8 @@ impl Webhook {
                     retry_after,
                 },
                 detail: crate::cloudflare::error_chain(&e.without_url()),
+                answer: Vec::new(),
+                answer_complete: false,
             };
         }
         // A 2xx counts even if the rest of its body broke off: the receiver said it has it.
@@ -482,6 +528,8 @@ impl Webhook {
                 // One line: the answer's newlines must not split the log line.
                 crate::cloudflare::one_line(&crate::cloudflare::excerpt(&body))
             },
+            answer: if success { body } else { Vec::new() },
+            answer_complete: complete,
         }
     }
 }
@@ -498,6 +546,8 @@ fn classify_error(e: reqwest::Error) -> Response {
         attempt,
         // Without the URL: its query string may carry a credential.
         detail: crate::cloudflare::error_chain(&e.without_url()),
+        answer: Vec::new(),
+        answer_complete: false,
     }
 }
 

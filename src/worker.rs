@@ -163,7 +163,8 @@ pub async fn release(ctx: &Ctx, msg: Message, reason: &'static str) {
     send(ctx, msg, AckKind::Retry { delay_seconds: 0 }).await;
 }
 
-async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
+/// Hand one verdict to the acker.
+pub async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
     let item = AckItem {
         lease_id: msg.lease_id,
         kind,
