@@ -202,7 +202,9 @@ pub async fn batcher(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Held>) {
         return;
     };
     let max_messages = cfg.max_messages.max(1);
-    let need = ctx.config.webhook.timeout + ctx.lease_margin;
+    // A batch leaves one more margin before the point where its earliest lease could no
+    // longer cover the request and the ack: room to wait for a request slot.
+    let need = ctx.config.webhook.timeout + ctx.lease_margin * 2;
     let mut pending: Vec<Entry> = Vec::with_capacity(max_messages);
     let mut size = BODY_OVERHEAD;
     // When the first pending message arrived, and the earliest pending lease end.
