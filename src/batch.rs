@@ -149,17 +149,13 @@ pub enum Answer {
 /// Read a 2xx answer's body (`complete`: it was read to its end). A body that starts like a
 /// JSON object but does not parse (or broke off) is unreadable: it may have listed failures.
 pub fn parse_answer(body: &[u8], complete: bool) -> Answer {
-    #[derive(Deserialize)]
-    struct Reply {
-        failed: Option<serde_json::Value>,
-    }
     let object = body.trim_ascii_start().starts_with(b"{");
-    let reply = match serde_json::from_slice::<Reply>(body) {
-        Ok(r) if complete => r,
+    let failed = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut map)) if complete => map.remove("failed"),
         _ if object => return Answer::Unreadable,
         _ => return Answer::AllDelivered,
     };
-    match reply.failed {
+    match failed {
         None | Some(serde_json::Value::Null) => Answer::AllDelivered,
         Some(serde_json::Value::Array(items)) => {
             let mut ids = Vec::with_capacity(items.len());
@@ -576,6 +572,44 @@ mod tests {
             "size accounting"
         );
         assert_eq!(encode_body(std::iter::empty()).len(), BODY_OVERHEAD);
+    }
+
+    fn config_with(batch: &str, webhook_extra: &str) -> Result<crate::Config, String> {
+        crate::Config::from_toml(&format!(
+            "[cloudflare]\naccount_id = \"abc\"\napi_token = \"t\"\n[[consumers]]\nqueue_id = \"q1\"\n\
+             [consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n{webhook_extra}\n[consumers.webhook.batch]\n{batch}\n"
+        ))
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn config_defaults_and_errors_name_the_key() {
+        let c = config_with("", "").unwrap();
+        let b = c.consumers[0].webhook.batch.clone().unwrap();
+        assert_eq!(b, BatchConfig::default());
+        assert_eq!((b.max_messages, b.max_wait, b.max_bytes), (50, Duration::from_millis(50), None));
+        // `concurrency` counts requests: each may carry a whole batch.
+        assert_eq!(held_capacity(&c.consumers[0]), 64 * 50);
+        let plain = config_with("", "").unwrap().consumers[0].clone();
+        let plain = ConsumerConfig {
+            webhook: crate::config::WebhookConfig {
+                batch: None,
+                ..plain.webhook
+            },
+            ..plain
+        };
+        assert_eq!(held_capacity(&plain), 64);
+        for (batch, extra, want) in [
+            ("max_messages = 0", "", "`consumers[0].webhook.batch.max_messages` must be between 1 and 100, got 0"),
+            ("max_messages = 101", "", "`consumers[0].webhook.batch.max_messages` must be between 1 and 100, got 101"),
+            ("max_wait = \"11s\"", "", "`consumers[0].webhook.batch.max_wait` must be between 0s and 10s, got 11s"),
+            ("max_bytes = 10", "", "`consumers[0].webhook.batch.max_bytes` must be between 1024 and 104857600, got 10"),
+            ("", "envelope = true", "`consumers[0].webhook.envelope` and `webhook.batch` are both set"),
+            ("max_mesages = 5", "", "max_mesages"),
+        ] {
+            let got = config_with(batch, extra).unwrap_err();
+            assert!(got.contains(want), "{batch} {extra}: {got}");
+        }
     }
 
     #[test]
