@@ -285,7 +285,9 @@ fn flush(ctx: &Arc<Ctx>, pending: &mut Vec<Entry>, size: &mut usize) {
 
 /// A message whose body cannot be decoded never travels: retried by policy, like a single one.
 async fn undecodable(ctx: &Ctx, msg: Message, detail: &str) {
-    let decision = ctx.policy.decide(&Attempt::Undecodable, msg.attempts, jitter());
+    let decision = ctx
+        .policy
+        .decide(&Attempt::Undecodable, msg.attempts, jitter());
     ctx.gate.probe_unused();
     ctx.metrics.delivered("undecodable");
     let delay = match decision {
@@ -425,8 +427,10 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
             Answer::AllDelivered => None,
             Answer::Failed(ids) => {
                 let known: HashSet<&str> = batch.iter().map(|e| e.msg.id.as_str()).collect();
-                let unknown: Vec<&String> =
-                    ids.iter().filter(|id| !known.contains(id.as_str())).collect();
+                let unknown: Vec<&String> = ids
+                    .iter()
+                    .filter(|id| !known.contains(id.as_str()))
+                    .collect();
                 if !unknown.is_empty() {
                     ctx.metrics.batch_unknown_ids.inc_by(unknown.len() as u64);
                     warn!(queue = %ctx.label, batch = %id, unknown = unknown.len(),
@@ -587,7 +591,10 @@ mod tests {
         let c = config_with("", "").unwrap();
         let b = c.consumers[0].webhook.batch.clone().unwrap();
         assert_eq!(b, BatchConfig::default());
-        assert_eq!((b.max_messages, b.max_wait, b.max_bytes), (50, Duration::from_millis(50), None));
+        assert_eq!(
+            (b.max_messages, b.max_wait, b.max_bytes),
+            (50, Duration::from_millis(50), None)
+        );
         // `concurrency` counts requests: each may carry a whole batch.
         assert_eq!(held_capacity(&c.consumers[0]), 64 * 50);
         let plain = config_with("", "").unwrap().consumers[0].clone();
@@ -600,11 +607,31 @@ mod tests {
         };
         assert_eq!(held_capacity(&plain), 64);
         for (batch, extra, want) in [
-            ("max_messages = 0", "", "`consumers[0].webhook.batch.max_messages` must be between 1 and 100, got 0"),
-            ("max_messages = 101", "", "`consumers[0].webhook.batch.max_messages` must be between 1 and 100, got 101"),
-            ("max_wait = \"11s\"", "", "`consumers[0].webhook.batch.max_wait` must be between 0s and 10s, got 11s"),
-            ("max_bytes = 10", "", "`consumers[0].webhook.batch.max_bytes` must be between 1024 and 104857600, got 10"),
-            ("", "envelope = true", "`consumers[0].webhook.envelope` and `webhook.batch` are both set"),
+            (
+                "max_messages = 0",
+                "",
+                "`consumers[0].webhook.batch.max_messages` must be between 1 and 100, got 0",
+            ),
+            (
+                "max_messages = 101",
+                "",
+                "`consumers[0].webhook.batch.max_messages` must be between 1 and 100, got 101",
+            ),
+            (
+                "max_wait = \"11s\"",
+                "",
+                "`consumers[0].webhook.batch.max_wait` must be between 0s and 10s, got 11s",
+            ),
+            (
+                "max_bytes = 10",
+                "",
+                "`consumers[0].webhook.batch.max_bytes` must be between 1024 and 104857600, got 10",
+            ),
+            (
+                "",
+                "envelope = true",
+                "`consumers[0].webhook.envelope` and `webhook.batch` are both set",
+            ),
             ("max_mesages = 5", "", "max_mesages"),
         ] {
             let got = config_with(batch, extra).unwrap_err();

@@ -203,7 +203,8 @@ pub struct ConsumerConfig {
     /// Lease length of a pulled message, 1s..=12h. A message not acked in time is redelivered.
     #[serde(default = "default_visibility_timeout", with = "humantime_serde")]
     pub visibility_timeout: Duration,
-    /// Maximum deliveries in flight (and messages held) for this consumer, 1..=10000.
+    /// Maximum deliveries in flight (and messages held) for this consumer, 1..=10000. With
+    /// `webhook.batch`, webhook requests in flight, each carrying up to `max_messages`.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Maximum pull calls in flight at once, 1..=32; several are used when the free

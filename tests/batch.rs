@@ -15,7 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use cfq_relay::emulator::{ContentType, EmulatorOptions, Fault, Op};
 use cfq_relay::secrets::Secret;
 use cfq_relay::signing::Signer;
-use common::{Answer, Receiver, Received, config, emulator, wait_until};
+use common::{Answer, Received, Receiver, config, emulator, wait_until};
 use reliability_kit::{EndState, metric, publish};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -383,7 +383,11 @@ async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
     })
     .await;
     // Fresh leases leave 1.4 s before a batch must go: max_wait (5 s) never holds it that long.
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     relay_stop.cancel();
     relay.wait().await.unwrap();
     let text = metrics.render();

@@ -232,5 +232,8 @@ fn demo_batch_sends_fewer_requests_than_messages() {
         .and_then(|s| s.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no request count in {last}"));
-    assert!(requests < 100, "{requests} requests for 600+ messages: {last}");
+    assert!(
+        requests < 100,
+        "{requests} requests for 600+ messages: {last}"
+    );
 }

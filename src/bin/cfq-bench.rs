@@ -1018,7 +1018,11 @@ async fn batch_scenario(
     let mut rows = Vec::new();
     for (queue, profile, count) in [
         ("bench-wan-single", Profile::Default, 2_500 * scale),
-        ("bench-wan-single-high", Profile::HighThroughput, 15_000 * scale),
+        (
+            "bench-wan-single-high",
+            Profile::HighThroughput,
+            15_000 * scale,
+        ),
         ("bench-wan-batch", Profile::Batch(100), 15_000 * scale),
     ] {
         publish(&bed.api, queue, count, size, 16).await?;
