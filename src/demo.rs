@@ -46,11 +46,19 @@ impl Default for DemoOptions {
     }
 }
 
+/// What a message must arrive as.
+struct Expected {
+    payload: Vec<u8>,
+    /// The `Content-Type` of a single delivery.
+    mime: &'static str,
+    /// Cloudflare's content type (a batch entry's `content_type`).
+    cf: &'static str,
+}
+
 /// What the receiver saw.
 #[derive(Default)]
 struct Receiver {
-    /// Per message id: the bytes, the Content-Type of a single delivery, the CF content type.
-    expected: Mutex<HashMap<String, (Vec<u8>, &'static str, &'static str)>>,
+    expected: Mutex<HashMap<String, Expected>>,
     requests: AtomicU64,
     /// Messages received (a batch counts its messages).
     messages: AtomicU64,
@@ -84,9 +92,9 @@ async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let ok = match r.expected.lock() {
-        Ok(map) => map.get(id).is_some_and(|(payload, ct, _)| {
-            payload.as_slice() == body.as_ref() && *ct == content_type
-        }),
+        Ok(map) => map
+            .get(id)
+            .is_some_and(|e| e.payload.as_slice() == body.as_ref() && e.mime == content_type),
         Err(_) => false,
     };
     if ok {
@@ -125,9 +133,9 @@ fn receive_batch(r: &Receiver, body: &[u8]) -> Response {
         }
         let bytes = base64::engine::general_purpose::STANDARD.decode(&item.body);
         let ok = match (r.expected.lock(), bytes) {
-            (Ok(map), Ok(bytes)) => map.get(&item.id).is_some_and(|(payload, _, cf)| {
-                *payload == bytes && item.content_type.as_deref() == Some(*cf)
-            }),
+            (Ok(map), Ok(bytes)) => map
+                .get(&item.id)
+                .is_some_and(|e| e.payload == bytes && item.content_type.as_deref() == Some(e.cf)),
             _ => false,
         };
         if ok {
@@ -244,9 +252,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             .map_err(|_| anyhow::anyhow!("receiver state poisoned"))?;
         for i in 0..opts.messages_per_type {
             for kind in [ContentType::Text, ContentType::Json, ContentType::Bytes] {
-                let (payload, ct) = sample(kind, i);
+                let (payload, mime) = sample(kind, i);
                 let id = emulator.publish(queue, Some(kind), &payload, Duration::ZERO)?;
-                expected.insert(id, (payload, ct, kind.as_str()));
+                let cf = kind.as_str();
+                expected.insert(id, Expected { payload, mime, cf });
                 published += 1;
             }
         }

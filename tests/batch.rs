@@ -414,7 +414,7 @@ async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
     assert!(
         hook.received()
             .iter()
-            .flat_map(|r| items(r))
+            .flat_map(items)
             .all(|i| i.attempts == 2)
     );
     assert_eq!(emu.stats("q1").lease_expired, 0);
