@@ -523,3 +523,62 @@ async fn the_rate_limit_counts_messages_and_batches_fill_up() {
     assert_eq!(metric(&text, "cfq_relay_batch_messages_sum", &[]), 60.0);
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_counts_one_outcome_per_request() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    publish(&emu, "q1", "m", 30);
+    // The receiver is down for its first 2 requests, then recovers.
+    let hook = Receiver::start(|_, i| {
+        if i < 2 {
+            Answer::status(500)
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
+    let cfg = config(
+        &api,
+        &[(
+            "q1",
+            &hook.url(),
+            "concurrency = 1\n[consumers.breaker]\nenabled = true\nconsecutive_failures = 2\nopen_for = \"1s\"\n",
+            &batch(10, "20ms"),
+        )],
+    );
+    let relay_stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let metrics = relay.metrics().clone();
+    // Two failed requests (20 messages) open it: pulls stop.
+    wait_until(Duration::from_secs(10), "breaker open", || {
+        metric(&metrics.render(), "cfq_relay_breaker_state", &[]) == 1.0
+    })
+    .await;
+    assert_eq!(hook.count(), 2);
+    // The probe (one message) succeeds, the breaker closes, everything arrives.
+    wait_until(Duration::from_secs(20), "all acked", || {
+        emu.stats("q1").acked == 30
+    })
+    .await;
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+    let got = hook.received();
+    assert_eq!(
+        ids(&got[2]).len(),
+        1,
+        "the half-open probe carries one message"
+    );
+    assert_eq!(
+        metric(&metrics.render(), "cfq_relay_breaker_state", &[]),
+        0.0
+    );
+    let counts = sent_counts(&hook);
+    for b in emu.books("q1") {
+        let sent = counts.get(&b.id).copied().unwrap_or(0);
+        assert_eq!(b.acks, 1, "{b:?}");
+        // Never sent beyond its leases (handed back by the open breaker: leased, not sent).
+        assert!(sent as u32 <= b.deliveries, "{b:?}");
+    }
+    stop.cancel();
+}
