@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -378,8 +378,7 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
         return;
     }
     let n = batch.len();
-    ctx.metrics.in_flight.add(n as i64);
-    let _in_flight = scopeguard(&ctx, n);
+    let _in_flight = InFlight::new(&ctx, n);
     ctx.metrics.batch_messages.observe(n as f64);
     let id = batch_id(batch.iter().map(|e| e.msg.id.as_str()));
     let body = encode_body(batch.iter().map(|e| e.json.as_slice()));
@@ -396,16 +395,8 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
     let elapsed = started.elapsed();
     ctx.metrics
         .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as f64;
     for e in &batch {
-        if let Some(ts) = e.msg.timestamp_ms {
-            ctx.metrics
-                .message_age
-                .observe(((now_ms - ts as f64) / 1000.0).max(0.0));
-        }
+        crate::worker::observe_age(&ctx, e.msg.timestamp_ms);
     }
     let attempt = response.attempt;
     if let Attempt::Status {
@@ -500,8 +491,11 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
 /// Keeps the in-flight gauge right whatever path a batch takes.
 struct InFlight<'a>(&'a Ctx, usize);
 
-fn scopeguard(ctx: &Ctx, n: usize) -> InFlight<'_> {
-    InFlight(ctx, n)
+impl<'a> InFlight<'a> {
+    fn new(ctx: &'a Ctx, n: usize) -> Self {
+        ctx.metrics.in_flight.add(n as i64);
+        Self(ctx, n)
+    }
 }
 
 impl Drop for InFlight<'_> {

@@ -391,18 +391,15 @@ impl Webhook {
         }
     }
 
-    /// POST one payload. Never fails: every error becomes an [`Attempt`].
-    pub async fn post(&self, msg: &Message, payload: Payload) -> Response {
-        let payload = match &self.envelope {
-            Some(queue) => self.envelope(queue, msg, payload),
-            None => payload,
-        };
-        // One map with room for every header of the request, filled with names parsed once
-        // (an `&str` name is parsed at every insert), and handed to the request as it is.
-        // Five per-message headers, three more when signing (reqwest keeps two more copies of
-        // the map while the request runs: no spare room).
-        let extra = if self.signer.is_some() { 8 } else { 5 };
-        let mut headers = HeaderMap::with_capacity(self.headers.len() + extra);
+    /// The fixed headers plus, with signing secrets, the Standard Webhooks headers for `id`
+    /// and `body`; room for `more` headers of the caller's.
+    ///
+    /// One map with room for every header of the request, filled with names parsed once (an
+    /// `&str` name is parsed at every insert), and handed to the request as it is (reqwest
+    /// keeps two more copies of the map while the request runs: no spare room).
+    fn signed_headers(&self, more: usize, id: &str, body: &[u8]) -> HeaderMap {
+        let signing = if self.signer.is_some() { 3 } else { 0 };
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + more + signing);
         for (name, value) in &self.headers {
             headers.append(name.clone(), value.clone());
         }
@@ -411,14 +408,25 @@ impl Webhook {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs();
-            if let Ok(v) = HeaderValue::from_str(&msg.id) {
+            if let Ok(v) = HeaderValue::from_str(id) {
                 headers.insert(signing::HEADER_ID, v);
             }
             headers.insert(signing::HEADER_TIMESTAMP, HeaderValue::from(now));
-            if let Ok(v) = HeaderValue::from_str(&signer.sign(&msg.id, now, &payload.bytes)) {
+            if let Ok(v) = HeaderValue::from_str(&signer.sign(id, now, body)) {
                 headers.insert(signing::HEADER_SIGNATURE, v);
             }
         }
+        headers
+    }
+
+    /// POST one payload. Never fails: every error becomes an [`Attempt`].
+    pub async fn post(&self, msg: &Message, payload: Payload) -> Response {
+        let payload = match &self.envelope {
+            Some(queue) => self.envelope(queue, msg, payload),
+            None => payload,
+        };
+        // Five per-message headers.
+        let mut headers = self.signed_headers(5, &msg.id, &payload.bytes);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(payload.content_type));
         if let Ok(v) = HeaderValue::from_str(&msg.id) {
             headers.insert(NAME_MESSAGE_ID, v);
@@ -438,24 +446,8 @@ impl Webhook {
     /// `webhook-id`. Never fails: every error becomes an [`Attempt`]; a 2xx answer's body is in
     /// [`Response::answer`].
     pub async fn post_batch(&self, batch_id: &str, messages: usize, body: Bytes) -> Response {
-        let extra = if self.signer.is_some() { 6 } else { 3 };
-        let mut headers = HeaderMap::with_capacity(self.headers.len() + extra);
-        for (name, value) in &self.headers {
-            headers.append(name.clone(), value.clone());
-        }
-        if let Some(signer) = &self.signer {
-            let now = SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            if let Ok(v) = HeaderValue::from_str(batch_id) {
-                headers.insert(signing::HEADER_ID, v);
-            }
-            headers.insert(signing::HEADER_TIMESTAMP, HeaderValue::from(now));
-            if let Ok(v) = HeaderValue::from_str(&signer.sign(batch_id, now, &body)) {
-                headers.insert(signing::HEADER_SIGNATURE, v);
-            }
-        }
+        // Three per-batch headers.
+        let mut headers = self.signed_headers(3, batch_id, &body);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
             crate::batch::HEADER_BATCH_SIZE,

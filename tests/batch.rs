@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use cfq_relay::emulator::{ContentType, EmulatorOptions, Fault, Op};
+use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::secrets::Secret;
 use cfq_relay::signing::Signer;
 use common::{Answer, Received, Receiver, config, emulator, wait_until};
@@ -55,6 +55,26 @@ fn sent_counts(hook: &Receiver) -> HashMap<String, usize> {
         }
     }
     counts
+}
+
+/// Run the relay with `cfg` until the emulator has `n` messages of `q1` acked (within
+/// `limit_s` seconds), then stop it; returns its metrics.
+async fn deliver_all(
+    cfg: cfq_relay::Config,
+    emu: &Emulator,
+    n: u64,
+    limit_s: u64,
+) -> cfq_relay::metrics::Metrics {
+    let relay_stop = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let metrics = relay.metrics().clone();
+    wait_until(Duration::from_secs(limit_s), "all acked", || {
+        emu.stats("q1").acked == n
+    })
+    .await;
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+    metrics
 }
 
 fn batch(max_messages: usize, max_wait: &str) -> String {
@@ -108,14 +128,7 @@ async fn every_content_type_arrives_byte_exact_inside_signed_batches() {
                 ),
             )],
         );
-        let relay_stop = CancellationToken::new();
-        let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-        wait_until(Duration::from_secs(10), "all acked", || {
-            emu.stats("q1").acked == cases.len() as u64
-        })
-        .await;
-        relay_stop.cancel();
-        relay.wait().await.unwrap();
+        deliver_all(cfg, &emu, cases.len() as u64, 10).await;
 
         let got = hook.received();
         assert!(
@@ -195,15 +208,7 @@ async fn only_the_ids_listed_as_failed_come_back() {
     })
     .await;
     let cfg = config(&api, &[("q1", &hook.url(), "", &batch(100, "300ms"))]);
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    let metrics = relay.metrics().clone();
-    wait_until(Duration::from_secs(15), "all acked", || {
-        emu.stats("q1").acked == 20
-    })
-    .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    let metrics = deliver_all(cfg, &emu, 20, 15).await;
 
     let first = ids(&hook.received()[0]);
     let failed: Vec<String> = failed.into_iter().filter(|id| first.contains(id)).collect();
@@ -291,14 +296,7 @@ async fn unknown_ids_alone_change_nothing_and_malformed_results_retry_the_batch(
     })
     .await;
     let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    wait_until(Duration::from_secs(15), "all acked", || {
-        emu.stats("q1").acked == 4
-    })
-    .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    let _ = deliver_all(cfg, &emu, 4, 15).await;
     for b in emu.books("q1") {
         assert_eq!((b.deliveries, b.acks, b.retries.len()), (2, 1, 1), "{b:?}");
     }
@@ -319,15 +317,7 @@ async fn a_batch_refused_whole_is_redelivered_whole() {
     })
     .await;
     let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    let metrics = relay.metrics().clone();
-    wait_until(Duration::from_secs(15), "all acked", || {
-        emu.stats("q1").acked == 10
-    })
-    .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    let metrics = deliver_all(cfg, &emu, 10, 15).await;
     let got = hook.received();
     assert_eq!(ids(&got[0]).len(), 10, "one batch of all ten");
     let counts = sent_counts(&hook);
