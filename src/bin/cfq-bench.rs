@@ -1023,6 +1023,7 @@ async fn batch_scenario(
             Profile::HighThroughput,
             15_000 * scale,
         ),
+        ("bench-wan-batch-50", Profile::Batch(50), 15_000 * scale),
         ("bench-wan-batch", Profile::Batch(100), 15_000 * scale),
     ] {
         publish(&bed.api, queue, count, size, 16).await?;
