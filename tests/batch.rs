@@ -572,3 +572,37 @@ async fn the_breaker_counts_one_outcome_per_request() {
     }
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_on_a_batch_delays_every_message_and_pauses_pulls() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    publish(&emu, "q1", "m", 6);
+    let hook = Receiver::start(|_, i| {
+        if i == 0 {
+            Answer::status(429).with_header("retry-after", "2")
+        } else {
+            Answer::ok()
+        }
+    })
+    .await;
+    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
+    let started = Instant::now();
+    deliver_all(cfg, &emu, 6, 15).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    for b in emu.books("q1") {
+        assert_eq!(
+            (b.deliveries, b.acks, b.retries.clone()),
+            (2, 1, vec![2]),
+            "{b:?}"
+        );
+    }
+    let got = hook.received();
+    assert_eq!(got.len(), 2, "one refused batch, one accepted");
+    assert!(got[1].at - got[0].at >= Duration::from_secs(2));
+    stop.cancel();
+}
