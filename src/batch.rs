@@ -13,7 +13,6 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use bytes::Bytes;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, sleep_until};
@@ -26,43 +25,8 @@ use crate::delivery::{Message, decode_body};
 use crate::metrics::status_class;
 use crate::policy::{Attempt, Decision, backoff, delay_seconds, jitter};
 
-/// Header carrying the number of messages in a batch request.
-pub const HEADER_BATCH_SIZE: &str = "cfq-batch-size";
-/// Header carrying the batch id (also the `webhook-id` when signing).
-pub const HEADER_BATCH_ID: &str = "cfq-batch-id";
-
-/// `[consumers.webhook.batch]`: opt-in batch delivery.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchConfig {
-    /// Messages per webhook request, 1..=100.
-    #[serde(default = "default_max_messages")]
-    pub max_messages: usize,
-    /// How long a partial batch may wait for more messages, 0s..=10s.
-    #[serde(default = "default_max_wait", with = "humantime_serde")]
-    pub max_wait: Duration,
-    /// Cap on the request body in bytes (unset: no cap beyond `max_messages`); a message larger
-    /// than the cap on its own travels alone.
-    #[serde(default)]
-    pub max_bytes: Option<usize>,
-}
-
-fn default_max_messages() -> usize {
-    50
-}
-fn default_max_wait() -> Duration {
-    Duration::from_millis(50)
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        Self {
-            max_messages: default_max_messages(),
-            max_wait: default_max_wait(),
-            max_bytes: None,
-        }
-    }
-}
+pub use crate::config::BatchConfig;
+pub use crate::delivery::{HEADER_BATCH_ID, HEADER_BATCH_SIZE};
 
 /// Messages a consumer may hold (pulled, waiting in a batch or in flight): `concurrency`
 /// counts webhook requests, and in batch mode each request carries up to `max_messages`.

@@ -311,7 +311,40 @@ pub struct WebhookConfig {
     /// Batch delivery: many messages per request with per-message results (unset: one
     /// message per request).
     #[serde(default)]
-    pub batch: Option<crate::batch::BatchConfig>,
+    pub batch: Option<BatchConfig>,
+}
+
+/// `[consumers.webhook.batch]`: opt-in batch delivery.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Messages per webhook request, 1..=100.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: usize,
+    /// How long a partial batch may wait for more messages, 0s..=10s.
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Cap on the request body in bytes (unset: no cap beyond `max_messages`); a message larger
+    /// than the cap on its own travels alone.
+    #[serde(default)]
+    pub max_bytes: Option<usize>,
+}
+
+fn default_max_messages() -> usize {
+    50
+}
+fn default_max_wait() -> Duration {
+    Duration::from_millis(50)
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_messages: default_max_messages(),
+            max_wait: default_max_wait(),
+            max_bytes: None,
+        }
+    }
 }
 
 /// `[consumers.webhook.basic_auth]`

@@ -30,6 +30,11 @@ pub const HEADER_QUEUE_ID: &str = "cfq-queue-id";
 /// Header carrying the original `CF-Content-Type` (absent when the message had none).
 pub const HEADER_CONTENT_TYPE: &str = "cfq-content-type";
 
+/// Header carrying the number of messages in a batch request.
+pub const HEADER_BATCH_SIZE: &str = "cfq-batch-size";
+/// Header carrying the batch id (also the `webhook-id` when signing).
+pub const HEADER_BATCH_ID: &str = "cfq-batch-id";
+
 const NAME_MESSAGE_ID: HeaderName = HeaderName::from_static(HEADER_MESSAGE_ID);
 const NAME_ATTEMPT: HeaderName = HeaderName::from_static(HEADER_ATTEMPT);
 const NAME_TIMESTAMP: HeaderName = HeaderName::from_static(HEADER_TIMESTAMP);
@@ -449,12 +454,9 @@ impl Webhook {
         // Three per-batch headers.
         let mut headers = self.signed_headers(3, batch_id, &body);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(
-            crate::batch::HEADER_BATCH_SIZE,
-            HeaderValue::from(messages as u64),
-        );
+        headers.insert(HEADER_BATCH_SIZE, HeaderValue::from(messages as u64));
         if let Ok(v) = HeaderValue::from_str(batch_id) {
-            headers.insert(crate::batch::HEADER_BATCH_ID, v);
+            headers.insert(HEADER_BATCH_ID, v);
         }
         self.execute(headers, body).await
     }
