@@ -606,3 +606,64 @@ async fn retry_after_on_a_batch_delays_every_message_and_pauses_pulls() {
     assert!(got[1].at - got[0].at >= Duration::from_secs(2));
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_bytes_caps_the_body_and_a_larger_message_travels_alone() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let mut small = Vec::new();
+    for i in 0..12 {
+        let body = format!("{i:03}-{}", "x".repeat(200));
+        small.push(
+            emu.publish(
+                "q1",
+                Some(ContentType::Text),
+                body.as_bytes(),
+                Duration::ZERO,
+            )
+            .unwrap(),
+        );
+    }
+    let big = emu
+        .publish(
+            "q1",
+            Some(ContentType::Text),
+            "y".repeat(3000).as_bytes(),
+            Duration::ZERO,
+        )
+        .unwrap();
+    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let cfg = config(
+        &api,
+        &[(
+            "q1",
+            &hook.url(),
+            "",
+            "batch = { max_messages = 100, max_wait = \"300ms\", max_bytes = 1024 }",
+        )],
+    );
+    deliver_all(cfg, &emu, 13, 10).await;
+    let got = hook.received();
+    let mut seen = 0;
+    for r in &got {
+        let in_batch = ids(r);
+        seen += in_batch.len();
+        if in_batch.contains(&big) {
+            assert_eq!(
+                in_batch,
+                vec![big.clone()],
+                "the large message travels alone"
+            );
+        } else {
+            assert!(r.body.len() <= 1024, "{} bytes", r.body.len());
+            // Each entry is ~330 bytes: 3 fit under 1024, 4 would not.
+            assert!(in_batch.len() <= 3, "{}", in_batch.len());
+        }
+    }
+    assert_eq!(seen, 13);
+    assert!(
+        got.len() >= 5,
+        "12 messages in batches of at most 3, and the large one"
+    );
+    stop.cancel();
+}
