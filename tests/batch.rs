@@ -661,6 +661,11 @@ async fn max_bytes_caps_the_body_and_a_larger_message_travels_alone() {
         }
     }
     assert_eq!(seen, 13);
+    let counts = sent_counts(&hook);
+    assert!(
+        small.iter().all(|id| counts.get(id) == Some(&1)),
+        "{counts:?}"
+    );
     assert!(
         got.len() >= 5,
         "12 messages in batches of at most 3, and the large one"
