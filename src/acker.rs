@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::cloudflare::{AckEntry, ApiError, Op, QueueClient, RetryEntry, short_lease};
+use crate::logs::{Event, esc};
 use crate::metrics::ConsumerMetrics;
 
 /// Items per ack call.
@@ -56,6 +57,8 @@ pub struct Acker {
     pub hard_stop: CancellationToken,
     /// Ack calls in flight at once ([`calls_in_flight`]).
     pub calls_in_flight: usize,
+    /// Rate limit of repeated failure lines.
+    pub logs: crate::logs::LogLimiter,
 }
 
 impl Acker {
@@ -159,7 +162,9 @@ impl Acker {
                     if !r.warnings.is_empty() {
                         self.metrics.ack_warnings.inc_by(r.warnings.len() as u64);
                         for w in r.warnings.iter().take(10) {
-                            warn!(queue = %self.queue, warning = %w, "ack API warning");
+                            if self.logs.allow(Event::AckFailed) {
+                                warn!(queue = %self.queue, warning = %esc(w), "ack API warning");
+                            }
                         }
                     }
                     debug!(queue = %self.queue, acks = acks.len(), retries = retries.len(),
@@ -169,6 +174,25 @@ impl Acker {
                 Err(e) => e,
             };
             self.metrics.api(Op::Ack, err.class(), elapsed);
+            if let ApiError::Status { status: 400, .. } = err {
+                // The API refused the call as a bad request: one item may be at fault (a lease
+                // id or delay it does not accept). Split to isolate it, so the rest still land.
+                if batch.len() > 1 {
+                    let right = batch.split_off(batch.len() / 2);
+                    debug!(queue = %self.queue, items = batch.len() + right.len(),
+                        "ack call refused as a bad request: splitting it to isolate the item");
+                    Box::pin(self.send(batch)).await;
+                    Box::pin(self.send(right)).await;
+                    return;
+                }
+                self.metrics.ack_warnings.inc();
+                if self.logs.allow(Event::AckFailed) {
+                    error!(queue = %self.queue, error = %err, lease = %esc(&short_lease(&batch[0].lease_id)),
+                        kind = ?batch[0].kind,
+                        "the ack API refuses this item; its message returns when its lease expires");
+                }
+                return;
+            }
             if self.hard_stop.is_cancelled() {
                 error!(queue = %self.queue, items = batch.len(), error = %err,
                     first_lease = %short_lease(&batch[0].lease_id),
@@ -184,7 +208,7 @@ impl Acker {
             );
             if err.is_auth() {
                 error!(queue = %self.queue, error = %err, retry_in = ?wait, "ack call rejected");
-            } else {
+            } else if self.logs.allow(Event::AckFailed) {
                 warn!(queue = %self.queue, items = batch.len(), error = %err, retry_in = ?wait, "ack call failed; retrying");
             }
             // Sleep until the next attempt, waking at each lease end on the way to give up

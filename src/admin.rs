@@ -1,8 +1,10 @@
 //! The admin HTTP server: Prometheus text at `/metrics`, liveness at `/healthz`, readiness at
-//! `/readyz`.
+//! `/readyz`; bounded in connections, header-read time and connection age, so idle or slow
+//! clients cannot starve the health checks or the process's descriptors.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -10,7 +12,9 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 use crate::consumer::Readiness;
 use crate::metrics::Metrics;
@@ -35,15 +39,145 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Serve on `listener` until `stop` is cancelled.
+/// Connections the admin server holds at once. At the cap, a new connection takes the place of
+/// the oldest one that is not serving a request (idle or still sending its headers: the shape
+/// of a slowloris attack); when every one is busy, the new one is closed at once (refused, not
+/// queued). Health checks thus get through while any number of idle connections are open, and
+/// the admin port never holds more than this many descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection must send a complete request head this soon after it opens or after its
+/// previous answer (so this is also the keep-alive idle timeout).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest life of one connection: then it is closed after its current answer (a client
+/// that keeps one open for scraping reconnects).
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(120);
+
+/// A live admin connection, as the accept loop sees it.
+struct Slot {
+    id: u64,
+    /// Requests in progress on it.
+    busy: Arc<AtomicUsize>,
+    close: CancellationToken,
+}
+
+/// Serve on `listener` until `stop` is cancelled, within the limits above.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
     let app = router(state);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "admin server failed");
+    let slots: Arc<Mutex<Vec<Slot>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = JoinSet::new();
+    let mut next_id = 0u64;
+    let mut refused = 0u64;
+    let logs = crate::logs::LogLimiter::new("admin");
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors (EMFILE) and the like: wait a little rather than spin.
+                if logs.allow(crate::logs::Event::AcceptFailed) {
+                    tracing::warn!(error = %e, "admin server: accept failed");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let busy = Arc::new(AtomicUsize::new(0));
+        let close = CancellationToken::new();
+        {
+            let mut live = slots.lock().unwrap_or_else(PoisonError::into_inner);
+            if live.len() >= MAX_CONNECTIONS {
+                // The oldest connection with no request in progress makes room.
+                match live
+                    .iter()
+                    .position(|s| s.busy.load(Ordering::Relaxed) == 0)
+                {
+                    Some(i) => {
+                        live.remove(i).close.cancel();
+                    }
+                    None => {
+                        refused += 1;
+                        if refused.is_power_of_two() {
+                            tracing::warn!(
+                                refused,
+                                max = MAX_CONNECTIONS,
+                                "admin server: connection limit reached, every connection busy; refusing"
+                            );
+                        }
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
+            next_id += 1;
+            live.push(Slot {
+                id: next_id,
+                busy: busy.clone(),
+                close: close.clone(),
+            });
+        }
+        let id = next_id;
+        let app = app.clone();
+        let slots = slots.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            serve_connection(stream, app, busy, close, stop).await;
+            slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|s| s.id != id);
+        });
     }
+    // Stop: connections finish their current answer and close.
+    for s in slots.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+        s.close.cancel();
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    busy: Arc<AtomicUsize>,
+    close: CancellationToken,
+    stop: CancellationToken,
+) {
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        let busy = busy.clone();
+        busy.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let answer = app.oneshot(req).await;
+            busy.fetch_sub(1, Ordering::Relaxed);
+            answer
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let age = tokio::time::sleep(MAX_CONNECTION_AGE);
+    tokio::pin!(age);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+            return;
+        }
+        _ = close.cancelled() => {}
+        _ = stop.cancelled() => {}
+        _ = &mut age => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    // An answer in progress gets a moment to finish; an idle connection closes at once.
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {

@@ -158,6 +158,20 @@ impl Op {
     }
 }
 
+/// Cloudflare's limit of one message body (128 KB).
+pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
+/// What one message may take in a pull answer: its body base64-encoded (4/3 of the body), its
+/// id, lease id (a few hundred characters) and metadata, with slack.
+const ANSWER_BYTES_PER_MESSAGE: usize = MAX_MESSAGE_BYTES * 4 / 3 + 16 * 1024;
+/// The largest ack answer read (it lists at most a warning per item of 100).
+pub const ACK_ANSWER_LIMIT: usize = 1024 * 1024;
+
+/// The largest pull answer read for a pull of `batch_size` messages (~18 MB for 100): a larger
+/// answer is an API error, refused before it is allocated.
+pub fn pull_answer_limit(batch_size: u32) -> usize {
+    (batch_size.max(1) as usize) * ANSWER_BYTES_PER_MESSAGE + 64 * 1024
+}
+
 /// A failed API call. `Display` is one line of context, never the token.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -182,6 +196,10 @@ pub enum ApiError {
     Malformed { reason: String, excerpt: String },
     #[error("API answered success=false{}", fmt_errors(.errors))]
     Unsuccessful { errors: Vec<ApiMessage> },
+    #[error(
+        "answer larger than {limit} bytes: refused unread (the messages it leased return when their leases expire)"
+    )]
+    TooLarge { limit: usize },
     #[error("request timed out")]
     Timeout,
     #[error("transport error: {0}")]
@@ -196,7 +214,9 @@ impl ApiError {
             ApiError::Auth { .. } => "4xx",
             ApiError::Status { status, .. } if *status >= 500 => "5xx",
             ApiError::Status { .. } => "4xx",
-            ApiError::Malformed { .. } | ApiError::Unsuccessful { .. } => "malformed",
+            ApiError::Malformed { .. }
+            | ApiError::Unsuccessful { .. }
+            | ApiError::TooLarge { .. } => "malformed",
             ApiError::Timeout | ApiError::Transport(_) => "transport_error",
         }
     }
@@ -259,16 +279,7 @@ fn fmt_excerpt(excerpt: &str) -> String {
 
 /// `s` with its control characters (newlines included) escaped, for a single log line.
 pub fn one_line(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect()
+    crate::logs::one_line(s)
 }
 
 /// A printable excerpt of an answer body, cut at a char boundary.
@@ -342,7 +353,8 @@ impl QueueClient {
             batch_size,
             visibility_timeout_ms: visibility_timeout.as_millis() as u64,
         };
-        self.call(&self.pull_url, &req).await
+        self.call(&self.pull_url, &req, pull_answer_limit(batch_size))
+            .await
     }
 
     /// Acknowledge and retry leases in one call.
@@ -351,14 +363,19 @@ impl QueueClient {
         acks: &[AckEntry<'_>],
         retries: &[RetryEntry<'_>],
     ) -> Result<AckResult, ApiError> {
-        self.call(&self.ack_url, &AckRequest { acks, retries })
-            .await
+        self.call(
+            &self.ack_url,
+            &AckRequest { acks, retries },
+            ACK_ANSWER_LIMIT,
+        )
+        .await
     }
 
     async fn call<T: serde::de::DeserializeOwned + Default>(
         &self,
         url: &reqwest::Url,
         body: &impl Serialize,
+        limit: usize,
     ) -> Result<T, ApiError> {
         let body = serde_json::to_vec(body).map_err(|e| ApiError::Transport(e.to_string()))?;
         let resp = self
@@ -373,9 +390,44 @@ impl QueueClient {
             .map_err(transport_error)?;
         let status = resp.status().as_u16();
         let retry_after = retry_after_header(resp.headers());
-        let bytes = resp.bytes().await.map_err(transport_error)?;
+        let bytes = read_bounded(resp, limit).await?;
         interpret(status, retry_after, &bytes)
     }
+}
+
+/// The answer body, read chunk by chunk and refused as soon as it passes `limit` bytes (or
+/// announces more): a hostile or broken API cannot make the relay allocate without bound.
+async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let announced = resp.content_length().unwrap_or(0);
+    if announced > limit as u64 {
+        return Err(ApiError::TooLarge { limit });
+    }
+    if announced > 0 {
+        let mut body = Vec::with_capacity(announced as usize);
+        while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        return Ok(body);
+    }
+    // No length announced (chunked): keep the chunks as they come and join them once, so the
+    // peak is the answer plus one copy, never a doubling buffer's spare half on top.
+    let mut chunks = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+        total += chunk.len();
+        if total > limit {
+            return Err(ApiError::TooLarge { limit });
+        }
+        chunks.push(chunk);
+    }
+    let mut body = Vec::with_capacity(total);
+    for chunk in chunks.drain(..) {
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Turn a status and body into the result or an error. Pure, so the odd answers are unit-tested.
@@ -759,6 +811,43 @@ pub fn short_lease(lease: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(body: reqwest::Body) -> reqwest::Response {
+        reqwest::Response::from(axum::http::Response::new(body))
+    }
+
+    fn chunked(chunks: usize, size: usize) -> reqwest::Body {
+        let stream = futures_util::stream::iter(
+            (0..chunks).map(move |_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; size]))),
+        );
+        reqwest::Body::wrap_stream(stream)
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_up_to_their_cap() {
+        // Announced length: refused before reading; within the cap: read whole.
+        let big = answer(reqwest::Body::from(vec![b'x'; 2000]));
+        assert!(matches!(
+            read_bounded(big, 1000).await,
+            Err(ApiError::TooLarge { limit: 1000 })
+        ));
+        let small = answer(reqwest::Body::from(vec![b'x'; 1000]));
+        assert_eq!(read_bounded(small, 1000).await.unwrap().len(), 1000);
+        // No length (chunked): refused as soon as the chunks pass the cap.
+        assert!(matches!(
+            read_bounded(answer(chunked(100, 64)), 1000).await,
+            Err(ApiError::TooLarge { .. })
+        ));
+        assert_eq!(
+            read_bounded(answer(chunked(10, 64)), 1000).await.unwrap(),
+            vec![b'x'; 640]
+        );
+        assert_eq!(
+            pull_answer_limit(100),
+            100 * (131_072 * 4 / 3 + 16_384) + 65_536
+        );
+        assert_eq!(ApiError::TooLarge { limit: 1 }.class(), "malformed");
+    }
 
     fn pull(body: &str) -> Result<PullResult, ApiError> {
         interpret(200, None, body.as_bytes())

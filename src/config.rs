@@ -23,23 +23,170 @@ pub const TOKEN_ENV: &str = "CLOUDFLARE_API_TOKEN";
 pub const TOKEN_CREDENTIAL: &str = "cloudflare-api-token";
 
 const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 3600);
+/// 12 h: the longest retry delay every published Cloudflare limit accepts (older pages say 12 h,
+/// newer ones 24 h). One refused retry item fails the whole ack call it travels in.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(12 * 3600);
+/// The default drain grace when `shutdown.grace_period` is not set: 25 s, or less when the
+/// shortest lease needs it (see [`Config::grace_period_default`]).
+const DEFAULT_GRACE: Duration = Duration::from_secs(25);
 
-/// A configuration error. Its `Display` is one line that names the key.
+/// A configuration error. Its `Display` is one line that names the key (and, for a syntax error,
+/// the line and column); it never contains a value from the file, which may be a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read or parsed, or a key has the wrong type or is unknown.
+    /// The file could not be read, or a key has the wrong type or is unknown.
     #[error("{0}")]
     Parse(String),
+    /// The text is not valid TOML. Only the position and the parser's message are kept: the
+    /// offending line may hold the API token.
+    #[error("TOML syntax error at line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     /// A value is out of its allowed range or otherwise invalid.
     #[error("`{key}` {message}")]
     Invalid { key: String, message: String },
 }
 
-/// Parser messages (the TOML one quotes the offending line over several lines) folded into one.
+impl ConfigError {
+    /// Lines to print under the error on a terminal: for a syntax error, a gutter with the line
+    /// number and a caret under the column, with the line's text left out (it may be a secret).
+    pub fn detail(&self) -> Option<String> {
+        let ConfigError::Syntax { line, column, .. } = self else {
+            return None;
+        };
+        let gutter = line.to_string().len();
+        Some(format!(
+            "{:gutter$} |\n{line} | (line not shown: it may hold a secret)\n{:gutter$} | {:>column$}",
+            "", "", "^"
+        ))
+    }
+}
+
+/// Messages of I/O errors and of things that are not about a value, folded into one line.
 fn parse_error(e: impl fmt::Display) -> ConfigError {
     let text = e.to_string();
     ConfigError::Parse(text.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// Check the TOML syntax first, so a syntax error is reported by position alone: the `config`
+/// crate's message quotes the offending line, which may be `api_token = "…`.
+fn check_syntax(text: &str) -> Result<(), ConfigError> {
+    let Err(e) = toml::from_str::<toml::Table>(text) else {
+        return Ok(());
+    };
+    let offset = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    let message = crate::logs::one_line(e.message().trim());
+    Err(ConfigError::Syntax {
+        line,
+        column,
+        message,
+    })
+}
+
+/// A `config` crate error without the value it quotes: the key, what was expected, and the
+/// kind of value found (never the value: `signing_secrets = "whsec_…"` must not echo it).
+fn config_error(e: config::ConfigError) -> ConfigError {
+    ConfigError::Parse(describe(&e, None))
+}
+
+fn describe(e: &config::ConfigError, outer_key: Option<&str>) -> String {
+    match e {
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => {
+            // `Unexpected` displays as `string "value"` or "64-bit integer `5`": keep the kind.
+            let found = unexpected.to_string();
+            let kind = found
+                .split(['"', '`'])
+                .next()
+                .unwrap_or("value")
+                .trim()
+                .to_owned();
+            let key = key.as_deref().or(outer_key);
+            match key {
+                Some(k) => format!(
+                    "`{}` has the wrong type: expected {expected}, found a {kind}",
+                    key_path(k)
+                ),
+                None => format!("wrong type: expected {expected}, found a {kind}"),
+            }
+        }
+        config::ConfigError::At { error, key, .. } => describe(error, key.as_deref().or(outer_key)),
+        config::ConfigError::Message(m) => {
+            // serde's "invalid type: string \"v\", expected a sequence": keep the kind only.
+            if let Some(rest) = m.strip_prefix("invalid type: ")
+                && let Some((found, expected)) = rest.split_once(", expected ")
+            {
+                let kind = found.split(['"', '`']).next().unwrap_or("value").trim();
+                let expected = redact_quoted(expected);
+                return match outer_key {
+                    Some(k) => format!(
+                        "`{}` has the wrong type: expected {expected}, found a {kind}",
+                        key_path(k)
+                    ),
+                    None => format!("wrong type: expected {expected}, found a {kind}"),
+                };
+            }
+            let m = redact_quoted(m);
+            match outer_key {
+                Some(k) => format!("`{}`: {m}", key_path(k)),
+                None => m,
+            }
+        }
+        other => redact_quoted(&other.to_string()),
+    }
+}
+
+/// `consumers[0]webhook.url` (as the `config` crate writes paths) → `consumers[0].webhook.url`.
+fn key_path(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut chars = key.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']' && chars.peek().is_some_and(|n| *n != '.' && *n != '[') {
+            out.push('.');
+        }
+    }
+    out
+}
+
+/// Replace double-quoted parts of a message (where serde and humantime put values) with `"…"`,
+/// and fix key paths in backquotes; everything else (field names, expectations) stays.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    for (i, part) in parts.enumerate() {
+        if i % 2 == 0 {
+            out.push_str("\"…\"");
+        } else {
+            out.push_str(part);
+        }
+    }
+    let out = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    out.split('`')
+        .enumerate()
+        .map(|(i, p)| {
+            if i % 2 == 1 {
+                key_path(p)
+            } else {
+                p.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("`")
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -171,6 +318,7 @@ pub enum LogFormat {
 pub struct ShutdownConfig {
     /// How long in-flight deliveries may take to finish after SIGTERM/SIGINT before they are
     /// abandoned and their messages handed back. Must be shorter than every visibility timeout.
+    /// Unset: 25s, or half the shortest `visibility_timeout` when that is less.
     #[serde(default = "default_grace_period", with = "humantime_serde")]
     pub grace_period: Duration,
 }
@@ -256,7 +404,7 @@ pub struct WebhookConfig {
     #[serde(default)]
     pub url: String,
     /// Timeout of one webhook request (connect to last response byte); shorter than
-    /// `visibility_timeout`.
+    /// `visibility_timeout`. Unset: 10s, or less when the lease needs it.
     #[serde(default = "default_webhook_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Extra request headers, e.g. `{ "X-Tenant" = "blue" }`.
@@ -393,6 +541,15 @@ fn default_webhook_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
+/// The webhook timeout when none is configured: 10 s, or what the lease leaves after the pull
+/// and ack margins when that is less (so `visibility_timeout = "5s"` alone is valid).
+pub fn webhook_timeout_default(visibility_timeout: Duration) -> Duration {
+    let margin = crate::consumer::lease_margin(visibility_timeout);
+    default_webhook_timeout()
+        .min(visibility_timeout.saturating_sub(margin * 2))
+        .max(Duration::from_millis(100))
+}
+
 impl Default for WebhookConfig {
     fn default() -> Self {
         Self {
@@ -447,7 +604,7 @@ pub struct RetryConfig {
     /// Delay before the first redelivery of a failed message; doubles with each attempt.
     #[serde(default = "default_base_delay", with = "humantime_serde")]
     pub base_delay: Duration,
-    /// Cap of the retry delay (and of a webhook's Retry-After), at most 24h.
+    /// Cap of the retry delay (and of a webhook's Retry-After), at most 12h.
     #[serde(default = "default_max_delay", with = "humantime_serde")]
     pub max_delay: Duration,
 }
@@ -485,11 +642,12 @@ impl Config {
         let env = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__");
+        check_syntax(&raw)?;
         let built = config::Config::builder()
             .add_source(config::File::from_str(&raw, config::FileFormat::Toml))
             .add_source(env)
             .build()
-            .map_err(parse_error)?;
+            .map_err(config_error)?;
         match built.get_string("admin.listen") {
             Ok(text) => text.parse().map_err(|e| {
                 invalid(
@@ -498,7 +656,7 @@ impl Config {
                 )
             }),
             Err(config::ConfigError::NotFound(_)) => Ok(default_admin_listen()),
-            Err(e) => Err(parse_error(e)),
+            Err(e) => Err(config_error(e)),
         }
     }
 
@@ -508,25 +666,59 @@ impl Config {
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true);
+        check_syntax(text)?;
         let built = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(env)
             .build()
-            .map_err(parse_error)?;
-        let config: Config = built.try_deserialize().map_err(parse_error)?;
-        config.validate()?;
-        Ok(config)
+            .map_err(config_error)?;
+        Self::finish(built)
     }
 
     /// Parse TOML text without environment overrides, validate.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        check_syntax(text)?;
         let built = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
-            .map_err(parse_error)?;
-        let config: Config = built.try_deserialize().map_err(parse_error)?;
+            .map_err(config_error)?;
+        Self::finish(built)
+    }
+
+    /// Deserialize, fill the defaults that depend on other keys, validate.
+    fn finish(built: config::Config) -> Result<Config, ConfigError> {
+        let grace_set = built.get_string("shutdown.grace_period").is_ok();
+        let consumers = built.get_array("consumers").map(|a| a.len()).unwrap_or(0);
+        let timeout_set: Vec<bool> = (0..consumers)
+            .map(|i| {
+                built
+                    .get_string(&format!("consumers[{i}].webhook.timeout"))
+                    .is_ok()
+            })
+            .collect();
+        let mut config: Config = built.try_deserialize().map_err(config_error)?;
+        for (c, set) in config.consumers.iter_mut().zip(timeout_set) {
+            if !set {
+                c.webhook.timeout = webhook_timeout_default(c.visibility_timeout);
+            }
+        }
+        if !grace_set {
+            config.shutdown.grace_period = config.grace_period_default();
+        }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The drain grace when none is configured: 25 s, or half the shortest lease when that is
+    /// shorter, so a config that sets only `visibility_timeout = "5s"` is valid as written
+    /// (deliveries get 2.5 s to finish, and their acks still land inside the lease).
+    pub fn grace_period_default(&self) -> Duration {
+        self.consumers
+            .iter()
+            .map(|c| c.visibility_timeout / 2)
+            .min()
+            .unwrap_or(DEFAULT_GRACE)
+            .min(DEFAULT_GRACE)
     }
 
     /// Check every value against its allowed range. The first problem wins.
@@ -651,6 +843,16 @@ impl Config {
                 return Err(invalid(key("webhook.url"), "is required"));
             }
             check_http_url(&key("webhook.url"), &w.url)?;
+            // A password in the URL would travel into the HTTP client's debug logs (its pool
+            // keys are the URL's authority): credentials have their own keys.
+            if reqwest::Url::parse(&w.url)
+                .is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
+            {
+                return Err(invalid(
+                    key("webhook.url"),
+                    "must not contain a user name or password: use [consumers.webhook.basic_auth] (`username` with `password_file`, `password_env` or `password`)",
+                ));
+            }
             check_range(
                 &key("webhook.timeout"),
                 w.timeout,
@@ -852,6 +1054,51 @@ impl Config {
         )
     }
 
+    /// The config file (when it holds a secret inline) and every secret file that users other
+    /// than the owner and group can read, as (key, path). `run` and `check-config` warn about
+    /// each: a token readable by every local account is a leaked token.
+    pub fn readable_by_others(&self, config_path: &Path) -> Vec<(String, PathBuf)> {
+        use std::os::unix::fs::PermissionsExt;
+        let open =
+            |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
+        let mut files: Vec<(String, &Path)> = Vec::new();
+        let inline = self.cloudflare.api_token.is_some()
+            || self.consumers.iter().any(|c| {
+                let w = &c.webhook;
+                !w.signing_secrets.is_empty()
+                    || w.bearer_token.is_some()
+                    || !w.headers.is_empty()
+                    || w.basic_auth.as_ref().is_some_and(|b| b.password.is_some())
+            });
+        if inline {
+            files.push(("the config file".into(), config_path));
+        }
+        if let Some(p) = &self.cloudflare.api_token_file {
+            files.push(("cloudflare.api_token_file".into(), p));
+        }
+        for (i, c) in self.consumers.iter().enumerate() {
+            let w = &c.webhook;
+            let key = |k: &str| format!("consumers[{i}].webhook.{k}");
+            if let Some(p) = &w.signing_secret_file {
+                files.push((key("signing_secret_file"), p));
+            }
+            if let Some(p) = &w.bearer_token_file {
+                files.push((key("bearer_token_file"), p));
+            }
+            if let Some(p) = w.basic_auth.as_ref().and_then(|b| b.password_file.as_ref()) {
+                files.push((key("basic_auth.password_file"), p));
+            }
+            if let Some(p) = &w.client_key_file {
+                files.push((key("client_key_file"), p));
+            }
+        }
+        files
+            .into_iter()
+            .filter(|(_, p)| open(p))
+            .map(|(k, p)| (k, p.to_path_buf()))
+            .collect()
+    }
+
     /// One line for `check-config` and the startup log; never contains secrets.
     pub fn summary(&self) -> String {
         let consumers: Vec<String> = self
@@ -970,6 +1217,7 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
             key,
             format!("must be an http or https URL, got scheme {:?}", u.scheme()),
         )),
+        // The URL parser's message names the problem, never the URL.
         Err(e) => Err(invalid(key, format!("is not a valid URL: {e}"))),
     }
 }
@@ -1053,11 +1301,11 @@ url = "http://127.0.0.1:8080/hook"
             ),
             (with("", "concurrency = 0"), "`consumers[0].concurrency` must be between 1 and 10000"),
             (
-                with("", "visibility_timeout = \"10s\""),
+                format!("{}timeout = \"10s\"\n", with("", "visibility_timeout = \"10s\"")),
                 "`consumers[0].webhook.timeout` must be shorter than visibility_timeout (10s), got 10s",
             ),
             (
-                with("", "visibility_timeout = \"11s\""),
+                format!("{}timeout = \"10s\"\n", with("", "visibility_timeout = \"11s\"")),
                 "`consumers[0].webhook.timeout` must leave room for the pull and the ack within visibility_timeout (11s): at most 8s 800ms, got 10s",
             ),
             (
@@ -1071,8 +1319,8 @@ url = "http://127.0.0.1:8080/hook"
                 "`consumers[0].webhook.url` is required",
             ),
             (
-                format!("{}\n[consumers.retry]\nmax_delay = \"25h\"\n", with("", "")),
-                "`consumers[0].retry.max_delay` must be between 0s and 1day, got 1day 1h",
+                format!("{}\n[consumers.retry]\nmax_delay = \"13h\"\n", with("", "")),
+                "`consumers[0].retry.max_delay` must be between 0s and 12h, got 13h",
             ),
             (
                 format!("{}\n[consumers.retry]\nbase_delay = \"2h\"\n", with("", "")),
@@ -1100,6 +1348,14 @@ url = "http://127.0.0.1:8080/hook"
                 "`consumers[0].webhook.success_statuses` must hold HTTP statuses between 100 and 599, got 700",
             ),
             (with("", "name = \"a b\""), "`consumers[0].name` must be 1 to 64 characters"),
+            (
+                with("", "").replace("http://127.0.0.1/h", "http://user:pw@127.0.0.1/h"),
+                "`consumers[0].webhook.url` must not contain a user name or password: use [consumers.webhook.basic_auth]",
+            ),
+            (
+                with("", "").replace("http://127.0.0.1/h", "http://user@127.0.0.1/h"),
+                "`consumers[0].webhook.url` must not contain a user name or password",
+            ),
             (with("", "max_pulls_in_flight = 0"), "`consumers[0].max_pulls_in_flight` must be between 1 and 32"),
             (
                 format!("{}\n[log]\nlevel = \"loud=?=\"\n", with("", "")),
@@ -1132,6 +1388,237 @@ url = "http://127.0.0.1:8080/hook"
         assert!(got.contains("batch_size"), "{got}");
         let got = err_of(&with("", "visibility_timeout = \"forever\""));
         assert!(got.contains("visibility_timeout"), "{got}");
+    }
+
+    /// Every key that holds a secret, each with a syntax error and a type error: the error
+    /// names the key (or the line and column) and never contains the value.
+    #[test]
+    fn no_error_prints_a_secret_value() {
+        const SECRET: &str = "whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=";
+        let base = |cloudflare: &str, webhook: &str| {
+            format!(
+                "[cloudflare]\naccount_id = \"abc\"\n{cloudflare}\n[[consumers]]\nqueue_id = \"q1\"\n[consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n{webhook}\n"
+            )
+        };
+        let cases: Vec<(String, &str)> = vec![
+            // Syntax errors: an unterminated string, a missing `=`, a bad escape.
+            (base(&format!("api_token = \"{SECRET}"), ""), "line 3"),
+            (base(&format!("api_token {SECRET}"), ""), "line 3"),
+            (base(&format!("api_token = \"{SECRET}\\q\""), ""), "line 3"),
+            (
+                base(
+                    "api_token = \"t\"",
+                    &format!("signing_secrets = [\"{SECRET}\""),
+                ),
+                "line",
+            ),
+            (
+                base("api_token = \"t\"", &format!("bearer_token = \"{SECRET}")),
+                "line 8",
+            ),
+            (
+                base(
+                    "api_token = \"t\"",
+                    &format!(
+                        "[consumers.webhook.basic_auth]\nusername = \"u\"\npassword = {SECRET}"
+                    ),
+                ),
+                "line 10",
+            ),
+            (
+                base(
+                    "api_token = \"t\"",
+                    &format!("headers = {{ Authorization = \"{SECRET} }}"),
+                ),
+                "line 8",
+            ),
+            // Type errors: a string where a list or a table is expected, and the reverse.
+            (
+                base(&format!("api_token = [\"{SECRET}\"]"), ""),
+                "`cloudflare.api_token`",
+            ),
+            (
+                base(
+                    "api_token = \"t\"",
+                    &format!("signing_secrets = \"{SECRET}\""),
+                ),
+                "`consumers[0].webhook.signing_secrets` has the wrong type",
+            ),
+            (
+                base(
+                    "api_token = \"t\"",
+                    &format!("bearer_token = [\"{SECRET}\"]"),
+                ),
+                "`consumers[0].webhook.bearer_token`",
+            ),
+            (
+                base(
+                    "api_token = \"t\"",
+                    &format!(
+                        "[consumers.webhook.basic_auth]\nusername = \"u\"\npassword = [\"{SECRET}\"]"
+                    ),
+                ),
+                "`consumers[0].webhook.basic_auth.password`",
+            ),
+            (
+                base("api_token = \"t\"", &format!("headers = \"{SECRET}\"")),
+                "`consumers[0].webhook.headers`",
+            ),
+            (
+                base("api_token = \"t\"", &format!("basic_auth = \"{SECRET}\"")),
+                "`consumers[0].webhook.basic_auth`",
+            ),
+            // Bad values.
+            (
+                base(
+                    "api_token = \"t\"",
+                    &format!("signing_secrets = [\"{SECRET}!\"]"),
+                ),
+                "`consumers[0].webhook.signing_secrets[0]`",
+            ),
+            (
+                base(
+                    "api_token = \"t\"",
+                    &format!("headers = {{ Authorization = \"{SECRET}\\n\" }}"),
+                ),
+                "`consumers[0].webhook.headers.Authorization`",
+            ),
+            (
+                base("api_token = \"t\"", "").replace(
+                    "http://127.0.0.1/h",
+                    &format!("http://u:{SECRET}@127.0.0.1/h"),
+                ),
+                "`consumers[0].webhook.url`",
+            ),
+            (
+                base("api_token = \"t\"", "")
+                    .replace("http://127.0.0.1/h", &format!("http://[{SECRET}]/h")),
+                "`consumers[0].webhook.url`",
+            ),
+        ];
+        let secret_part = &SECRET[6..20];
+        for (text, want) in &cases {
+            let e = Config::from_toml(text).unwrap_err();
+            let got = e.to_string();
+            let detail = e.detail().unwrap_or_default();
+            assert!(
+                got.contains(want),
+                "config:\n{text}\nwant {want:?}, got {got:?}"
+            );
+            assert!(
+                !got.contains(secret_part) && !detail.contains(secret_part),
+                "the secret leaked:\n{got}\n{detail}"
+            );
+            assert!(!got.contains('\n'), "one line: {got:?}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_give_line_and_column_with_an_aligned_caret() {
+        let text = "[cloudflare]\naccount_id = \"abc\"\napi_token = \"tok\n";
+        let e = Config::from_toml(text).unwrap_err();
+        let ConfigError::Syntax { line, column, .. } = &e else {
+            panic!("not a syntax error: {e}");
+        };
+        assert_eq!(*line, 3);
+        assert!(*column > 12, "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("TOML syntax error at line 3, column {column}: ")),
+            "{e}"
+        );
+        let detail = e.detail().unwrap();
+        let caret = detail.lines().last().unwrap();
+        // The caret sits under column `column` of the line, after the `3 | ` gutter.
+        assert_eq!(caret.find('^'), Some("3 | ".len() + column - 1), "{detail}");
+        assert!(!detail.contains("tok"), "{detail}");
+    }
+
+    #[test]
+    fn key_paths_have_their_dots() {
+        assert_eq!(
+            key_path("consumers[0]webhook.url"),
+            "consumers[0].webhook.url"
+        );
+        assert_eq!(
+            key_path("consumers[0].webhook.url"),
+            "consumers[0].webhook.url"
+        );
+        assert_eq!(key_path("a[1][2]b"), "a[1][2].b");
+        let got = err_of(&with("", "batch_size = \"many\""));
+        assert!(got.contains("`consumers[0].batch_size`"), "{got}");
+        assert!(!got.contains("many"), "{got}");
+    }
+
+    #[test]
+    fn a_short_lease_alone_is_valid_and_the_grace_fits_it() {
+        let c = Config::from_toml(&with("", "visibility_timeout = \"5s\"")).unwrap();
+        assert!(c.shutdown.grace_period < Duration::from_secs(5));
+        assert_eq!(c.consumers[0].webhook.timeout, Duration::from_secs(4));
+        assert_eq!(c.shutdown.grace_period, Duration::from_millis(2500));
+        let c = Config::from_toml(GOOD).unwrap();
+        assert_eq!(c.shutdown.grace_period, Duration::from_secs(25));
+        // Two consumers: each timeout fits its own lease, the grace fits the shortest.
+        let two = format!(
+            "{GOOD}[[consumers]]\nqueue_id = \"q2\"\nvisibility_timeout = \"3s\"\n[consumers.webhook]\nurl = \"http://127.0.0.1/2\"\n"
+        );
+        let c = Config::from_toml(&two).unwrap();
+        assert_eq!(c.consumers[0].webhook.timeout, Duration::from_secs(10));
+        assert_eq!(c.consumers[1].webhook.timeout, Duration::from_millis(2400));
+        assert_eq!(c.shutdown.grace_period, Duration::from_millis(1500));
+        // Set explicitly, it is still validated.
+        let got = err_of(&format!(
+            "{}\n[shutdown]\ngrace_period = \"6s\"\n",
+            with("", "visibility_timeout = \"5s\"")
+        ));
+        assert!(
+            got.contains("`shutdown.grace_period` must be shorter"),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn secrets_readable_by_others_are_found() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cfq-relay-perms-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        let config_path = dir.join("config.toml");
+        std::fs::write(&token, "t").unwrap();
+        std::fs::write(&config_path, GOOD).unwrap();
+        let mut c = Config::from_toml(GOOD).unwrap();
+        c.cloudflare.api_token_file = Some(token.clone());
+        let set = |p: &Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        set(&token, 0o644);
+        set(&config_path, 0o644);
+        let keys: Vec<String> = c
+            .readable_by_others(&config_path)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["the config file", "cloudflare.api_token_file"]);
+        set(&token, 0o600);
+        set(&config_path, 0o640);
+        assert!(c.readable_by_others(&config_path).is_empty());
+        // A config without an inline secret may be world-readable.
+        set(&config_path, 0o644);
+        c.cloudflare.api_token = None;
+        assert!(c.readable_by_others(&config_path).is_empty());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_breaker_is_on_by_default() {
+        let c = Config::from_toml(GOOD).unwrap();
+        assert!(c.consumers[0].breaker.enabled);
+        let off = format!("{}\n[consumers.breaker]\nenabled = false\n", with("", ""));
+        assert!(
+            !Config::from_toml(&off).unwrap().consumers[0]
+                .breaker
+                .enabled
+        );
     }
 
     #[test]
@@ -1215,9 +1702,13 @@ url = "http://127.0.0.1:8080/hook"
 
     #[test]
     fn debug_and_summary_hide_secrets() {
+        assert_eq!(
+            redact_url("https://user:pw@example.com/hook?sig=abc"),
+            "https://example.com/hook?REDACTED"
+        );
         let mut text = GOOD.replace(
             "http://127.0.0.1:8080/hook",
-            "https://user:pw@example.com/hook?sig=abc",
+            "https://example.com/hook?sig=abc",
         );
         text.push_str("[consumers.webhook.headers]\nAuthorization = \"Bearer hunter2\"\n");
         let c = Config::from_toml(&text).unwrap();

@@ -55,6 +55,8 @@ pub struct Ctx {
     pub lease_margin: Duration,
     /// Breaker, receiver-requested pause and rate limit.
     pub gate: crate::gate::Gate,
+    /// Rate limit of repeated log lines (the metrics count every event).
+    pub logs: crate::logs::LogLimiter,
 }
 
 /// The time kept free before a lease's end for the ack to reach Cloudflare.
@@ -94,12 +96,14 @@ impl Consumer {
             lease_margin: margin,
             hard_stop: hard_stop.clone(),
             calls_in_flight: crate::acker::calls_in_flight(config.max_pulls_in_flight),
+            logs: crate::logs::LogLimiter::new(label.clone()),
         };
         let gate = crate::gate::Gate::new(
             config.breaker.clone(),
             config.webhook.max_requests_per_second,
         );
         let ctx = Arc::new(Ctx {
+            logs: crate::logs::LogLimiter::new(label.clone()),
             label,
             policy: Policy::from_config(&config),
             slots: Arc::new(Semaphore::new(crate::batch::held_capacity(&config))),

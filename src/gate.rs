@@ -14,9 +14,10 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerConfig {
-    /// Turn the circuit breaker on. Off by default: failures then follow the retry policy and
-    /// the queue's `max_retries` alone.
-    #[serde(default)]
+    /// The circuit breaker is on by default: during a receiver outage messages wait in the
+    /// queue instead of spending their `max_retries` and landing in the dead-letter queue.
+    /// `enabled = false` turns it off (failures then follow the retry policy alone).
+    #[serde(default = "default_enabled")]
     pub enabled: bool,
     /// Consecutive failed deliveries that open the breaker.
     #[serde(default = "default_consecutive")]
@@ -35,6 +36,9 @@ pub struct BreakerConfig {
     pub open_for: Duration,
 }
 
+fn default_enabled() -> bool {
+    true
+}
 fn default_consecutive() -> u32 {
     10
 }
@@ -54,7 +58,7 @@ fn default_open_for() -> Duration {
 impl Default for BreakerConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: default_enabled(),
             consecutive_failures: default_consecutive(),
             failure_ratio: default_ratio(),
             window: default_window(),
@@ -354,7 +358,11 @@ mod tests {
 
     #[test]
     fn disabled_breaker_never_opens() {
-        let g = Gate::new(BreakerConfig::default(), None);
+        let off = BreakerConfig {
+            enabled: false,
+            ..BreakerConfig::default()
+        };
+        let g = Gate::new(off, None);
         let t = Instant::now();
         for _ in 0..1000 {
             assert_eq!(g.record(t, true), None);

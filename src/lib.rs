@@ -13,6 +13,8 @@ pub mod delivery;
 pub mod demo;
 pub mod emulator;
 pub mod gate;
+pub mod guard;
+pub mod logs;
 pub mod metrics;
 pub mod policy;
 pub mod poller;

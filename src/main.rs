@@ -130,6 +130,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => match c.check_secrets() {
                 Ok(_) => {
+                    for warning in readable_by_others(&c, &config) {
+                        eprintln!("cfq-relay: warning: {warning}");
+                    }
                     println!("{}", c.summary());
                     ExitCode::SUCCESS
                 }
@@ -146,6 +149,9 @@ fn main() -> ExitCode {
                 return config_error(&e);
             }
             init_logging(&config.log.level, config.log.format);
+            for warning in readable_by_others(&config, &path) {
+                tracing::warn!("{warning}");
+            }
             runtime(async move {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(watch_signals(shutdown.clone()));
@@ -247,7 +253,24 @@ fn main() -> ExitCode {
 
 fn config_error(e: &ConfigError) -> ExitCode {
     eprintln!("cfq-relay: configuration error: {e}");
+    if let Some(detail) = e.detail() {
+        eprintln!("{detail}");
+    }
     ExitCode::from(EXIT_CONFIG)
+}
+
+/// Secrets readable by every local account: said at start, not refused (the operator decides).
+fn readable_by_others(config: &Config, path: &Path) -> Vec<String> {
+    config
+        .readable_by_others(path)
+        .into_iter()
+        .map(|(key, file)| {
+            format!(
+                "{key} ({}) is readable by other users; it holds a secret: chmod o-r it",
+                file.display()
+            )
+        })
+        .collect()
 }
 
 fn runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

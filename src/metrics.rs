@@ -9,7 +9,14 @@ use prometheus::{
 const PREFIX: &str = "cfq_relay";
 
 /// Outcomes of a delivery (the `outcome` label).
-pub const OUTCOMES: [&str; 4] = ["acked", "retried", "dropped", "undecodable"];
+pub const OUTCOMES: [&str; 6] = [
+    "acked",
+    "retried",
+    "dropped",
+    "undecodable",
+    "oversized",
+    "invalid_id",
+];
 /// Status classes of a webhook answer (the `status_class` label).
 pub const STATUS_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "error"];
 /// Results of an API call (the `result` label).

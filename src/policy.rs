@@ -103,10 +103,14 @@ pub fn backoff(base: Duration, max: Duration, attempts: u32, jitter: f64) -> Dur
     full.mul_f64(0.5 + 0.5 * jitter).min(max)
 }
 
-/// `delay_seconds` for the ack API: whole seconds, rounded up, at most 24 h.
+/// The largest `delay_seconds` sent: 12 h, valid under every published Cloudflare limit (one
+/// refused retry item fails the whole ack call it travels in).
+pub const MAX_DELAY_SECONDS: u32 = 43_200;
+
+/// `delay_seconds` for the ack API: whole seconds, rounded up, at most 12 h.
 pub fn delay_seconds(delay: Duration) -> u32 {
     let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
-    secs.min(86_400) as u32
+    secs.min(u64::from(MAX_DELAY_SECONDS)) as u32
 }
 
 /// Parse a `Retry-After` header: delta-seconds or an HTTP date (relative to `now`).
@@ -273,7 +277,8 @@ mod tests {
         assert_eq!(delay_seconds(Duration::from_millis(1)), 1);
         assert_eq!(delay_seconds(Duration::from_millis(2500)), 3);
         assert_eq!(delay_seconds(Duration::from_secs(5)), 5);
-        assert_eq!(delay_seconds(Duration::from_secs(100_000)), 86_400);
+        assert_eq!(delay_seconds(Duration::from_secs(100_000)), 43_200);
+        assert_eq!(delay_seconds(Duration::from_secs(43_201)), 43_200);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::cloudflare::{ApiError, Op, PulledMessage};
 use crate::consumer::Ctx;
 use crate::delivery::Message;
 use crate::gate::Admit;
+use crate::logs::{Event, esc};
 
 /// Pull failures in a row after which the consumer reports not ready.
 const UNREADY_AFTER_FAILURES: u32 = 3;
@@ -86,6 +87,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                         continue;
                     }
                 };
+                ctx.logs.flush();
                 match outcome {
                     Pulled::Messages(n) => {
                         debug!(queue = %ctx.label, messages = n, "pulled");
@@ -112,7 +114,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                         next_pull_at = next_pull_at.max(Instant::now() + wait);
                         if err.is_auth() {
                             error!(queue = %ctx.label, error = %err, retry_in = ?wait, "pull rejected");
-                        } else {
+                        } else if ctx.logs.allow(Event::PullFailed) {
                             warn!(queue = %ctx.label, error = %err, retry_in = ?wait, "pull failed");
                         }
                     }
@@ -216,15 +218,17 @@ async fn pull(
     // The lease started no later than our request did: a conservative deadline.
     let deadline = started + visibility;
     let mut index = 0u32;
+    let mut usable = 0usize;
     for raw in result.messages {
         let Some(mut msg) = to_message(&ctx, raw, deadline) else {
             continue;
         };
         msg.not_before = pacing.map(|(first, pace)| first + pace * index);
         index += 1;
+        usable += 1;
         // One slot per message; a server that sent more than asked gets the extra back.
         let Some(slot) = permit.split(1) else {
-            warn!(queue = %ctx.label, id = %msg.id, "pull returned more messages than asked for; handing the extra back");
+            warn!(queue = %ctx.label, id = %esc(&msg.id), "pull returned more messages than asked for; handing the extra back");
             crate::worker::release(&ctx, msg, "lease").await;
             continue;
         };
@@ -244,6 +248,11 @@ async fn pull(
         ctx.workers
             .spawn(crate::worker::deliver(ctx.clone(), msg, slot));
     }
+    if usable == 0 {
+        // Nothing in the answer could be leased (no lease ids): back off as after an empty
+        // pull rather than pull again at once.
+        return Pulled::Empty;
+    }
     Pulled::Messages(count)
 }
 
@@ -251,8 +260,10 @@ fn to_message(ctx: &Ctx, raw: PulledMessage, deadline: Instant) -> Option<Messag
     let content_type = raw.content_type().map(str::to_owned);
     let Some(lease_id) = raw.lease_id.filter(|l| !l.is_empty()) else {
         ctx.metrics.invalid.inc();
-        warn!(queue = %ctx.label, id = raw.id.as_deref().unwrap_or("?"),
-            "pulled message has no lease_id: it cannot be acked; skipped (it returns when its lease expires)");
+        if ctx.logs.allow(Event::NoLease) {
+            warn!(queue = %ctx.label, id = %esc(raw.id.as_deref().unwrap_or("?")),
+                "pulled message has no lease_id: it cannot be acked; skipped (it returns when its lease expires)");
+        }
         return None;
     };
     Some(Message {

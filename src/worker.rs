@@ -11,6 +11,7 @@ use tracing::{debug, error, warn};
 use crate::acker::{AckItem, AckKind};
 use crate::consumer::Ctx;
 use crate::delivery::{Message, decode_body};
+use crate::logs::{Event, esc};
 use crate::metrics::status_class;
 use crate::policy::{Attempt, Decision, delay_seconds, jitter};
 
@@ -46,22 +47,36 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     // Start only if the webhook can answer and the ack can land before the lease ends;
     // otherwise hand the message back now rather than deliver it twice.
     if Instant::now() + ctx.config.webhook.timeout + ctx.lease_margin > msg.deadline {
-        warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts,
-            "lease too close to its end to deliver; handing the message back");
+        if ctx.logs.allow(Event::LeaseTooClose) {
+            warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts,
+                "lease too close to its end to deliver; handing the message back");
+        }
         release(&ctx, msg, "lease").await;
         return;
     }
     // The body moves into the request: no copy of it is made on the way to the socket.
     let body = std::mem::take(&mut msg.body);
     let mut took_ms: Option<u64> = None;
-    let (attempt, detail, outcome) = match decode_body(msg.content_type.as_deref(), body) {
-        Err(e) => (Attempt::Undecodable, e.to_string(), "undecodable"),
+    // Refused before any request: an id that cannot be a header, an undecodable or oversized
+    // body (crate::guard).
+    let checked = match crate::guard::check_id(&msg.id) {
+        Err(r) => Err((r.to_string(), r.outcome())),
+        Ok(()) => match decode_body(msg.content_type.as_deref(), body) {
+            Err(e) => Err((e.to_string(), "undecodable")),
+            Ok(p) => match crate::guard::check_body(p.bytes.len()) {
+                Err(r) => Err((r.to_string(), r.outcome())),
+                Ok(()) => Ok(p),
+            },
+        },
+    };
+    let (attempt, detail, outcome) = match checked {
+        Err((detail, outcome)) => (Attempt::Undecodable, detail, outcome),
         Ok(payload) => {
             let started = Instant::now();
             let response = tokio::select! {
                 r = ctx.webhook.post(&msg, payload) => r,
                 _ = ctx.hard_stop.cancelled() => {
-                    warn!(queue = %ctx.label, id = %msg.id, "shutdown grace over: abandoning the delivery and handing the message back");
+                    warn!(queue = %ctx.label, id = %esc(&msg.id), "shutdown grace over: abandoning the delivery and handing the message back");
                     release(&ctx, msg, "shutdown").await;
                     return;
                 }
@@ -96,14 +111,14 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     let kind = match decision {
         Decision::Ack => {
             ctx.metrics.delivered("acked");
-            debug!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts,
+            debug!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts,
                 status = http_status(&attempt), duration_ms = took_ms, "delivered");
             AckKind::Ack
         }
         Decision::Drop => {
             ctx.metrics.delivered("dropped");
-            warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, result = ?attempt,
-                status = http_status(&attempt), duration_ms = took_ms, response = %detail,
+            warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, result = ?attempt,
+                status = http_status(&attempt), duration_ms = took_ms, response = %esc(&detail),
                 "webhook status is configured to drop: acking without delivery");
             AckKind::Ack
         }
@@ -114,9 +129,16 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
                 outcome
             };
             ctx.metrics.delivered(outcome);
-            warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, result = ?attempt,
-                status = http_status(&attempt), duration_ms = took_ms, detail = %detail,
-                delay_s = delay_seconds(delay), "delivery failed; retrying later");
+            let event = match outcome {
+                "oversized" => Event::Oversized,
+                "invalid_id" => Event::BadId,
+                _ => Event::DeliveryFailed,
+            };
+            if ctx.logs.allow(event) {
+                warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, result = ?attempt,
+                    status = http_status(&attempt), duration_ms = took_ms, detail = %esc(&detail),
+                    delay_s = delay_seconds(delay), outcome, "delivery failed; retrying later");
+            }
             AckKind::Retry {
                 delay_seconds: delay_seconds(delay),
             }
@@ -177,7 +199,7 @@ pub async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
     };
     if ctx.acks.send(item).await.is_err() {
         // Only possible if the acker died; the lease expiry returns the message.
-        error!(queue = %ctx.label, id = %msg.id, "acker is gone; the message returns when its lease expires");
+        error!(queue = %ctx.label, id = %esc(&msg.id), "acker is gone; the message returns when its lease expires");
     }
 }
 

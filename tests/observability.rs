@@ -746,14 +746,16 @@ const HOOK_HEADER_SECRET: &str = "header-secret-3456";
 const HOOK_URL_PASSWORD: &str = "hookpass-5678";
 const HOOK_QUERY_SECRET: &str = "query-secret-9012";
 
-/// A config for the binary: one consumer of `q1`, webhook credentials in the URL, its query and
-/// a header (all secrets that must not be logged); `log` is the `[log]` table's body.
+/// A config for the binary: one consumer of `q1`, webhook credentials in basic auth (a URL with
+/// a password is refused), the URL's query and a header (all secrets that must not be logged);
+/// `log` is the `[log]` table's body.
 fn bin_config(api: &str, hook: SocketAddr, log: &str) -> String {
     format!(
         "[cloudflare]\naccount_id = \"{ACCOUNT}\"\napi_base_url = \"{api}\"\napi_token = \"{TOKEN}\"\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n[log]\n{log}\n[shutdown]\ngrace_period = \"5s\"\n\
          [[consumers]]\nqueue_id = \"q1\"\nvisibility_timeout = \"30s\"\nmax_idle_backoff = \"200ms\"\n\
-         [consumers.webhook]\nurl = \"http://hookuser:{HOOK_URL_PASSWORD}@{hook}/hook?sig={HOOK_QUERY_SECRET}\"\n\
+         [consumers.webhook]\nurl = \"http://{hook}/hook?sig={HOOK_QUERY_SECRET}\"\n\
+         basic_auth = {{ username = \"hookuser\", password = \"{HOOK_URL_PASSWORD}\" }}\n\
          timeout = \"5s\"\nheaders = {{ X-Hook-Secret = \"{HOOK_HEADER_SECRET}\" }}\n\
          [consumers.retry]\nbase_delay = \"1s\"\nmax_delay = \"2s\"\n"
     )

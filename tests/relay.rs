@@ -220,6 +220,9 @@ async fn never_acked_without_a_2xx() {
     }
     let mut cfg = config(&api, &[("q1", &hook.url(), "", "")]);
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
+    // This test is about the outcome policy: every delivery must reach the webhook until the
+    // queue dead-letters it, so the breaker (on by default) would stop it halfway.
+    cfg.consumers[0].breaker.enabled = false;
     let relay_stop = CancellationToken::new();
     let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
     wait_until(Duration::from_secs(15), "all dead-lettered", || {
