@@ -22,6 +22,7 @@ use crate::acker::AckKind;
 use crate::config::ConsumerConfig;
 use crate::consumer::Ctx;
 use crate::delivery::{Message, decode_body};
+use crate::logs::{Event, esc};
 use crate::metrics::status_class;
 use crate::policy::{Attempt, Decision, backoff, delay_seconds, jitter};
 
@@ -198,10 +199,20 @@ pub async fn batcher(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Held>) {
                     continue;
                 };
                 let body = std::mem::take(&mut msg.body);
-                let payload = match decode_body(msg.content_type.as_deref(), body) {
+                // Refused before any request, as for single deliveries: an undecodable or
+                // oversized body (the id travels inside the JSON body, escaped, so any id
+                // can; crate::guard).
+                let checked = match decode_body(msg.content_type.as_deref(), body) {
+                    Err(e) => Err((e.to_string(), "undecodable", Event::DeliveryFailed)),
+                    Ok(p) => match crate::guard::check_body(p.bytes.len()) {
+                        Err(r) => Err((r.to_string(), r.outcome(), r.event())),
+                        Ok(()) => Ok(p),
+                    },
+                };
+                let payload = match checked {
                     Ok(p) => p,
-                    Err(e) => {
-                        undecodable(&ctx, msg, &e.to_string()).await;
+                    Err((detail, outcome, event)) => {
+                        refuse(&ctx, msg, &detail, outcome, event).await;
                         drop(slot);
                         continue;
                     }
@@ -247,19 +258,22 @@ fn flush(ctx: &Arc<Ctx>, pending: &mut Vec<Entry>, size: &mut usize) {
     ctx.workers.spawn(deliver(ctx.clone(), batch));
 }
 
-/// A message whose body cannot be decoded never travels: retried by policy, like a single one.
-async fn undecodable(ctx: &Ctx, msg: Message, detail: &str) {
+/// A message that cannot travel (undecodable or oversized body) is retried by policy, like a
+/// single one: the queue's `max_retries` and dead-letter queue end it.
+async fn refuse(ctx: &Ctx, msg: Message, detail: &str, outcome: &'static str, event: Event) {
     let decision = ctx
         .policy
         .decide(&Attempt::Undecodable, msg.attempts, jitter());
     ctx.gate.probe_unused();
-    ctx.metrics.delivered("undecodable");
+    ctx.metrics.delivered(outcome);
     let delay = match decision {
         Decision::Retry { delay } => delay_seconds(delay),
         Decision::Ack | Decision::Drop => 0,
     };
-    warn!(queue = %ctx.label, id = %msg.id, attempt = msg.attempts, detail = %detail,
-        delay_s = delay, "message cannot be decoded; retrying later");
+    if ctx.logs.allow(event) {
+        warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, detail = %esc(detail),
+            delay_s = delay, outcome, "message cannot be delivered; retrying later");
+    }
     crate::worker::send(
         ctx,
         msg,
@@ -325,8 +339,10 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
     let batch = if back.is_empty() {
         batch
     } else {
-        warn!(queue = %ctx.label, messages = back.len(), batch = batch.len(),
-            "leases too close to their end to deliver; handing these messages back");
+        if ctx.logs.allow(Event::LeaseTooClose) {
+            warn!(queue = %ctx.label, messages = back.len(), batch = batch.len(),
+                "leases too close to their end to deliver; handing these messages back");
+        }
         let back: HashSet<usize> = back.into_iter().collect();
         let mut sending = Vec::with_capacity(keep.len());
         for (i, e) in batch.into_iter().enumerate() {
@@ -388,15 +404,19 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
                     .collect();
                 if !unknown.is_empty() {
                     ctx.metrics.batch_unknown_ids.inc_by(unknown.len() as u64);
-                    warn!(queue = %ctx.label, batch = %id, unknown = unknown.len(),
-                        first = ?unknown[0].chars().take(80).collect::<String>(),
-                        "webhook listed ids in `failed` that were not in the batch; ignored");
+                    if ctx.logs.allow(Event::DeliveryFailed) {
+                        warn!(queue = %ctx.label, batch = %id, unknown = unknown.len(),
+                            first = %esc(&unknown[0].chars().take(80).collect::<String>()),
+                            "webhook listed ids in `failed` that were not in the batch; ignored");
+                    }
                 }
                 Some(ids.into_iter().collect())
             }
             Answer::Unreadable => {
-                warn!(queue = %ctx.label, batch = %id, messages = n,
-                    "webhook answered 2xx with a `failed` that is not a list of ids; retrying the whole batch");
+                if ctx.logs.allow(Event::DeliveryFailed) {
+                    warn!(queue = %ctx.label, batch = %id, messages = n,
+                        "webhook answered 2xx with a `failed` that is not a list of ids; retrying the whole batch");
+                }
                 Some(batch.iter().map(|e| e.msg.id.clone()).collect())
             }
         }
@@ -444,9 +464,11 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
     }
     let took_ms = elapsed.as_millis() as u64;
     if retried > 0 || dropped > 0 {
-        warn!(queue = %ctx.label, batch = %id, messages = n, acked, retried, dropped,
-            result = ?attempt, duration_ms = took_ms, detail = %response.detail,
-            "batch delivered in part");
+        if ctx.logs.allow(Event::DeliveryFailed) {
+            warn!(queue = %ctx.label, batch = %id, messages = n, acked, retried, dropped,
+                result = ?attempt, duration_ms = took_ms, detail = %esc(&response.detail),
+                "batch delivered in part");
+        }
     } else {
         debug!(queue = %ctx.label, batch = %id, messages = n, duration_ms = took_ms, "batch delivered");
     }
