@@ -745,18 +745,7 @@ impl Config {
         {
             return Err(invalid("cloudflare.api_token", "is empty"));
         }
-        if self.log.level.trim().is_empty() {
-            return Err(invalid("log.level", "is empty"));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!(
-                    "must be a level (error, warn, info, debug, trace) or a tracing directive, got {:?}",
-                    self.log.level
-                ),
-            ));
-        }
+        check_log_filter("log.level", &self.log.level)?;
         check_range(
             "shutdown.grace_period",
             self.shutdown.grace_period,
@@ -769,7 +758,8 @@ impl Config {
                 "needs at least one [[consumers]] entry",
             ));
         }
-        let mut labels = std::collections::HashSet::new();
+        let mut labels = std::collections::HashMap::new();
+        let mut queues = std::collections::HashMap::new();
         for (i, c) in self.consumers.iter().enumerate() {
             let key = |k: &str| format!("consumers[{i}].{k}");
             if c.queue_id.trim().is_empty() {
@@ -799,12 +789,25 @@ impl Config {
                     ),
                 ));
             }
-            if !labels.insert(c.label().to_owned()) {
+            // Checked before the names: two consumers of one queue must not be "fixed" by
+            // giving them distinct names.
+            if let Some(first) = queues.insert(c.queue_id.to_ascii_lowercase(), i) {
+                return Err(invalid(
+                    key("queue_id"),
+                    format!(
+                        "is also the queue of consumers[{first}]: two consumers of one queue \
+                         compete for its messages, so each webhook would get only part of them. \
+                         For fan-out, give each destination its own queue (the producer sends to \
+                         each); for more throughput, raise `concurrency` of one consumer"
+                    ),
+                ));
+            }
+            if let Some(first) = labels.insert(c.label().to_owned(), i) {
                 return Err(invalid(
                     key("name"),
                     format!(
-                        "{:?} is used by two consumers; give each a distinct `name`",
-                        c.label()
+                        "is also the name of consumers[{first}]: names label logs and metrics \
+                         and must be unique (a consumer without `name` is named by its queue_id)"
                     ),
                 ));
             }
@@ -1195,6 +1198,55 @@ fn resolve_token_with(
     ))
 }
 
+/// The levels a log filter may name (`tracing`'s, case-insensitive).
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// A log filter (`log.level`, `RUST_LOG`): a level, or a comma-separated list of directives
+/// each of which is a level or `target=level`. `tracing` reads a bare word as a target name, so
+/// `warning` or `verbose` would silently enable nothing: they are refused here. The message
+/// names the directive's position, not its text (config values are never echoed).
+pub fn check_log_filter(key: &str, filter: &str) -> Result<(), ConfigError> {
+    const HINT: &str = "levels are off, error, warn, info, debug, trace (not `warning` or `verbose`); \
+                        a target takes `target=level`, e.g. `info,cfq_relay=debug`";
+    if filter.trim().is_empty() {
+        return Err(invalid(key, "is empty"));
+    }
+    if filter.contains(char::is_whitespace) {
+        // tracing's parser refuses them, and the daemon would fall back to `info`.
+        return Err(invalid(
+            key,
+            "must not contain spaces (e.g. `info,cfq_relay=debug`)",
+        ));
+    }
+    for (i, directive) in filter.split(',').enumerate() {
+        let directive = directive.trim();
+        let n = i + 1;
+        if directive.is_empty() {
+            return Err(invalid(key, format!("has an empty directive (number {n})")));
+        }
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level.trim(),
+            Some(_) => {
+                return Err(invalid(
+                    key,
+                    format!("directive {n} has no target before `=`: {HINT}"),
+                ));
+            }
+            None => directive,
+        };
+        if !LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(invalid(
+                key,
+                format!("directive {n} is not a known level: {HINT}"),
+            ));
+        }
+    }
+    if tracing_subscriber::EnvFilter::try_new(filter).is_err() {
+        return Err(invalid(key, format!("is not a valid filter: {HINT}")));
+    }
+    Ok(())
+}
+
 fn check_range(key: &str, v: Duration, min: Duration, max: Duration) -> Result<(), ConfigError> {
     if v < min || v > max {
         return Err(invalid(
@@ -1219,6 +1271,19 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
         )),
         // The URL parser's message names the problem, never the URL.
         Err(e) => Err(invalid(key, format!("is not a valid URL: {e}"))),
+    }
+}
+
+/// `scheme://host[:port]` of a URL: enough to recognise a webhook in a log line, nothing of its
+/// path or query (which may carry a token).
+pub fn url_origin(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{}://{h}:{p}", u.scheme()),
+            (Some(h), None) => format!("{}://{h}", u.scheme()),
+            _ => "<invalid url>".into(),
+        },
+        Err(_) => "<invalid url>".into(),
     }
 }
 
@@ -1359,7 +1424,7 @@ url = "http://127.0.0.1:8080/hook"
             (with("", "max_pulls_in_flight = 0"), "`consumers[0].max_pulls_in_flight` must be between 1 and 32"),
             (
                 format!("{}\n[log]\nlevel = \"loud=?=\"\n", with("", "")),
-                "`log.level` must be a level",
+                "`log.level` directive 1 is not a known level",
             ),
         ];
         for (text, want) in cases {
@@ -1721,6 +1786,88 @@ url = "http://127.0.0.1:8080/hook"
             assert!(!summary.contains(secret), "{summary}");
         }
         assert!(summary.starts_with("config ok: account 0123456789abcdef0123456789abcdef"));
+    }
+
+    #[test]
+    fn two_consumers_of_one_queue_are_refused() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "{GOOD}\n[[consumers]]\n{a}\n[consumers.webhook]\nurl = \"http://127.0.0.1/b\"\n\n[[consumers]]\n{b}\n[consumers.webhook]\nurl = \"http://127.0.0.1/c\"\n"
+            )
+        };
+        // Distinct names do not help: they would still split the queue's messages.
+        let e = err_of(&two(
+            "name = \"b\"\nqueue_id = \"shared\"",
+            "name = \"c\"\nqueue_id = \"SHARED\"",
+        ));
+        assert!(
+            e.starts_with("`consumers[2].queue_id` is also the queue of consumers[1]: "),
+            "{e}"
+        );
+        assert!(e.contains("compete for its messages"), "{e}");
+        assert!(e.contains("its own queue"), "{e}");
+        assert!(e.contains("raise `concurrency`"), "{e}");
+        assert!(!e.contains("shared") && !e.contains("SHARED"), "{e}");
+        // Nor does leaving the names out.
+        let e = err_of(&two("queue_id = \"q9\"", "queue_id = \"q9\""));
+        assert!(
+            e.starts_with("`consumers[2].queue_id` is also the queue"),
+            "{e}"
+        );
+        // Same name, different queues: the name is the problem, and no talk of distinct names
+        // for one queue.
+        let e = err_of(&two(
+            "name = \"x\"\nqueue_id = \"q8\"",
+            "name = \"x\"\nqueue_id = \"q9\"",
+        ));
+        assert!(
+            e.starts_with("`consumers[2].name` is also the name of consumers[1]: "),
+            "{e}"
+        );
+        // Distinct queues, distinct names: fine.
+        Config::from_toml(&two("queue_id = \"q8\"", "queue_id = \"q9\"")).unwrap();
+    }
+
+    #[test]
+    fn log_levels_must_be_real_levels() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "trace",
+            "warn,cfq_relay=debug",
+            "info,reqwest=warn,hyper=error",
+            "cfq_relay::poller=trace",
+        ] {
+            check_log_filter("log.level", good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
+        for (bad, want) in [
+            ("warning", "directive 1 is not a known level"),
+            ("verbose", "directive 1 is not a known level"),
+            ("ifno", "directive 1 is not a known level"),
+            ("info,cfq_relay=verbose", "directive 2 is not a known level"),
+            ("info,,debug", "has an empty directive (number 2)"),
+            ("=debug", "directive 1 has no target before `=`"),
+            ("", "is empty"),
+            ("info, hyper=warn", "must not contain spaces"),
+        ] {
+            let e = check_log_filter("log.level", bad).unwrap_err().to_string();
+            assert!(e.starts_with("`log.level` "), "{bad:?}: {e}");
+            assert!(e.contains(want), "{bad:?}: want {want:?}, got {e:?}");
+            if want.contains("level") || want.contains("target") {
+                assert!(
+                    e.contains("not `warning` or `verbose`"),
+                    "{bad:?}: no hint in {e:?}"
+                );
+            }
+            assert!(!e.contains("ifno"), "the value is echoed: {e:?}");
+        }
+        // Through the whole config too.
+        let e = err_of(&format!("{}\n[log]\nlevel = \"warning\"\n", with("", "")));
+        assert!(
+            e.starts_with("`log.level` directive 1 is not a known level"),
+            "{e}"
+        );
     }
 
     #[test]

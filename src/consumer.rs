@@ -128,8 +128,12 @@ impl Consumer {
     pub async fn run(self) {
         let Consumer { ctx, acker, rx } = self;
         let acker = tokio::spawn(acker.run(rx));
-        info!(queue = %ctx.label, queue_id = %ctx.config.queue_id, concurrency = ctx.config.concurrency,
-            batch_size = ctx.config.batch_size, "consumer started");
+        // The one start-up line per consumer (the whole config is logged at DEBUG only).
+        info!(queue = %ctx.label, queue_id = %ctx.config.queue_id,
+            webhook = %crate::config::url_origin(&ctx.config.webhook.url),
+            batch_size = ctx.config.batch_size, concurrency = ctx.config.concurrency,
+            visibility = %crate::config::fmt_duration(ctx.config.visibility_timeout),
+            "consumer started");
         crate::poller::run(ctx.clone()).await;
         ctx.workers.close();
         ctx.workers.wait().await;

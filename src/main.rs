@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use cfq_relay::config::{ConfigError, LogFormat};
+use cfq_relay::config::{ConfigError, LogFormat, check_log_filter};
 use cfq_relay::emulator::{Emulator, EmulatorOptions};
 use cfq_relay::{Config, Reloader};
 use sd_notify::NotifyState;
@@ -37,11 +37,44 @@ pub static malloc_conf: Option<&'static std::ffi::c_char> =
 /// Exit code for a bad configuration (systemd: RestartPreventExitStatus=2).
 const EXIT_CONFIG: u8 = 2;
 
+/// After `run --help`: what an operator needs besides the flags.
+const RUN_AFTER_HELP: &str = "\
+Signals:
+  SIGHUP           Re-read the configuration file and apply it; an invalid file is logged and
+                   the relay keeps running on the previous configuration.
+  SIGTERM, SIGINT  Stop pulling, let in-flight deliveries finish (up to shutdown.grace_period),
+                   ack them, exit 0. A second signal exits at once (status 130).
+
+Exit status:
+  0    stopped by a signal after draining
+  1    a failure while starting or running (e.g. the admin address is in use)
+  2    configuration error: the message names the key (systemd: RestartPreventExitStatus=2)
+  130  a second SIGTERM/SIGINT during the drain
+
+Environment:
+  CLOUDFLARE_API_TOKEN     The Cloudflare API token (Queues read and write). Wins over the
+                           systemd credential `cloudflare-api-token`, cloudflare.api_token_file
+                           and cloudflare.api_token.
+  CFQ_RELAY_CONFIG         The configuration file, instead of --config.
+  CFQ_RELAY__SECTION__KEY  Overrides one key of the file, e.g. CFQ_RELAY__LOG__LEVEL=debug.
+  RUST_LOG                 Overrides log.level (same syntax: `info,cfq_relay=debug`).
+
+Configuration:
+  A commented example with every key: config/example.toml in the source tree, or
+  /usr/share/doc/cfq-relay/examples/config.toml from the Debian package.
+  Check a file without running: cfq-relay check-config --config FILE";
+
 #[derive(Parser)]
 #[command(
     name = "cfq-relay",
     version,
-    about = "Relay Cloudflare Queues (HTTP pull) to a webhook"
+    about = "Relay Cloudflare Queues (HTTP pull) to a webhook",
+    long_about = "Relay Cloudflare Queues (HTTP pull consumers) to a webhook.\n\n\
+        Pulls each configured queue through the Cloudflare API, POSTs every message to its \
+        webhook, acks what the webhook accepted and retries the rest: at least once, nothing \
+        lost.",
+    after_help = "Start with `cfq-relay demo` (no account needed), then `cfq-relay run --help`.\n\
+        Example configuration: config/example.toml (Debian: /usr/share/doc/cfq-relay/examples/)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,76 +83,92 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the relay daemon.
+    /// Run the relay daemon: pull every configured queue and deliver to its webhook.
+    #[command(after_help = RUN_AFTER_HELP)]
     Run {
-        /// Configuration file (TOML).
-        #[arg(long, short, env = "CFQ_RELAY_CONFIG")]
+        /// Configuration file (TOML); see config/example.toml.
+        #[arg(long, short, env = "CFQ_RELAY_CONFIG", value_name = "FILE")]
         config: PathBuf,
     },
     /// Validate a configuration file and print a one-line summary; exit 0 or 2.
+    ///
+    /// Reads the file and the CFQ_RELAY__* overrides as `run` would, checks every value, and
+    /// resolves every secret (API token, webhook credentials, signing secrets) without calling
+    /// any API. Exit 0 with a one-line summary, or 2 with one line naming the bad key.
     CheckConfig {
-        #[arg(long, short, env = "CFQ_RELAY_CONFIG")]
+        /// Configuration file (TOML) to check.
+        #[arg(long, short, env = "CFQ_RELAY_CONFIG", value_name = "FILE")]
         config: PathBuf,
     },
-    /// Ask a running relay's admin server for /healthz (or /readyz): exit 0 on a 200, else 1.
-    /// For container health checks: needs no shell, curl or wget.
+    /// Ask a running relay's admin server for /healthz (or /readyz); exit 0 on a 200, else 1.
+    ///
+    /// For container health checks (the Dockerfile's HEALTHCHECK): needs no shell, curl or wget.
     Healthcheck {
         /// Configuration file, for `admin.listen` (an unspecified address such as 0.0.0.0 is
         /// asked on loopback); without one, 127.0.0.1:9464.
-        #[arg(long, short, env = "CFQ_RELAY_CONFIG")]
+        #[arg(long, short, env = "CFQ_RELAY_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
         /// Admin address to ask instead of the configured one.
-        #[arg(long)]
+        #[arg(long, value_name = "ADDR")]
         addr: Option<SocketAddr>,
         /// Ask /readyz (every consumer pulling) instead of /healthz (the process answers).
         #[arg(long)]
         ready: bool,
-        /// Give up after this long.
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        /// Give up after this long (e.g. 500ms, 5s).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
         timeout: Duration,
     },
     /// Serve a local Cloudflare Queues API (pull, ack, publish) for development and tests.
+    ///
+    /// Point `cloudflare.api_base_url` at the printed URL (config/emulator.toml does). Runs
+    /// until SIGTERM or Ctrl-C; everything is in memory.
     Emulate {
         /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8787")]
+        #[arg(long, default_value = "127.0.0.1:8787", value_name = "ADDR")]
         listen: SocketAddr,
-        /// Require `Authorization: Bearer TOKEN` on every call.
-        #[arg(long, env = "CFQ_EMULATOR_TOKEN")]
+        /// Require `Authorization: Bearer TOKEN` on every call (the relay's API token).
+        #[arg(long, env = "CFQ_EMULATOR_TOKEN", value_name = "TOKEN")]
         token: Option<String>,
         /// Deliveries after which a failing message is dead-lettered (like the queue setting).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_name = "N")]
         max_retries: u32,
         /// Added latency of every API answer, in milliseconds (a realistic WAN is 50).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_name = "MS")]
         latency_ms: u64,
         /// Put json bodies on the wire as raw JSON instead of base64.
         #[arg(long)]
         json_raw: bool,
     },
-    /// Serve a local webhook sink: answers every request with 200 and counts what it got
-    /// (GET /_receiver/stats). For development and benchmarks.
+    /// Serve a local webhook sink that answers 200 and counts what it got.
+    ///
+    /// For development and benchmarks. Counts at GET /_receiver/stats. Webhook URL:
+    /// http://ADDR/hook (any path works). Runs until SIGTERM or Ctrl-C.
     Receive {
         /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: SocketAddr,
         /// Wait this long before answering each request, in milliseconds (a real endpoint).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_name = "MS")]
         delay_ms: u64,
         /// Print one line per request: message id, attempt, content type, size, excerpt.
         #[arg(long)]
         print: bool,
     },
     /// Emulator + webhook receiver + relay in one process: see the relay work, no account needed.
+    ///
+    /// Publishes text, JSON and binary messages, relays them to a local receiver that fails
+    /// some first attempts, and prints one summary line once every message is acked. Exit 0
+    /// when nothing was lost.
     Demo {
         /// Messages per content type (text, json, bytes).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_name = "N")]
         messages: usize,
         /// Answer every n-th first delivery with 503, to show retries (0: never); in batch
         /// mode, list every n-th first delivery in the answer's `failed`.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_name = "N")]
         fail_every: u64,
         /// Deliver in batches of up to this many messages (1..=100), with per-message results.
-        #[arg(long, num_args = 0..=1, default_missing_value = "50", value_parser = clap::value_parser!(u16).range(1..=100))]
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "50", value_parser = clap::value_parser!(u16).range(1..=100))]
         batch: Option<u16>,
     },
 }
@@ -127,27 +176,21 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(c) => match c.check_secrets() {
-                Ok(_) => {
-                    for warning in readable_by_others(&c, &config) {
-                        eprintln!("cfq-relay: warning: {warning}");
-                    }
-                    println!("{}", c.summary());
-                    ExitCode::SUCCESS
+        Command::CheckConfig { config } => match load_checked(&config) {
+            Ok(c) => {
+                for warning in readable_by_others(&c, &config) {
+                    eprintln!("cfq-relay: warning: {warning}");
                 }
-                Err(e) => config_error(&e),
-            },
+                println!("{}", c.summary());
+                ExitCode::SUCCESS
+            }
             Err(e) => config_error(&e),
         },
         Command::Run { config: path } => {
-            let config = match Config::load(&path) {
+            let config = match load_checked(&path) {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
-            if let Err(e) = config.check_secrets() {
-                return config_error(&e);
-            }
             init_logging(&config.log.level, config.log.format);
             for warning in readable_by_others(&config, &path) {
                 tracing::warn!("{warning}");
@@ -157,8 +200,7 @@ fn main() -> ExitCode {
                 tokio::spawn(watch_signals(shutdown.clone()));
                 // SIGHUP's default action ends the process: take it over before anything runs.
                 let hangups = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP])?;
-                // The effective config (file + environment), secrets redacted by its `Debug`.
-                tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "{}", config.summary());
+                log_startup(&config);
                 let running = cfq_relay::start(config, shutdown).await?;
                 // systemd (Type=notify): started means admin bound and consumers running.
                 notify(&[NotifyState::Ready, NotifyState::Status("running")]);
@@ -251,6 +293,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// What `run` and `check-config` both check: the file with its overrides, every secret, and
+/// `RUST_LOG` (which replaces `log.level`, so a typo in it would silence the daemon as well).
+fn load_checked(path: &Path) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    config.check_secrets()?;
+    if let Some(filter) = rust_log() {
+        check_log_filter(EnvFilter::DEFAULT_ENV, &filter)?;
+    }
+    Ok(config)
+}
+
+/// One short line for the process (each consumer logs its own when it starts); the whole
+/// effective configuration (file + environment, secrets redacted by its `Debug`) only at DEBUG.
+fn log_startup(config: &Config) {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        consumers = config.consumers.len(),
+        "cfq-relay starting"
+    );
+    tracing::debug!(config = ?config, "effective configuration");
+}
+
 fn config_error(e: &ConfigError) -> ExitCode {
     eprintln!("cfq-relay: configuration error: {e}");
     if let Some(detail) = e.detail() {
@@ -294,9 +358,17 @@ fn runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCo
     }
 }
 
+/// `RUST_LOG`, unless unset or blank (`RUST_LOG= cfq-relay …` means "not set").
+fn rust_log() -> Option<String> {
+    std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+}
+
 /// `RUST_LOG` wins over the configured level.
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
+    let filter = rust_log()
+        .map_or_else(|| EnvFilter::try_new(level), EnvFilter::try_new)
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

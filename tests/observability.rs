@@ -858,21 +858,22 @@ async fn json_logs_are_one_object_per_line_with_fields() {
             .collect()
     };
 
-    // Startup: the effective config as a structured field, secrets redacted.
-    let startup = find("config ok:");
+    // Startup: one short line, one per consumer; the effective config only at DEBUG.
+    let startup = find("cfq-relay starting");
     assert_eq!(startup.len(), 1, "{lines:#?}");
     assert_eq!(startup[0]["level"], "INFO");
     assert_eq!(startup[0]["version"], env!("CARGO_PKG_VERSION"));
-    let effective = startup[0]["config"].as_str().expect("config field");
-    for part in [
-        "api_token: Some(\"[REDACTED]\")",
-        "queue_id: \"q1\"",
-        "X-Hook-Secret",
-        "format: Json",
-        "visibility_timeout: 30s",
-    ] {
-        assert!(effective.contains(part), "{part} in {effective}");
-    }
+    let consumer = find("consumer started");
+    assert_eq!(consumer.len(), 1, "{lines:#?}");
+    let c = consumer[0];
+    assert_eq!(c["level"], "INFO");
+    assert_eq!(c["queue"], "q1");
+    assert_eq!(c["queue_id"], "q1");
+    assert_eq!(c["webhook"], format!("http://{}", hook.addr).as_str());
+    assert_eq!(c["batch_size"], 100);
+    assert_eq!(c["concurrency"], 64);
+    assert_eq!(c["visibility"], "30s");
+    assert!(find("effective configuration").is_empty(), "{lines:#?}");
 
     // The failed delivery: one line with queue, message id, attempt, status, delay, duration.
     let failed_id = hook.received()[0]
@@ -913,7 +914,7 @@ async fn text_logs_are_the_default_and_rust_log_wins() {
     let bin = Bin::start(
         "text",
         &bin_config(&api, hook.addr, "level = \"error\""),
-        &[("RUST_LOG", "info,cfq_relay::worker=debug")],
+        &[("RUST_LOG", "info,cfq_relay=debug")],
     )
     .await;
     wait_until(Duration::from_secs(20), "acked", || {
@@ -944,13 +945,24 @@ async fn text_logs_are_the_default_and_rust_log_wins() {
     }
     let startup = lines
         .iter()
-        .find(|l| l.contains("config ok:"))
+        .find(|l| l.contains("cfq-relay starting"))
         .expect("startup line");
     assert!(startup.contains(" INFO "), "{startup}");
-    assert!(
-        startup.contains("config=Config {") && startup.contains("[REDACTED]"),
-        "{startup}"
-    );
+    // At DEBUG (RUST_LOG): the effective configuration, redacted.
+    let effective = lines
+        .iter()
+        .find(|l| l.contains("effective configuration"))
+        .expect("the effective configuration at DEBUG");
+    assert!(effective.contains(" DEBUG "), "{effective}");
+    for part in [
+        "config=Config {",
+        "api_token: Some(\"[REDACTED]\")",
+        "queue_id: \"q1\"",
+        "X-Hook-Secret",
+        "visibility_timeout: 30s",
+    ] {
+        assert!(effective.contains(part), "{part} in {effective}");
+    }
     assert_no_secrets(&lines);
     stop.cancel();
 }
