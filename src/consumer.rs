@@ -43,6 +43,8 @@ pub struct Ctx {
     pub acks: mpsc::Sender<AckItem>,
     /// Bounds deliveries in flight plus messages held: one permit per message.
     pub slots: Arc<Semaphore>,
+    /// Batch mode: bounds webhook requests in flight (`concurrency`), each carrying a batch.
+    pub batch_requests: Arc<Semaphore>,
     /// Deliveries in progress.
     pub workers: TaskTracker,
     /// Stop pulling (first signal).
@@ -83,7 +85,9 @@ impl Consumer {
         let label = config.label().to_owned();
         // Room for every in-flight outcome plus a few batches: workers rarely wait on it, but
         // when the ack API is slow they do, and that is the backpressure we want.
-        let (tx, rx) = mpsc::channel(config.concurrency + 4 * crate::acker::MAX_ITEMS_PER_CALL);
+        let (tx, rx) = mpsc::channel(
+            crate::batch::held_capacity(&config) + 4 * crate::acker::MAX_ITEMS_PER_CALL,
+        );
         let margin = lease_margin(config.visibility_timeout);
         let acker = Acker {
             queue: label.clone(),
@@ -102,7 +106,8 @@ impl Consumer {
             logs: crate::logs::LogLimiter::new(label.clone()),
             label,
             policy: Policy::from_config(&config),
-            slots: Arc::new(Semaphore::new(config.concurrency)),
+            slots: Arc::new(Semaphore::new(crate::batch::held_capacity(&config))),
+            batch_requests: Arc::new(Semaphore::new(config.concurrency)),
             config,
             client,
             webhook,

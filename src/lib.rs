@@ -5,6 +5,7 @@
 
 pub mod acker;
 pub mod admin;
+pub mod batch;
 pub mod cloudflare;
 pub mod config;
 pub mod consumer;

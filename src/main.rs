@@ -177,9 +177,13 @@ enum Command {
         /// Messages per content type (text, json, bytes).
         #[arg(long, default_value_t = 1000, value_name = "N")]
         messages: usize,
-        /// Answer every n-th first delivery with 503, to show retries (0: never).
+        /// Answer every n-th first delivery with 503, to show retries (0: never); in batch
+        /// mode, list every n-th first delivery in the answer's `failed`.
         #[arg(long, default_value_t = 20, value_name = "N")]
         fail_every: u64,
+        /// Deliver in batches of up to this many messages (1..=100), with per-message results.
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "50", value_parser = clap::value_parser!(u16).range(1..=100))]
+        batch: Option<u16>,
     },
 }
 
@@ -300,12 +304,14 @@ fn main() -> ExitCode {
         Command::Demo {
             messages,
             fail_every,
+            batch,
         } => {
             init_logging("error", LogFormat::Text);
             runtime(async move {
                 let summary = cfq_relay::demo::run(cfq_relay::demo::DemoOptions {
                     messages_per_type: messages,
                     fail_every,
+                    batch: batch.map(usize::from),
                     ..Default::default()
                 })
                 .await?;

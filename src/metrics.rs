@@ -48,6 +48,8 @@ pub struct Metrics {
     concurrency: IntGaugeVec,
     last_pull: GaugeVec,
     breaker_state: IntGaugeVec,
+    batch_messages: HistogramVec,
+    batch_unknown_ids: IntCounterVec,
 }
 
 fn name(n: &str) -> String {
@@ -222,6 +224,21 @@ impl Metrics {
                 ),
                 q
             )),
+            batch_messages: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    name("batch_messages"),
+                    "Messages per batch webhook request (batch mode only)."
+                )
+                .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]),
+                q
+            )),
+            batch_unknown_ids: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("batch_unknown_ids_total"),
+                    "Ids in a batch answer's `failed` list that were not in the batch (ignored)."
+                ),
+                q
+            )),
             registry,
         }
     }
@@ -269,6 +286,8 @@ impl Metrics {
             in_flight: self.in_flight.with_label_values(&q),
             last_pull: self.last_pull.with_label_values(&q),
             breaker_state: self.breaker_state.with_label_values(&q),
+            batch_messages: self.batch_messages.with_label_values(&q),
+            batch_unknown_ids: self.batch_unknown_ids.with_label_values(&q),
         }
     }
 
@@ -292,6 +311,8 @@ impl Metrics {
         let _ = self.concurrency.remove_label_values(&q);
         let _ = self.last_pull.remove_label_values(&q);
         let _ = self.breaker_state.remove_label_values(&q);
+        let _ = self.batch_messages.remove_label_values(&q);
+        let _ = self.batch_unknown_ids.remove_label_values(&q);
         for o in OUTCOMES {
             let _ = self.deliveries.remove_label_values(&[queue, o]);
         }
@@ -349,6 +370,8 @@ pub struct ConsumerMetrics {
     pub in_flight: IntGauge,
     pub last_pull: Gauge,
     pub breaker_state: IntGauge,
+    pub batch_messages: Histogram,
+    pub batch_unknown_ids: IntCounter,
 }
 
 fn index(set: &[&str], value: &str) -> usize {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
@@ -66,6 +66,13 @@ pub async fn run(ctx: Arc<Ctx>) {
     let mut idle = idle_backoff(ctx.config.max_idle_backoff);
     let mut errors = api_backoff();
     let mut failures_in_row = 0u32;
+    // Batch mode: pulled messages go to the consumer's batcher, which ends once this sender
+    // (and the pulls' clones) are gone, after sending or handing back what it holds.
+    let batches = ctx.config.webhook.batch.as_ref().map(|_| {
+        let (tx, rx) = tokio::sync::mpsc::channel(concurrency.max(1));
+        ctx.workers.spawn(crate::batch::batcher(ctx.clone(), rx));
+        tx
+    });
 
     loop {
         let can_launch = pulls.len() < max_pulls;
@@ -140,7 +147,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                             drop(permit.split(permit.num_permits() - max));
                         }
                         let pacing = first_send.zip(pace);
-                        pulls.spawn(pull(ctx.clone(), permit, pacing));
+                        pulls.spawn(pull(ctx.clone(), permit, pacing, batches.clone()));
                     }
                 }
             }
@@ -171,6 +178,7 @@ async fn pull(
     ctx: Arc<Ctx>,
     mut permit: OwnedSemaphorePermit,
     pacing: Option<(Instant, Duration)>,
+    batches: Option<mpsc::Sender<crate::batch::Held>>,
 ) -> Pulled {
     let n = permit.num_permits() as u32;
     let visibility = ctx.config.visibility_timeout;
@@ -227,6 +235,14 @@ async fn pull(
         if ctx.shutdown.is_cancelled() {
             crate::worker::release(&ctx, msg, "shutdown").await;
             drop(slot);
+            continue;
+        }
+        if let Some(tx) = &batches {
+            if let Err(mpsc::error::SendError(held)) =
+                tx.send(crate::batch::Held { msg, slot }).await
+            {
+                crate::worker::release(&ctx, held.msg, "shutdown").await;
+            }
             continue;
         }
         ctx.workers

@@ -1,6 +1,8 @@
 //! `cfq-relay receive`: a local webhook sink. It answers every request with 200 (after an
-//! optional delay, to stand in for a real endpoint's latency) and counts requests and body
-//! bytes; `GET /_receiver/stats` reports them. The other end of the relay for development, the
+//! optional delay, to stand in for a real endpoint's latency) and counts requests, messages
+//! and body bytes; `GET /_receiver/stats` reports them. It understands batch requests
+//! (`cfq-batch-size` and a `{"messages": [...]}` body): it counts their messages and answers
+//! `{"failed": []}`, every message delivered. The other end of the relay for development, the
 //! demo flow of the README and the benchmark (`bench/`), kept small so it is never the
 //! bottleneck.
 
@@ -29,16 +31,30 @@ pub struct ReceiverOptions {
 }
 
 /// What the receiver has seen (`GET /_receiver/stats`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ReceiverStats {
     pub requests: u64,
+    /// Messages received: one per single request, the batch's size per batch request.
+    pub messages: u64,
     pub bytes: u64,
 }
 
 #[derive(Default)]
 struct Counters {
     requests: AtomicU64,
+    messages: AtomicU64,
     bytes: AtomicU64,
+}
+
+/// The number of messages in a batch request's body (`None`: not a batch).
+pub fn batch_len(body: &[u8]) -> Option<usize> {
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        messages: Vec<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Batch>(body)
+        .ok()
+        .map(|b| b.messages.len())
 }
 
 #[derive(Clone)]
@@ -80,8 +96,15 @@ async fn receive(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> Response {
     app.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let batch = headers
+        .contains_key(crate::batch::HEADER_BATCH_SIZE)
+        .then(|| batch_len(&body))
+        .flatten();
+    app.counters
+        .messages
+        .fetch_add(batch.unwrap_or(1) as u64, Ordering::Relaxed);
     app.counters
         .bytes
         .fetch_add(body.len() as u64, Ordering::Relaxed);
@@ -94,24 +117,42 @@ async fn receive(
                 .to_owned()
         };
         let excerpt = crate::cloudflare::one_line(&crate::cloudflare::excerpt(&body[..]));
-        println!(
-            "{method} {} id={} attempt={} type={} {} bytes: {excerpt}",
-            uri.path(),
-            header(crate::delivery::HEADER_MESSAGE_ID),
-            header(crate::delivery::HEADER_ATTEMPT),
-            header("content-type"),
-            body.len(),
-        );
+        match batch {
+            Some(n) => println!(
+                "{method} {} batch={} messages={n} {} bytes: {excerpt}",
+                uri.path(),
+                header(crate::batch::HEADER_BATCH_ID),
+                body.len(),
+            ),
+            None => println!(
+                "{method} {} id={} attempt={} type={} {} bytes: {excerpt}",
+                uri.path(),
+                header(crate::delivery::HEADER_MESSAGE_ID),
+                header(crate::delivery::HEADER_ATTEMPT),
+                header("content-type"),
+                body.len(),
+            ),
+        }
     }
     if !app.opts.delay.is_zero() {
         tokio::time::sleep(app.opts.delay).await;
     }
-    StatusCode::OK
+    match batch {
+        // Per-message results: none failed.
+        Some(_) => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            r#"{"failed":[]}"#,
+        )
+            .into_response(),
+        None => StatusCode::OK.into_response(),
+    }
 }
 
 async fn stats(State(app): State<App>) -> Response {
     axum::Json(ReceiverStats {
         requests: app.counters.requests.load(Ordering::Relaxed),
+        messages: app.counters.messages.load(Ordering::Relaxed),
         bytes: app.counters.bytes.load(Ordering::Relaxed),
     })
     .into_response()
@@ -149,7 +190,33 @@ mod tests {
             .json()
             .await
             .unwrap();
-        assert_eq!(stats, serde_json::json!({"requests": 2, "bytes": 8}));
+        assert_eq!(
+            stats,
+            serde_json::json!({"requests": 2, "messages": 2, "bytes": 8})
+        );
+        // A batch counts its messages and gets per-message results.
+        let batch = r#"{"messages":[{"id":"a"},{"id":"b"},{"id":"c"}]}"#;
+        let r = http
+            .post(format!("http://{addr}/hook"))
+            .header(crate::batch::HEADER_BATCH_SIZE, "3")
+            .body(batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            crate::batch::parse_answer(&r.bytes().await.unwrap(), true),
+            crate::batch::Answer::Failed(vec![])
+        );
+        let stats: ReceiverStats = http
+            .get(format!("http://{addr}/_receiver/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!((stats.requests, stats.messages), (3, 5));
         stop.cancel();
     }
 }

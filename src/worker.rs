@@ -85,15 +85,7 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
             took_ms = Some(elapsed.as_millis() as u64);
             ctx.metrics
                 .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
-            if let Some(ts) = msg.timestamp_ms {
-                let now_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis() as f64;
-                ctx.metrics
-                    .message_age
-                    .observe(((now_ms - ts as f64) / 1000.0).max(0.0));
-            }
+            observe_age(&ctx, msg.timestamp_ms);
             (response.attempt, response.detail, "")
         }
     };
@@ -156,6 +148,19 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     drop(slot);
 }
 
+/// Record a message's end-to-end age (now − publish time) when its webhook answered.
+pub fn observe_age(ctx: &Ctx, timestamp_ms: Option<u64>) {
+    if let Some(ts) = timestamp_ms {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as f64;
+        ctx.metrics
+            .message_age
+            .observe(((now_ms - ts as f64) / 1000.0).max(0.0));
+    }
+}
+
 /// Log and export a change of the circuit breaker's state.
 pub fn breaker_changed(ctx: &Ctx, t: crate::gate::Transition) {
     use crate::gate::BreakerState;
@@ -185,7 +190,8 @@ pub async fn release(ctx: &Ctx, msg: Message, reason: &'static str) {
     send(ctx, msg, AckKind::Retry { delay_seconds: 0 }).await;
 }
 
-async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
+/// Hand one verdict to the acker.
+pub async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
     let item = AckItem {
         lease_id: msg.lease_id,
         kind,

@@ -49,8 +49,8 @@ enum Cmd {
         /// Smaller counts and shorter windows: a check that everything works, not figures.
         #[arg(long)]
         quick: bool,
-        /// Only these scenarios (comma-separated: cpu, latency, idle).
-        #[arg(long, default_value = "cpu,latency,idle")]
+        /// Only these scenarios (comma-separated: cpu, latency, idle, batch).
+        #[arg(long, default_value = "cpu,latency,idle,batch")]
         only: String,
         /// Also write the table (and the run's details) to this file.
         #[arg(long)]
@@ -489,11 +489,13 @@ struct RunOptions {
     work_dir: Option<PathBuf>,
 }
 
-/// The two relay configurations the table compares.
+/// The relay configurations the table compares.
 #[derive(Clone, Copy)]
 enum Profile {
     Default,
     HighThroughput,
+    /// The default config plus `[consumers.webhook.batch]` with this many messages a request.
+    Batch(usize),
 }
 
 impl Profile {
@@ -501,6 +503,15 @@ impl Profile {
         match self {
             Profile::Default => "relay, default config",
             Profile::HighThroughput => "relay, high-throughput config",
+            Profile::Batch(_) => "relay, default config + batch",
+        }
+    }
+
+    /// Keys added to the webhook table.
+    fn webhook_keys(self) -> String {
+        match self {
+            Profile::Batch(n) => format!("batch = {{ max_messages = {n}, max_wait = \"50ms\" }}\n"),
+            Profile::Default | Profile::HighThroughput => String::new(),
         }
     }
 
@@ -509,6 +520,7 @@ impl Profile {
         match self {
             Profile::Default => "",
             Profile::HighThroughput => "concurrency = 1000\nmax_pulls_in_flight = 16\n",
+            Profile::Batch(_) => "",
         }
     }
 }
@@ -590,9 +602,10 @@ name = "bench"
 queue_id = "{queue}"
 {keys}[consumers.webhook]
 url = "{hook}"
-"#,
+{webhook_keys}"#,
             base = self.api.base,
             keys = profile.keys(),
+            webhook_keys = profile.webhook_keys(),
             hook = self.hook,
         );
         let path = self.dir.join(format!("{name}.toml"));
@@ -997,6 +1010,99 @@ async fn idle_run(bed: &Bed, warm_up: Duration, window: Duration) -> anyhow::Res
     Ok(run)
 }
 
+/// The webhook receiver's counters (`GET /_receiver/stats`): requests and messages.
+async fn receiver_counts(hook: &str) -> anyhow::Result<(u64, u64)> {
+    let base = hook.trim_end_matches("/hook");
+    let v: Value = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?
+        .get(format!("{base}/_receiver/stats"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok((count(&v, "requests"), count(&v, "messages")))
+}
+
+/// Scenario 4, batch vs single over a WAN-like link (API answers after 50 ms, webhook after
+/// 100 ms): throughput, webhook requests per message and the relay's memory, one message per
+/// request (default and high-throughput configs) against batches (default config plus a
+/// `[consumers.webhook.batch]` table). Returns the table rows.
+async fn batch_scenario(
+    dir: &Path,
+    bin: &Path,
+    quick: bool,
+    size: usize,
+) -> anyhow::Result<Vec<[String; 9]>> {
+    eprintln!(
+        "cfq-bench: 4. batch vs single, WAN-like: API answers after 50 ms, webhook after 100 ms"
+    );
+    let bed = Bed::start(dir, bin, "batch", 50, 100)?;
+    let scale = if quick { 1 } else { 4 };
+    let mut rows = Vec::new();
+    for (queue, profile, count) in [
+        ("bench-wan-single", Profile::Default, 2_500 * scale),
+        (
+            "bench-wan-single-high",
+            Profile::HighThroughput,
+            15_000 * scale,
+        ),
+        ("bench-wan-batch-50", Profile::Batch(50), 15_000 * scale),
+        ("bench-wan-batch", Profile::Batch(100), 15_000 * scale),
+    ] {
+        publish(&bed.api, queue, count, size, 16).await?;
+        let (req0, msg0) = receiver_counts(&bed.hook).await?;
+        let m = relay_run(
+            &bed,
+            &format!("{queue}-relay"),
+            queue,
+            profile,
+            count as u64,
+            true,
+        )
+        .await?;
+        let (req1, msg1) = receiver_counts(&bed.hook).await?;
+        let (requests, received) = (req1 - req0, msg1 - msg0);
+        let per_request = received as f64 / requests.max(1) as f64;
+        eprintln!(
+            "  {}: {:.0} messages/s, {requests} requests for {received} messages ({per_request:.1} per request), peak RSS {:.1} MiB",
+            profile.label(),
+            m.rate(),
+            m.relay_rss,
+        );
+        rows.push([
+            "4. batch vs single (WAN-like)".into(),
+            match profile {
+                Profile::Batch(n) => format!("{} (max_messages = {n})", profile.label()),
+                _ => profile.label().into(),
+            },
+            format!("{} msg/s", thousands(m.rate())),
+            format!(
+                "{:.0} % of 5,000/s; {:.3} requests/msg ({per_request:.1} msgs/request)",
+                100.0 * m.rate() / QUEUE_CEILING,
+                requests as f64 / received.max(1) as f64
+            ),
+            format!("{:.2}", m.cpu_per_10k()),
+            mib(m.relay_rss),
+            format!("{:.1}", m.emulator_cpu),
+            format!("{:.1}", m.receiver_cpu),
+            format!(
+                "{} msgs in {:.1} s; {} webhook requests; up to {} messages in flight; retried {}, leases expired {}",
+                thousands(m.messages as f64),
+                m.seconds,
+                thousands(requests as f64),
+                m.max_in_flight,
+                m.retried,
+                m.lease_expired
+            ),
+        ]);
+    }
+    bed.stop()?;
+    Ok(rows)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The table
 
@@ -1263,6 +1369,12 @@ async fn run_all(opts: RunOptions) -> anyhow::Result<()> {
             ));
         }
         bed.stop()?;
+    }
+
+    if want("batch") {
+        table
+            .rows
+            .extend(batch_scenario(&dir, &bin, opts.quick, opts.size).await?);
     }
 
     if want("idle") {
