@@ -3,7 +3,7 @@
 #
 #   bash bench/run.sh            # every scenario, ~6 minutes; the table goes to bench/results.md
 #   bash bench/run.sh --quick    # smaller counts and windows: checks that it all works
-#   bash bench/run.sh --only cpu # one scenario: cpu, latency, knee, producer, idle (or parts: wrk,
+#   bash bench/run.sh --only cpu # one scenario: cpu, latency, knee, producer, idle, batch (or parts: wrk,
 #                                # relay-default, relay-high, naive, lat-default, lat-high, lat-naive)
 #
 # It installs wrk if missing (Debian's package), builds the release binaries, and runs

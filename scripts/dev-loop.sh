@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 relay=${CFQ_RELAY:-cfq-relay}
 # The emulator's arguments, all in this one place.
-emulate_args=(--token dev-token)
+emulate_args=(--token dev-token --queue dev-queue)
 token=dev-token
 api=http://127.0.0.1:8787/client/v4
 account=0123456789abcdef0123456789abcdef

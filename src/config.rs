@@ -360,7 +360,8 @@ pub struct ConsumerConfig {
     /// Lease length of a pulled message, 1s..=12h. A message not acked in time is redelivered.
     #[serde(default = "default_visibility_timeout", with = "humantime_serde")]
     pub visibility_timeout: Duration,
-    /// Upper bound of deliveries in flight (and messages held) for this consumer, 1..=10000.
+    /// Upper bound of deliveries in flight (and messages held) for this consumer, 1..=10000
+    /// (with `webhook.batch`, messages held in batches and in flight).
     /// With `concurrency_mode = "adaptive"` (the default) the relay finds the webhook's limit
     /// below it; with `"fixed"` it always uses this many.
     #[serde(default = "default_concurrency")]
@@ -475,6 +476,43 @@ pub struct WebhookConfig {
     /// `https://` HTTP/2 is used whenever the receiver offers it (ALPN); no key needed.
     #[serde(default)]
     pub http2_prior_knowledge: bool,
+    /// Batch delivery: many messages per request with per-message results (unset: one
+    /// message per request).
+    #[serde(default)]
+    pub batch: Option<BatchConfig>,
+}
+
+/// `[consumers.webhook.batch]`: opt-in batch delivery.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Messages per webhook request, 1..=100.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: usize,
+    /// How long a partial batch may wait for more messages, 0s..=10s.
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Cap on the request body in bytes (unset: no cap beyond `max_messages`); a message larger
+    /// than the cap on its own travels alone.
+    #[serde(default)]
+    pub max_bytes: Option<usize>,
+}
+
+fn default_max_messages() -> usize {
+    50
+}
+fn default_max_wait() -> Duration {
+    Duration::from_millis(50)
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_messages: default_max_messages(),
+            max_wait: default_max_wait(),
+            max_bytes: None,
+        }
+    }
 }
 
 /// `[consumers.webhook.basic_auth]`
@@ -515,6 +553,7 @@ impl fmt::Debug for WebhookConfig {
             .field("envelope", &self.envelope)
             .field("max_requests_per_second", &self.max_requests_per_second)
             .field("http2_prior_knowledge", &self.http2_prior_knowledge)
+            .field("batch", &self.batch)
             .finish()
     }
 }
@@ -554,6 +593,7 @@ impl Default for WebhookConfig {
             envelope: false,
             max_requests_per_second: None,
             http2_prior_knowledge: false,
+            batch: None,
         }
     }
 }
@@ -924,6 +964,34 @@ impl Config {
                     key("webhook.max_requests_per_second"),
                     format!("must be above 0 and at most 100000, got {rps}"),
                 ));
+            }
+            if let Some(b) = &w.batch {
+                if !(1..=100).contains(&b.max_messages) {
+                    return Err(invalid(
+                        key("webhook.batch.max_messages"),
+                        format!("must be between 1 and 100, got {}", b.max_messages),
+                    ));
+                }
+                check_range(
+                    &key("webhook.batch.max_wait"),
+                    b.max_wait,
+                    Duration::ZERO,
+                    Duration::from_secs(10),
+                )?;
+                if let Some(bytes) = b.max_bytes
+                    && !(1024..=100 * 1024 * 1024).contains(&bytes)
+                {
+                    return Err(invalid(
+                        key("webhook.batch.max_bytes"),
+                        format!("must be between 1024 and 104857600, got {bytes}"),
+                    ));
+                }
+                if w.envelope {
+                    return Err(invalid(
+                        key("webhook.envelope"),
+                        "and `webhook.batch` are both set: a batch already carries each message's metadata; choose one",
+                    ));
+                }
             }
             if w.client_cert_file.is_some() != w.client_key_file.is_some() {
                 return Err(invalid(

@@ -30,6 +30,11 @@ pub const HEADER_QUEUE_ID: &str = "cfq-queue-id";
 /// Header carrying the original `CF-Content-Type` (absent when the message had none).
 pub const HEADER_CONTENT_TYPE: &str = "cfq-content-type";
 
+/// Header carrying the number of messages in a batch request.
+pub const HEADER_BATCH_SIZE: &str = "cfq-batch-size";
+/// Header carrying the batch id (also the `webhook-id` when signing).
+pub const HEADER_BATCH_ID: &str = "cfq-batch-id";
+
 const NAME_MESSAGE_ID: HeaderName = HeaderName::from_static(HEADER_MESSAGE_ID);
 const NAME_ATTEMPT: HeaderName = HeaderName::from_static(HEADER_ATTEMPT);
 const NAME_TIMESTAMP: HeaderName = HeaderName::from_static(HEADER_TIMESTAMP);
@@ -159,6 +164,10 @@ pub struct Response {
     pub attempt: Attempt,
     /// A short excerpt of a non-2xx answer, or the error text, for logs.
     pub detail: String,
+    /// The (bounded) body of a 2xx answer: a batch's per-message results.
+    pub answer: Vec<u8>,
+    /// False when that body broke off or was longer than the relay reads.
+    pub answer_complete: bool,
 }
 
 /// The webhook of one consumer: URL, fixed headers, timeout, shared client.
@@ -390,18 +399,15 @@ impl Webhook {
         }
     }
 
-    /// POST one payload. Never fails: every error becomes an [`Attempt`].
-    pub async fn post(&self, msg: &Message, payload: Payload) -> Response {
-        let payload = match &self.envelope {
-            Some(queue) => self.envelope(queue, msg, payload),
-            None => payload,
-        };
-        // One map with room for every header of the request, filled with names parsed once
-        // (an `&str` name is parsed at every insert), and handed to the request as it is.
-        // Five per-message headers, three more when signing (reqwest keeps two more copies of
-        // the map while the request runs: no spare room).
-        let extra = if self.signer.is_some() { 8 } else { 5 };
-        let mut headers = HeaderMap::with_capacity(self.headers.len() + extra);
+    /// The fixed headers plus, with signing secrets, the Standard Webhooks headers for `id`
+    /// and `body`; room for `more` headers of the caller's.
+    ///
+    /// One map with room for every header of the request, filled with names parsed once (an
+    /// `&str` name is parsed at every insert), and handed to the request as it is (reqwest
+    /// keeps two more copies of the map while the request runs: no spare room).
+    fn signed_headers(&self, more: usize, id: &str, body: &[u8]) -> HeaderMap {
+        let signing = if self.signer.is_some() { 3 } else { 0 };
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + more + signing);
         for (name, value) in &self.headers {
             headers.append(name.clone(), value.clone());
         }
@@ -410,14 +416,25 @@ impl Webhook {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs();
-            if let Ok(v) = HeaderValue::from_str(&msg.id) {
+            if let Ok(v) = HeaderValue::from_str(id) {
                 headers.insert(signing::HEADER_ID, v);
             }
             headers.insert(signing::HEADER_TIMESTAMP, HeaderValue::from(now));
-            if let Ok(v) = HeaderValue::from_str(&signer.sign(&msg.id, now, &payload.bytes)) {
+            if let Ok(v) = HeaderValue::from_str(&signer.sign(id, now, body)) {
                 headers.insert(signing::HEADER_SIGNATURE, v);
             }
         }
+        headers
+    }
+
+    /// POST one payload. Never fails: every error becomes an [`Attempt`].
+    pub async fn post(&self, msg: &Message, payload: Payload) -> Response {
+        let payload = match &self.envelope {
+            Some(queue) => self.envelope(queue, msg, payload),
+            None => payload,
+        };
+        // Five per-message headers.
+        let mut headers = self.signed_headers(5, &msg.id, &payload.bytes);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(payload.content_type));
         if let Ok(v) = HeaderValue::from_str(&msg.id) {
             headers.insert(NAME_MESSAGE_ID, v);
@@ -429,10 +446,30 @@ impl Webhook {
         if let Some(ct) = msg.content_type.as_deref().and_then(cf_content_type) {
             headers.insert(NAME_CONTENT_TYPE, ct);
         }
+        self.execute(headers, payload.bytes).await
+    }
+
+    /// POST one batch (`body` is `{"messages": [...]}`): the fixed headers, the batch's size
+    /// and id, and a Standard Webhooks signature over the whole body with the batch id as
+    /// `webhook-id`. Never fails: every error becomes an [`Attempt`]; a 2xx answer's body is in
+    /// [`Response::answer`].
+    pub async fn post_batch(&self, batch_id: &str, messages: usize, body: Bytes) -> Response {
+        // Three per-batch headers.
+        let mut headers = self.signed_headers(3, batch_id, &body);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(HEADER_BATCH_SIZE, HeaderValue::from(messages as u64));
+        if let Ok(v) = HeaderValue::from_str(batch_id) {
+            headers.insert(HEADER_BATCH_ID, v);
+        }
+        self.execute(headers, body).await
+    }
+
+    /// Send a POST with these headers and body; classify the answer.
+    async fn execute(&self, headers: HeaderMap, body: Bytes) -> Response {
         let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
         *request.headers_mut() = headers;
         *request.timeout_mut() = Some(self.timeout);
-        *request.body_mut() = Some(payload.bytes.into());
+        *request.body_mut() = Some(body.into());
         let sent = self.client.execute(request).await;
         let resp = match sent {
             Ok(r) => r,
@@ -461,6 +498,7 @@ impl Webhook {
             }
         }
         let success = (200..300).contains(&status);
+        let complete = broken.is_none() && body.len() < MAX_RESPONSE_BODY;
         if let Some(e) = broken
             && !success
         {
@@ -471,6 +509,8 @@ impl Webhook {
                     retry_after,
                 },
                 detail: crate::cloudflare::error_chain(&e.without_url()),
+                answer: Vec::new(),
+                answer_complete: false,
             };
         }
         // A 2xx counts even if the rest of its body broke off: the receiver said it has it.
@@ -485,6 +525,8 @@ impl Webhook {
                 // One line: the answer's newlines must not split the log line.
                 crate::cloudflare::one_line(&crate::cloudflare::excerpt(&body))
             },
+            answer: if success { body } else { Vec::new() },
+            answer_complete: complete,
         }
     }
 }
@@ -501,6 +543,8 @@ fn classify_error(e: reqwest::Error) -> Response {
         attempt,
         // Without the URL: its query string may carry a credential.
         detail: crate::cloudflare::error_chain(&e.without_url()),
+        answer: Vec::new(),
+        answer_complete: false,
     }
 }
 

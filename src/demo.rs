@@ -12,7 +12,9 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use base64::Engine;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +30,9 @@ pub struct DemoOptions {
     pub fail_every: u64,
     /// Give up after this long.
     pub deadline: Duration,
+    /// Deliver in batches of up to this many messages (`demo --batch`); the receiver reports
+    /// the messages it fails on purpose in `{"failed": [...]}`.
+    pub batch: Option<usize>,
 }
 
 impl Default for DemoOptions {
@@ -36,23 +41,39 @@ impl Default for DemoOptions {
             messages_per_type: 1000,
             fail_every: 20,
             deadline: Duration::from_secs(120),
+            batch: None,
         }
     }
+}
+
+/// What a message must arrive as.
+struct Expected {
+    payload: Vec<u8>,
+    /// The `Content-Type` of a single delivery.
+    mime: &'static str,
+    /// Cloudflare's content type (a batch entry's `content_type`).
+    cf: &'static str,
 }
 
 /// What the receiver saw.
 #[derive(Default)]
 struct Receiver {
-    expected: Mutex<HashMap<String, (Vec<u8>, &'static str)>>,
+    expected: Mutex<HashMap<String, Expected>>,
     requests: AtomicU64,
+    /// Messages received (a batch counts its messages).
+    messages: AtomicU64,
     exact: AtomicU64,
     corrupted: AtomicU64,
     failed_on_purpose: AtomicU64,
     fail_every: u64,
 }
 
-async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let n = r.requests.fetch_add(1, Ordering::Relaxed) + 1;
+async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
+    r.requests.fetch_add(1, Ordering::Relaxed);
+    if headers.contains_key(crate::batch::HEADER_BATCH_SIZE) {
+        return receive_batch(&r, &body);
+    }
+    let n = r.messages.fetch_add(1, Ordering::Relaxed) + 1;
     let attempt = headers
         .get(crate::delivery::HEADER_ATTEMPT)
         .and_then(|v| v.to_str().ok())
@@ -60,7 +81,7 @@ async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes
         .unwrap_or(1);
     if r.fail_every > 0 && attempt == 1 && n.is_multiple_of(r.fail_every) {
         r.failed_on_purpose.fetch_add(1, Ordering::Relaxed);
-        return StatusCode::SERVICE_UNAVAILABLE;
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let id = headers
         .get(HEADER_MESSAGE_ID)
@@ -71,9 +92,9 @@ async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let ok = match r.expected.lock() {
-        Ok(map) => map.get(id).is_some_and(|(payload, ct)| {
-            payload.as_slice() == body.as_ref() && *ct == content_type
-        }),
+        Ok(map) => map
+            .get(id)
+            .is_some_and(|e| e.payload.as_slice() == body.as_ref() && e.mime == content_type),
         Err(_) => false,
     };
     if ok {
@@ -81,13 +102,59 @@ async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes
     } else {
         r.corrupted.fetch_add(1, Ordering::Relaxed);
     }
-    StatusCode::OK
+    StatusCode::OK.into_response()
+}
+
+/// A batch: check every message byte for byte, and list the ones failed on purpose (every
+/// n-th first delivery) in `{"failed": [...]}`: only those come back.
+fn receive_batch(r: &Receiver, body: &[u8]) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        messages: Vec<Item>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        id: String,
+        attempts: u32,
+        content_type: Option<String>,
+        body: String,
+    }
+    let Ok(batch) = serde_json::from_slice::<Batch>(body) else {
+        r.corrupted.fetch_add(1, Ordering::Relaxed);
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let mut failed = Vec::new();
+    for item in batch.messages {
+        let n = r.messages.fetch_add(1, Ordering::Relaxed) + 1;
+        if r.fail_every > 0 && item.attempts == 1 && n.is_multiple_of(r.fail_every) {
+            r.failed_on_purpose.fetch_add(1, Ordering::Relaxed);
+            failed.push(item.id);
+            continue;
+        }
+        let bytes = base64::engine::general_purpose::STANDARD.decode(&item.body);
+        let ok = match (r.expected.lock(), bytes) {
+            (Ok(map), Ok(bytes)) => map
+                .get(&item.id)
+                .is_some_and(|e| e.payload == bytes && item.content_type.as_deref() == Some(e.cf)),
+            _ => false,
+        };
+        if ok {
+            r.exact.fetch_add(1, Ordering::Relaxed);
+        } else {
+            r.corrupted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    axum::Json(serde_json::json!({ "failed": failed })).into_response()
 }
 
 /// The demo's final figures.
 #[derive(Debug)]
 pub struct Summary {
     pub published: u64,
+    /// Webhook requests made (fewer than messages in batch mode).
+    pub requests: u64,
+    /// Messages those requests carried.
+    pub messages: u64,
     pub acked: u64,
     pub retried: u64,
     pub dead_lettered: u64,
@@ -105,7 +172,7 @@ impl Summary {
     pub fn line(&self) -> String {
         let rate = self.acked as f64 / self.delivered_in.as_secs_f64().max(1e-3);
         format!(
-            "demo: {} published, {} delivered byte-exact and acked, {} retried, {} v8 dead-lettered (undecodable by design), {} corrupted, {} duplicates, {} leases expired, {:.0} messages/s (all acked in {:.1}s, done in {:.1}s)",
+            "demo: {} published, {} delivered byte-exact and acked, {} retried, {} v8 dead-lettered (undecodable by design), {} corrupted, {} duplicates, {} leases expired, {:.0} messages/s (all acked in {:.1}s, done in {:.1}s), {} webhook requests ({:.1} messages each)",
             self.published,
             self.acked,
             self.retried,
@@ -115,7 +182,9 @@ impl Summary {
             self.lease_expired,
             rate,
             self.delivered_in.as_secs_f64(),
-            self.elapsed.as_secs_f64()
+            self.elapsed.as_secs_f64(),
+            self.requests,
+            self.messages as f64 / self.requests.max(1) as f64
         )
     }
 }
@@ -148,9 +217,14 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
     let stop = CancellationToken::new();
     let _stop_guard = stop.clone().drop_guard();
     let token = "demo-token";
+    let queue = "demo-queue";
+    // Strict, as `cfq-relay emulate` runs: one account, and the demo's queue created up front.
     let emulator = Emulator::new(EmulatorOptions {
         token: Some(token.into()),
         max_retries: 3,
+        account_id: Some("0123456789abcdef0123456789abcdef".into()),
+        queues: vec![queue.into()],
+        create_queues_on_use: false,
         ..EmulatorOptions::default()
     });
     let api = emulator
@@ -174,7 +248,6 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             .await;
     });
 
-    let queue = "demo-queue";
     let mut published = 0u64;
     {
         let mut expected = receiver
@@ -183,9 +256,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
             .map_err(|_| anyhow::anyhow!("receiver state poisoned"))?;
         for i in 0..opts.messages_per_type {
             for kind in [ContentType::Text, ContentType::Json, ContentType::Bytes] {
-                let (payload, ct) = sample(kind, i);
+                let (payload, mime) = sample(kind, i);
                 let id = emulator.publish(queue, Some(kind), &payload, Duration::ZERO)?;
-                expected.insert(id, (payload, ct));
+                let cf = kind.as_str();
+                expected.insert(id, Expected { payload, mime, cf });
                 published += 1;
             }
         }
@@ -221,11 +295,16 @@ concurrency = 64
 [consumers.webhook]
 url = "http://{hook}/hook"
 timeout = "5s"
+{batch}
 [consumers.retry]
 base_delay = "1s"
 max_delay = "2s"
 "#,
         base = Emulator::base_url(api),
+        batch = opts
+            .batch
+            .map(|n| format!("batch = {{ max_messages = {n}, max_wait = \"20ms\" }}"))
+            .unwrap_or_default(),
     ))?;
     let relay_stop = CancellationToken::new();
     let started = Instant::now();
@@ -280,6 +359,8 @@ max_delay = "2s"
         .sum();
     let summary = Summary {
         published,
+        requests: receiver.requests.load(Ordering::Relaxed),
+        messages: receiver.messages.load(Ordering::Relaxed),
         acked: s.acked,
         retried: s.retried,
         dead_lettered: s.dead_lettered,

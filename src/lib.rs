@@ -5,6 +5,7 @@
 
 pub mod acker;
 pub mod admin;
+pub mod batch;
 pub mod cloudflare;
 pub mod concurrency;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod gate;
 pub mod guard;
 pub mod logs;
 pub mod metrics;
+pub mod online;
 pub mod policy;
 pub mod poller;
 pub mod receiver;

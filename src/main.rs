@@ -94,11 +94,17 @@ enum Command {
     ///
     /// Reads the file and the CFQ_RELAY__* overrides as `run` would, checks every value, and
     /// resolves every secret (API token, webhook credentials, signing secrets) without calling
-    /// any API. Exit 0 with a one-line summary, or 2 with one line naming the bad key.
+    /// any API (`--online` does). Exit 0 with a one-line summary, or 2 with one line naming the
+    /// bad key; with `--online`, 1 when a check against the API failed.
     CheckConfig {
         /// Configuration file (TOML) to check.
         #[arg(long, short, env = "CFQ_RELAY_CONFIG", value_name = "FILE")]
         config: PathBuf,
+        /// Also ask the API (read-only calls, no pull) whether the token works, the account
+        /// and each consumer's queue exist and each queue has an HTTP pull consumer; one line
+        /// per failing consumer, exit 1.
+        #[arg(long)]
+        online: bool,
     },
     /// Ask a running relay's admin server for /healthz (or /readyz); exit 0 on a 200, else 1.
     ///
@@ -141,6 +147,14 @@ enum Command {
         /// Answer this share of pull and ack calls (0..1, spread evenly) with a 500.
         #[arg(long, default_value_t = 0.0)]
         error_ratio: f64,
+        /// Create a queue of this name, with an HTTP pull consumer (repeatable). Calls may name
+        /// a queue by its id or its name; any other queue answers 404 (code 10104), as on
+        /// Cloudflare. More can be created through the API (POST …/queues).
+        #[arg(long = "queue", value_name = "NAME")]
+        queues: Vec<String>,
+        /// The account id the API answers for; others answer 404 (code 10104).
+        #[arg(long, default_value = "0123456789abcdef0123456789abcdef")]
+        account_id: String,
     },
     /// Serve a local webhook sink that answers 200 and counts what it got.
     ///
@@ -173,19 +187,26 @@ enum Command {
         /// Messages per content type (text, json, bytes).
         #[arg(long, default_value_t = 1000, value_name = "N")]
         messages: usize,
-        /// Answer every n-th first delivery with 503, to show retries (0: never).
+        /// Answer every n-th first delivery with 503, to show retries (0: never); in batch
+        /// mode, list every n-th first delivery in the answer's `failed`.
         #[arg(long, default_value_t = 20, value_name = "N")]
         fail_every: u64,
+        /// Deliver in batches of up to this many messages (1..=100), with per-message results.
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "50", value_parser = clap::value_parser!(u16).range(1..=100))]
+        batch: Option<u16>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match load_checked(&config) {
+        Command::CheckConfig { config, online } => match load_checked(&config) {
             Ok(c) => {
                 for warning in readable_by_others(&c, &config) {
                     eprintln!("cfq-relay: warning: {warning}");
+                }
+                if online {
+                    return check_online(&c);
                 }
                 println!("{}", c.summary());
                 ExitCode::SUCCESS
@@ -240,6 +261,8 @@ fn main() -> ExitCode {
             latency_ms,
             json_raw,
             error_ratio,
+            queues,
+            account_id,
         } => {
             init_logging("info", LogFormat::Text);
             runtime(async move {
@@ -251,12 +274,22 @@ fn main() -> ExitCode {
                     latency: Duration::from_millis(latency_ms),
                     json_raw,
                     error_ratio,
+                    account_id: Some(account_id.clone()),
+                    queues: queues.clone(),
+                    create_queues_on_use: false,
                 });
                 let addr = emulator.start(listen, shutdown.clone()).await?;
                 println!(
-                    "Cloudflare Queues emulator: api_base_url = \"{}\"",
+                    "Cloudflare Queues emulator: api_base_url = \"{}\", account_id = \"{account_id}\"",
                     Emulator::base_url(addr)
                 );
+                if queues.is_empty() {
+                    println!("no queue yet: add `--queue NAME`, or create one with POST …/queues");
+                }
+                for name in &queues {
+                    let id = emulator.queue_id(name).unwrap_or_default();
+                    println!("queue {name:?}: queue_id = \"{id}\" (the name works too)");
+                }
                 shutdown.cancelled().await;
                 Ok(())
             })
@@ -287,12 +320,14 @@ fn main() -> ExitCode {
         Command::Demo {
             messages,
             fail_every,
+            batch,
         } => {
             init_logging("error", LogFormat::Text);
             runtime(async move {
                 let summary = cfq_relay::demo::run(cfq_relay::demo::DemoOptions {
                     messages_per_type: messages,
                     fail_every,
+                    batch: batch.map(usize::from),
                     ..Default::default()
                 })
                 .await?;
@@ -301,6 +336,35 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// `check-config --online`: the summary, then one line per failing consumer (exit 1).
+fn check_online(config: &Config) -> ExitCode {
+    let token = match config.resolve_token() {
+        Ok(t) => t,
+        Err(e) => return config_error(&e),
+    };
+    let problems = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(cfq_relay::online::check(config, &token)))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("cfq-relay: check-config --online: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}", config.summary());
+    if problems.is_empty() {
+        println!("online: the token works; every queue exists and has an HTTP pull consumer");
+        return ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("cfq-relay: check-config --online: {p}");
+    }
+    ExitCode::FAILURE
 }
 
 /// What `run` and `check-config` both check: the file with its overrides, every secret, and

@@ -50,6 +50,8 @@ pub struct Metrics {
     rtt_baseline: GaugeVec,
     last_pull: GaugeVec,
     breaker_state: IntGaugeVec,
+    batch_messages: HistogramVec,
+    batch_unknown_ids: IntCounterVec,
 }
 
 fn name(n: &str) -> String {
@@ -238,6 +240,21 @@ impl Metrics {
                 ),
                 q
             )),
+            batch_messages: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    name("batch_messages"),
+                    "Messages per batch webhook request (batch mode only)."
+                )
+                .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]),
+                q
+            )),
+            batch_unknown_ids: reg!(IntCounterVec::new(
+                Opts::new(
+                    name("batch_unknown_ids_total"),
+                    "Ids in a batch answer's `failed` list that were not in the batch (ignored)."
+                ),
+                q
+            )),
             registry,
         }
     }
@@ -287,6 +304,8 @@ impl Metrics {
             rtt_baseline: self.rtt_baseline.with_label_values(&q),
             last_pull: self.last_pull.with_label_values(&q),
             breaker_state: self.breaker_state.with_label_values(&q),
+            batch_messages: self.batch_messages.with_label_values(&q),
+            batch_unknown_ids: self.batch_unknown_ids.with_label_values(&q),
         }
     }
 
@@ -312,6 +331,8 @@ impl Metrics {
         let _ = self.rtt_baseline.remove_label_values(&q);
         let _ = self.last_pull.remove_label_values(&q);
         let _ = self.breaker_state.remove_label_values(&q);
+        let _ = self.batch_messages.remove_label_values(&q);
+        let _ = self.batch_unknown_ids.remove_label_values(&q);
         for o in OUTCOMES {
             let _ = self.deliveries.remove_label_values(&[queue, o]);
         }
@@ -371,6 +392,8 @@ pub struct ConsumerMetrics {
     pub rtt_baseline: Gauge,
     pub last_pull: Gauge,
     pub breaker_state: IntGauge,
+    pub batch_messages: Histogram,
+    pub batch_unknown_ids: IntCounter,
 }
 
 fn index(set: &[&str], value: &str) -> usize {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
@@ -85,6 +85,13 @@ pub async fn run(ctx: Arc<Ctx>) {
     // The last pull came back less than half full: the queue trickles, so one pull at a time
     // gathers fuller batches (fewer API calls per message) without slowing delivery.
     let mut trickling = false;
+    // Batch mode: pulled messages go to the consumer's batcher, which ends once this sender
+    // (and the pulls' clones) are gone, after sending or handing back what it holds.
+    let batches = ctx.config.webhook.batch.as_ref().map(|_| {
+        let (tx, rx) = tokio::sync::mpsc::channel(ctx.config.concurrency.max(1));
+        ctx.workers.spawn(crate::batch::batcher(ctx.clone(), rx));
+        tx
+    });
 
     loop {
         let now = Instant::now();
@@ -192,7 +199,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                             ctx.limiter.release(extra);
                         }
                         let pacing = first_send.zip(pace);
-                        pulls.spawn(pull(ctx.clone(), permit, pacing));
+                        pulls.spawn(pull(ctx.clone(), permit, pacing, batches.clone()));
                     }
                 }
             }
@@ -223,6 +230,7 @@ async fn pull(
     ctx: Arc<Ctx>,
     mut permit: OwnedSemaphorePermit,
     pacing: Option<(Instant, Duration)>,
+    batches: Option<mpsc::Sender<crate::batch::Held>>,
 ) -> Pulled {
     let n = permit.num_permits() as u32;
     let visibility = ctx.config.visibility_timeout;
@@ -281,6 +289,14 @@ async fn pull(
         if ctx.shutdown.is_cancelled() {
             crate::worker::release(&ctx, msg, "shutdown").await;
             drop(slot);
+            continue;
+        }
+        if let Some(tx) = &batches {
+            if let Err(mpsc::error::SendError(held)) =
+                tx.send(crate::batch::Held { msg, slot }).await
+            {
+                crate::worker::release(&ctx, held.msg, "shutdown").await;
+            }
             continue;
         }
         ctx.workers

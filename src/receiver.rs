@@ -1,8 +1,11 @@
 //! `cfq-relay receive`: a local webhook sink. It answers every request with 200 (after an
-//! optional delay, to stand in for a real endpoint's latency) and counts requests and body
-//! bytes; `GET /_receiver/stats` reports them. It can also play a small receiver: one that
+//! optional delay, to stand in for a real endpoint's latency) and counts requests, messages
+//! and body bytes; `GET /_receiver/stats` reports them. It understands batch requests
+//! (`cfq-batch-size` and a `{"messages": [...]}` body): it counts their messages and answers
+//! `{"failed": []}`, every message delivered. It can also play a small receiver: one that
 //! serves `capacity` requests at once and answers 503 at once beyond that, and one whose
-//! latency grows with the requests it is serving. It speaks HTTP/1.1 and cleartext HTTP/2. The other end of the relay for development, the
+//! latency grows with the requests it is serving. It speaks HTTP/1.1 and cleartext HTTP/2.
+//! The other end of the relay for development, the
 //! demo flow of the README and the benchmark (`bench/`), kept small so it is never the
 //! bottleneck.
 
@@ -36,10 +39,12 @@ pub struct ReceiverOptions {
 }
 
 /// What the receiver has seen (`GET /_receiver/stats`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ReceiverStats {
     /// Requests served (answered 200).
     pub requests: u64,
+    /// Messages received: one per single request, the batch's size per batch request.
+    pub messages: u64,
     pub bytes: u64,
     /// Requests turned away with 503 because `capacity` was reached.
     pub overloaded: u64,
@@ -48,6 +53,7 @@ pub struct ReceiverStats {
 #[derive(Default)]
 struct Counters {
     requests: AtomicU64,
+    messages: AtomicU64,
     bytes: AtomicU64,
     overloaded: AtomicU64,
     in_flight: AtomicU64,
@@ -60,6 +66,17 @@ impl Drop for Serving<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The number of messages in a batch request's body (`None`: not a batch).
+pub fn batch_len(body: &[u8]) -> Option<usize> {
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        messages: Vec<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Batch>(body)
+        .ok()
+        .map(|b| b.messages.len())
 }
 
 #[derive(Clone)]
@@ -101,14 +118,21 @@ async fn receive(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> Response {
     let others = app.counters.in_flight.fetch_add(1, Ordering::Relaxed);
     let _serving = Serving(&app.counters.in_flight);
     if app.opts.capacity.is_some_and(|c| others >= c as u64) {
         app.counters.overloaded.fetch_add(1, Ordering::Relaxed);
-        return StatusCode::SERVICE_UNAVAILABLE;
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     app.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let batch = headers
+        .contains_key(crate::batch::HEADER_BATCH_SIZE)
+        .then(|| batch_len(&body))
+        .flatten();
+    app.counters
+        .messages
+        .fetch_add(batch.unwrap_or(1) as u64, Ordering::Relaxed);
     app.counters
         .bytes
         .fetch_add(body.len() as u64, Ordering::Relaxed);
@@ -121,25 +145,43 @@ async fn receive(
                 .to_owned()
         };
         let excerpt = crate::cloudflare::one_line(&crate::cloudflare::excerpt(&body[..]));
-        println!(
-            "{method} {} id={} attempt={} type={} {} bytes: {excerpt}",
-            uri.path(),
-            header(crate::delivery::HEADER_MESSAGE_ID),
-            header(crate::delivery::HEADER_ATTEMPT),
-            header("content-type"),
-            body.len(),
-        );
+        match batch {
+            Some(n) => println!(
+                "{method} {} batch={} messages={n} {} bytes: {excerpt}",
+                uri.path(),
+                header(crate::batch::HEADER_BATCH_ID),
+                body.len(),
+            ),
+            None => println!(
+                "{method} {} id={} attempt={} type={} {} bytes: {excerpt}",
+                uri.path(),
+                header(crate::delivery::HEADER_MESSAGE_ID),
+                header(crate::delivery::HEADER_ATTEMPT),
+                header("content-type"),
+                body.len(),
+            ),
+        }
     }
     let delay = app.opts.delay + app.opts.delay_per_in_flight * others as u32;
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    StatusCode::OK
+    match batch {
+        // Per-message results: none failed.
+        Some(_) => (
+            StatusCode::OK,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            r#"{"failed":[]}"#,
+        )
+            .into_response(),
+        None => StatusCode::OK.into_response(),
+    }
 }
 
 async fn stats(State(app): State<App>) -> Response {
     axum::Json(ReceiverStats {
         requests: app.counters.requests.load(Ordering::Relaxed),
+        messages: app.counters.messages.load(Ordering::Relaxed),
         bytes: app.counters.bytes.load(Ordering::Relaxed),
         overloaded: app.counters.overloaded.load(Ordering::Relaxed),
     })
@@ -183,7 +225,26 @@ mod tests {
         let stats = fetch_stats(&http, addr).await;
         assert_eq!(
             stats,
-            serde_json::json!({"requests": 2, "bytes": 8, "overloaded": 0})
+            serde_json::json!({"requests": 2, "messages": 2, "bytes": 8, "overloaded": 0})
+        );
+        // A batch counts its messages and gets per-message results.
+        let batch = r#"{"messages":[{"id":"a"},{"id":"b"},{"id":"c"}]}"#;
+        let r = http
+            .post(format!("http://{addr}/hook"))
+            .header(crate::batch::HEADER_BATCH_SIZE, "3")
+            .body(batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            crate::batch::parse_answer(&r.bytes().await.unwrap(), true),
+            crate::batch::Answer::Failed(vec![])
+        );
+        let stats = fetch_stats(&http, addr).await;
+        assert_eq!(
+            (&stats["requests"], &stats["messages"]),
+            (&3.into(), &5.into())
         );
         stop.cancel();
     }

@@ -85,44 +85,15 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
             took = Some(elapsed);
             ctx.metrics
                 .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
-            if let Some(ts) = msg.timestamp_ms {
-                let now_ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis() as f64;
-                ctx.metrics
-                    .message_age
-                    .observe(((now_ms - ts as f64) / 1000.0).max(0.0));
-            }
+            observe_age(&ctx, msg.timestamp_ms);
             (response.attempt, response.detail, "")
         }
     };
     let decision = ctx.policy.decide(&attempt, msg.attempts, jitter());
     if let Some(rtt) = took {
-        let limit = ctx.limiter.sample(rtt, control_outcome(&attempt));
-        ctx.metrics
-            .concurrency_limit
-            .set(i64::try_from(limit).unwrap_or(i64::MAX));
-        if let Some(b) = ctx.limiter.baseline() {
-            ctx.metrics.rtt_baseline.set(b.as_secs_f64());
-        }
+        sample(&ctx, rtt, &attempt);
     }
-    if let Attempt::Status {
-        status: 429 | 503,
-        retry_after: Some(after),
-    } = attempt
-    {
-        // The receiver asked for room. The message itself waits at least `Retry-After` (the
-        // policy), and the adaptive limit shrinks; once it is down to one request, or when the
-        // limit is fixed, the whole consumer pauses: the floor under the adaptive limit.
-        if ctx.limiter.limit() <= crate::concurrency::MIN_LIMIT
-            || ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed
-        {
-            let pause = after.min(ctx.policy.max_delay);
-            ctx.gate.pause(Instant::now() + pause);
-            warn!(queue = %ctx.label, status = ?attempt, pause_s = pause.as_secs(), "webhook asked to slow down: pausing pulls");
-        }
-    }
+    slow_down(&ctx, &attempt);
     if attempt == Attempt::Undecodable {
         ctx.gate.probe_unused();
     } else {
@@ -172,6 +143,34 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
 }
 
 /// What an answer tells the adaptive limit: back-pressure, a latency sample, or nothing.
+/// Report one webhook request (a single message or a batch) to the adaptive limit.
+pub fn sample(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attempt) {
+    let limit = ctx.limiter.sample(rtt, control_outcome(attempt));
+    ctx.metrics
+        .concurrency_limit
+        .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    if let Some(b) = ctx.limiter.baseline() {
+        ctx.metrics.rtt_baseline.set(b.as_secs_f64());
+    }
+}
+
+/// A 429/503 with `Retry-After`: the message(s) wait at least that long (the policy), and the
+/// adaptive limit shrinks; once it is down to one request, or when the limit is fixed, the
+/// whole consumer pauses: the floor under the adaptive limit.
+pub fn slow_down(ctx: &Ctx, attempt: &Attempt) {
+    if let Attempt::Status {
+        status: 429 | 503,
+        retry_after: Some(after),
+    } = *attempt
+        && (ctx.limiter.limit() <= crate::concurrency::MIN_LIMIT
+            || ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed)
+    {
+        let pause = after.min(ctx.policy.max_delay);
+        ctx.gate.pause(Instant::now() + pause);
+        warn!(queue = %ctx.label, status = ?attempt, pause_s = pause.as_secs(), "webhook asked to slow down: pausing pulls");
+    }
+}
+
 fn control_outcome(attempt: &Attempt) -> crate::concurrency::Outcome {
     use crate::concurrency::Outcome;
     match attempt {
@@ -182,6 +181,19 @@ fn control_outcome(attempt: &Attempt) -> crate::concurrency::Outcome {
         | Attempt::Timeout => Outcome::Overloaded,
         Attempt::Status { .. } => Outcome::Answered,
         _ => Outcome::Ignored,
+    }
+}
+
+/// Record a message's end-to-end age (now − publish time) when its webhook answered.
+pub fn observe_age(ctx: &Ctx, timestamp_ms: Option<u64>) {
+    if let Some(ts) = timestamp_ms {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as f64;
+        ctx.metrics
+            .message_age
+            .observe(((now_ms - ts as f64) / 1000.0).max(0.0));
     }
 }
 
@@ -218,7 +230,8 @@ pub async fn release(ctx: &Ctx, msg: Message, reason: &'static str) {
     send(ctx, msg, AckKind::Retry { delay_seconds: 0 }).await;
 }
 
-async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
+/// Hand one verdict to the acker.
+pub async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
     let item = AckItem {
         lease_id: msg.lease_id,
         kind,

@@ -212,3 +212,37 @@ fn every_commented_key_in_the_example_is_a_real_key() {
         panic!("{e}\n{full}");
     }
 }
+
+#[test]
+fn demo_batch_sends_fewer_requests_than_messages() {
+    let out = bin()
+        .args(["demo", "--messages", "200", "--batch", "20"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        last.contains("600 published, 600 delivered byte-exact and acked"),
+        "{last}"
+    );
+    assert!(
+        last.contains("0 corrupted, 0 duplicates, 0 leases expired"),
+        "{last}"
+    );
+    // Every 20th first delivery is listed as failed and retried alone.
+    let requests: u64 = last
+        .rsplit(", ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in {last}"));
+    assert!(
+        requests < 100,
+        "{requests} requests for 600+ messages: {last}"
+    );
+}

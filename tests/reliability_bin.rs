@@ -867,3 +867,36 @@ impl FailingOnceHook {
         format!("http://{}/hook", self.addr)
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_a_partial_batch_at_once_and_exits_0() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    publish(&emu, "q1", "m", 5);
+    let mut cfg = Cfg::new(&api, &hook.url());
+    // 5 messages of a batch of 100 would wait 10 s for company.
+    cfg.webhook_extra = "batch = { max_messages = 100, max_wait = \"10s\" }".into();
+    let mut relay = Relay::spawn("batch-sigterm", &cfg.text(), &[]);
+    relay.wait_ready().await;
+    wait_until(Duration::from_secs(10), "5 messages held", || {
+        emu.stats("q1").in_flight == 5
+    })
+    .await;
+    assert_eq!(hook.count(), 0, "the partial batch waits for company");
+    let t0 = Instant::now();
+    relay.signal("TERM");
+    let status = relay.exit(Duration::from_secs(10)).await;
+    let took = t0.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", relay.output());
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let got = hook.received();
+    assert_eq!(got.len(), 1, "one batch request");
+    assert_eq!(got[0].header("cfq-batch-size"), Some("5"));
+    let s = emu.stats("q1");
+    assert_eq!((s.acked, s.in_flight, s.lease_expired), (5, 0, 0), "{s:?}");
+    EndState::of(&emu, "q1", "SIGTERM with a partial batch (binary)", 5)
+        .with_shutdown(took)
+        .print();
+    stop.cancel();
+}

@@ -221,6 +221,16 @@ ts(
     ],
     unit="s",
 )
+ts(
+    "Messages per batch request",
+    "Average messages a batch request carried (batch mode only: [consumers.webhook.batch]); webhook requests per message is its inverse.",
+    [
+        (
+            f"sum by (queue) (rate(cfq_relay_batch_messages_sum{sel()}[$__rate_interval])) / sum by (queue) (rate(cfq_relay_batch_messages_count{sel()}[$__rate_interval]))",
+            "{{queue}}",
+        )
+    ],
+)
 endrow()
 row("Capacity and health")
 ts(

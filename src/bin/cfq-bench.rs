@@ -62,8 +62,8 @@ enum Cmd {
         /// Smaller counts and shorter windows: a check that everything works, not figures.
         #[arg(long)]
         quick: bool,
-        /// Only these scenarios (comma-separated: cpu, latency, knee, producer, idle).
-        #[arg(long, default_value = "cpu,latency,knee,producer,idle")]
+        /// Only these scenarios (comma-separated: cpu, latency, knee, producer, idle, batch).
+        #[arg(long, default_value = "cpu,latency,knee,producer,idle,batch")]
         only: String,
         /// Also write the table (and the run's details) to this file.
         #[arg(long)]
@@ -206,6 +206,27 @@ impl Api {
         Ok(value)
     }
 
+    /// Create `queue` unless it exists (the emulator, like Cloudflare, answers 404 for a queue
+    /// never created).
+    async fn create_queue(&self, queue: &str) -> anyhow::Result<()> {
+        let url = format!("{}/accounts/{ACCOUNT}/queues", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .json(&json!({"queue_name": queue}))
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = resp.status();
+        // 409: it exists already.
+        if !status.is_success() && status.as_u16() != 409 {
+            let text = resp.text().await.unwrap_or_default();
+            bail!("POST {url}: {status}: {text}");
+        }
+        Ok(())
+    }
+
     /// The emulator's counters of a queue (`published`, `acked`, `pull_calls`, …).
     async fn stats(&self, queue: &str) -> anyhow::Result<Value> {
         let url = format!("{}/_emulator/queues/{queue}/stats", self.base);
@@ -249,10 +270,14 @@ async fn publish(
 ) -> anyhow::Result<()> {
     let raw: Vec<u8> = (0..size).map(|b| (b * 31 % 251) as u8).collect();
     let b64 = STANDARD.encode(raw);
+    api.create_queue(queue).await?;
     let url = api.queue_url(queue, "/batch");
+    // A batch holds at most 100 messages and 256 KB (each message's ~100 bytes of metadata
+    // included); bytes bodies go as base64, but the limit counts the payload.
+    let per_batch = (250_000 / (size + 100)).clamp(1, 100);
     let batches: Vec<(usize, usize)> = (0..messages)
-        .step_by(100)
-        .map(|start| (start, (start + 100).min(messages)))
+        .step_by(per_batch)
+        .map(|start| (start, (start + per_batch).min(messages)))
         .collect();
     let mut calls = futures_util::stream::iter(batches)
         .map(|(start, end)| {
@@ -481,7 +506,7 @@ struct RunOptions {
     work_dir: Option<PathBuf>,
 }
 
-/// The two relay configurations the table compares.
+/// The relay configurations the table compares.
 #[derive(Clone, Copy)]
 enum Profile {
     /// Only the required keys.
@@ -492,6 +517,8 @@ enum Profile {
     /// `concurrency = 1000`, `concurrency_mode = "fixed"`: the behaviour before adaptive
     /// concurrency, for comparison.
     Fixed1000,
+    /// The default config plus `[consumers.webhook.batch]` with this many messages a request.
+    Batch(usize),
 }
 
 impl Profile {
@@ -501,6 +528,17 @@ impl Profile {
             Profile::HighThroughput => "relay, high-throughput config",
             Profile::Max1000 => "relay, concurrency = 1000",
             Profile::Fixed1000 => "relay, concurrency = 1000, concurrency_mode = fixed",
+            Profile::Batch(_) => "relay, default config + batch",
+        }
+    }
+
+    /// Keys added to the webhook table.
+    fn webhook_keys(self) -> String {
+        match self {
+            Profile::Batch(n) => format!("batch = {{ max_messages = {n}, max_wait = \"50ms\" }}\n"),
+            Profile::Default | Profile::HighThroughput | Profile::Max1000 | Profile::Fixed1000 => {
+                String::new()
+            }
         }
     }
 
@@ -511,6 +549,7 @@ impl Profile {
             Profile::HighThroughput => "concurrency = 1000\nmax_pulls_in_flight = 16\n",
             Profile::Max1000 => "concurrency = 1000\n",
             Profile::Fixed1000 => "concurrency = 1000\nconcurrency_mode = \"fixed\"\n",
+            Profile::Batch(_) => "",
         }
     }
 }
@@ -617,9 +656,10 @@ name = "bench"
 queue_id = "{queue}"
 {keys}[consumers.webhook]
 url = "{hook}"
-"#,
+{webhook_keys}"#,
             base = self.api.base,
             keys = profile.keys(),
+            webhook_keys = profile.webhook_keys(),
             hook = self.hook,
         );
         let path = self.dir.join(format!("{name}.toml"));
@@ -1011,6 +1051,7 @@ struct IdleRun {
 
 async fn idle_run(bed: &Bed, warm_up: Duration, window: Duration) -> anyhow::Result<IdleRun> {
     let queue = "bench-idle";
+    bed.api.create_queue(queue).await?;
     let relay = bed.start_relay("idle-relay", queue, Profile::Default)?;
     tokio::time::sleep(warm_up).await;
     let s0 = bed.api.stats(queue).await?;
@@ -1084,6 +1125,99 @@ async fn producer_run(
     };
     relay.proc.stop(Duration::from_secs(30))?;
     Ok(run)
+}
+
+/// The webhook receiver's counters (`GET /_receiver/stats`): requests and messages.
+async fn receiver_counts(hook: &str) -> anyhow::Result<(u64, u64)> {
+    let base = hook.trim_end_matches("/hook");
+    let v: Value = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?
+        .get(format!("{base}/_receiver/stats"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok((count(&v, "requests"), count(&v, "messages")))
+}
+
+/// Scenario 6, batch vs single over a WAN-like link (API answers after 50 ms, webhook after
+/// 100 ms): throughput, webhook requests per message and the relay's memory, one message per
+/// request (default and high-throughput configs) against batches (default config plus a
+/// `[consumers.webhook.batch]` table). Returns the table rows.
+async fn batch_scenario(
+    dir: &Path,
+    bin: &Path,
+    quick: bool,
+    size: usize,
+) -> anyhow::Result<Vec<[String; 9]>> {
+    eprintln!(
+        "cfq-bench: 6. batch vs single, WAN-like: API answers after 50 ms, webhook after 100 ms"
+    );
+    let bed = Bed::start(dir, bin, "batch", 50, 100)?;
+    let scale = if quick { 1 } else { 4 };
+    let mut rows = Vec::new();
+    for (queue, profile, count) in [
+        ("bench-wan-single", Profile::Default, 2_500 * scale),
+        (
+            "bench-wan-single-high",
+            Profile::HighThroughput,
+            15_000 * scale,
+        ),
+        ("bench-wan-batch-50", Profile::Batch(50), 15_000 * scale),
+        ("bench-wan-batch", Profile::Batch(100), 15_000 * scale),
+    ] {
+        publish(&bed.api, queue, count, size, 16).await?;
+        let (req0, msg0) = receiver_counts(&bed.hook).await?;
+        let m = relay_run(
+            &bed,
+            &format!("{queue}-relay"),
+            queue,
+            profile,
+            count as u64,
+            true,
+        )
+        .await?;
+        let (req1, msg1) = receiver_counts(&bed.hook).await?;
+        let (requests, received) = (req1 - req0, msg1 - msg0);
+        let per_request = received as f64 / requests.max(1) as f64;
+        eprintln!(
+            "  {}: {:.0} messages/s, {requests} requests for {received} messages ({per_request:.1} per request), peak RSS {:.1} MiB",
+            profile.label(),
+            m.rate(),
+            m.relay_rss,
+        );
+        rows.push([
+            "6. batch vs single (WAN-like)".into(),
+            match profile {
+                Profile::Batch(n) => format!("{} (max_messages = {n})", profile.label()),
+                _ => profile.label().into(),
+            },
+            format!("{} msg/s", thousands(m.rate())),
+            format!(
+                "{:.0} % of 5,000/s; {:.3} requests/msg ({per_request:.1} msgs/request)",
+                100.0 * m.rate() / QUEUE_CEILING,
+                requests as f64 / received.max(1) as f64
+            ),
+            format!("{:.2}", m.cpu_per_10k()),
+            mib(m.relay_rss),
+            format!("{:.1}", m.emulator_cpu),
+            format!("{:.1}", m.receiver_cpu),
+            format!(
+                "{} msgs in {:.1} s; {} webhook requests; up to {} messages in flight; retried {}, leases expired {}",
+                thousands(m.messages as f64),
+                m.seconds,
+                thousands(requests as f64),
+                m.max_in_flight,
+                m.retried,
+                m.lease_expired
+            ),
+        ]);
+    }
+    bed.stop()?;
+    Ok(rows)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1471,6 +1605,12 @@ async fn run_all(opts: RunOptions) -> anyhow::Result<()> {
             ]);
             bed.stop()?;
         }
+    }
+
+    if want("batch") {
+        table
+            .rows
+            .extend(batch_scenario(&dir, &bin, opts.quick, opts.size).await?);
     }
 
     if want("idle") {

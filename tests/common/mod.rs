@@ -35,12 +35,13 @@ impl Received {
     }
 }
 
-/// What the receiver answers: status, extra headers, and a delay before answering.
+/// What the receiver answers: status, extra headers, a body, and a delay before answering.
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub delay: Duration,
+    pub body: String,
 }
 
 impl Answer {
@@ -49,6 +50,7 @@ impl Answer {
             status,
             headers: Vec::new(),
             delay: Duration::ZERO,
+            body: String::new(),
         }
     }
     pub fn ok() -> Self {
@@ -56,6 +58,10 @@ impl Answer {
     }
     pub fn delayed(mut self, d: Duration) -> Self {
         self.delay = d;
+        self
+    }
+    pub fn with_body(mut self, body: impl Into<String>) -> Self {
+        self.body = body.into();
         self
     }
     pub fn with_header(mut self, name: &'static str, value: &str) -> Self {
@@ -101,7 +107,7 @@ async fn handle(State(s): State<Arc<RxState>>, headers: HeaderMap, body: Bytes) 
         tokio::time::sleep(answer.delay).await;
     }
     s.in_flight.fetch_sub(1, Ordering::SeqCst);
-    let mut resp = StatusCode::from_u16(answer.status).unwrap().into_response();
+    let mut resp = (StatusCode::from_u16(answer.status).unwrap(), answer.body).into_response();
     for (k, v) in answer.headers {
         resp.headers_mut().insert(k, v.parse().unwrap());
     }

@@ -1,0 +1,597 @@
+//! Batch delivery (`[consumers.webhook.batch]`): many messages per webhook request, with a
+//! result per message. The batcher groups one consumer's pulled messages (up to
+//! `max_messages` / `max_bytes`, never held past `max_wait` nor past the point where a lease
+//! could no longer cover the request and the ack); [`deliver`] POSTs a batch as
+//! `{"messages": [...]}`, signed over the whole body, and turns the answer into one verdict per
+//! message: a 2xx acks all but the ids listed in `{"failed": [...]}`, any other answer applies
+//! the status policy to the whole batch.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, warn};
+
+use crate::acker::AckKind;
+use crate::consumer::Ctx;
+use crate::delivery::{Message, decode_body};
+use crate::logs::{Event, esc};
+use crate::metrics::status_class;
+use crate::policy::{Attempt, Decision, backoff, delay_seconds, jitter};
+
+pub use crate::config::BatchConfig;
+pub use crate::delivery::{HEADER_BATCH_ID, HEADER_BATCH_SIZE};
+
+/// A pulled message on its way into a batch, with its place in the pool.
+pub struct Held {
+    pub msg: Message,
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// A message in a batch: its metadata, its slot, and its encoded JSON entry.
+struct Entry {
+    msg: Message,
+    slot: OwnedSemaphorePermit,
+    json: Vec<u8>,
+}
+
+/// `{"id", "attempts", "timestamp_ms", "content_type", "body"}` with `body` the base64 of the
+/// message's original bytes (decoded by content type, so byte-exact for every type).
+fn encode_entry(msg: &Message, bytes: &[u8]) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Item<'a> {
+        id: &'a str,
+        attempts: u32,
+        timestamp_ms: Option<u64>,
+        content_type: Option<&'a str>,
+        body: String,
+    }
+    serde_json::to_vec(&Item {
+        id: &msg.id,
+        attempts: msg.attempts,
+        timestamp_ms: msg.timestamp_ms,
+        content_type: msg.content_type.as_deref(),
+        body: STANDARD.encode(bytes),
+    })
+    .unwrap_or_default()
+}
+
+/// The request body for entries already encoded.
+fn encode_body<'a>(entries: impl Iterator<Item = &'a [u8]>) -> Bytes {
+    let mut body = Vec::from(&b"{\"messages\":["[..]);
+    for (i, e) in entries.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(e);
+    }
+    body.extend_from_slice(b"]}");
+    Bytes::from(body)
+}
+
+/// Bytes of the body around the entries, and per entry separator.
+const BODY_OVERHEAD: usize = b"{\"messages\":[]}".len();
+
+/// A stable id for a batch: the same messages in the same order give the same id (a
+/// redelivered batch may hold other messages, so receivers deduplicate by message id).
+pub fn batch_id<'a>(ids: impl Iterator<Item = &'a str>) -> String {
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update(id.as_bytes());
+        h.update(b"\n");
+    }
+    format!("batch_{}", URL_SAFE_NO_PAD.encode(&h.finalize()[..18]))
+}
+
+/// What a 2xx answer's body says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// No body, a body that is not JSON, or JSON without `failed`: every message is delivered.
+    AllDelivered,
+    /// These ids must be retried; the others are delivered.
+    Failed(Vec<String>),
+    /// `failed` is present but not a list of strings: the receiver meant something the relay
+    /// cannot read, so nothing is taken as delivered.
+    Unreadable,
+}
+
+/// Read a 2xx answer's body (`complete`: it was read to its end). A body that starts like a
+/// JSON object but does not parse (or broke off) is unreadable: it may have listed failures.
+pub fn parse_answer(body: &[u8], complete: bool) -> Answer {
+    let object = body.trim_ascii_start().starts_with(b"{");
+    let failed = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut map)) if complete => map.remove("failed"),
+        _ if object => return Answer::Unreadable,
+        _ => return Answer::AllDelivered,
+    };
+    match failed {
+        None | Some(serde_json::Value::Null) => Answer::AllDelivered,
+        Some(serde_json::Value::Array(items)) => {
+            let mut ids = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    serde_json::Value::String(s) => ids.push(s),
+                    _ => return Answer::Unreadable,
+                }
+            }
+            Answer::Failed(ids)
+        }
+        Some(_) => Answer::Unreadable,
+    }
+}
+
+/// Split `deadlines` (in batch order) into the indexes that may still be sent at `now` (the
+/// request and the ack fit before their lease ends: `need`) and those to hand back.
+pub fn split_by_lease(
+    deadlines: impl Iterator<Item = Instant>,
+    now: Instant,
+    need: Duration,
+) -> (Vec<usize>, Vec<usize>) {
+    let mut send = Vec::new();
+    let mut back = Vec::new();
+    for (i, d) in deadlines.enumerate() {
+        if now + need > d {
+            back.push(i);
+        } else {
+            send.push(i);
+        }
+    }
+    (send, back)
+}
+
+/// The batcher of one consumer: groups what the poller sends until the batch is full, its
+/// first message waited `max_wait`, or its earliest lease must leave; runs until the poller
+/// drops its sender. After shutdown began every partial batch leaves at once.
+pub async fn batcher(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Held>) {
+    let Some(cfg) = ctx.config.webhook.batch.clone() else {
+        return;
+    };
+    let max_messages = cfg.max_messages.max(1);
+    // A batch leaves one more margin before the point where its earliest lease could no
+    // longer cover the request and the ack: room to wait for a request slot.
+    let need = ctx.config.webhook.timeout + ctx.lease_margin * 2;
+    let mut pending: Vec<Entry> = Vec::with_capacity(max_messages);
+    let mut size = BODY_OVERHEAD;
+    // When the first pending message arrived, and the earliest pending lease end.
+    let mut first: Option<Instant> = None;
+    let mut earliest: Option<Instant> = None;
+    let mut open = true;
+    while open || !pending.is_empty() {
+        let flush_at = first.map(|f| {
+            let by_wait = f + cfg.max_wait;
+            earliest
+                .and_then(|d| d.checked_sub(need))
+                .map_or(by_wait, |l| by_wait.min(l))
+        });
+        let shutting = ctx.shutdown.is_cancelled();
+        tokio::select! {
+            biased;
+            _ = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                flush(&ctx, &mut pending, &mut size);
+                (first, earliest) = (None, None);
+            }
+            _ = ctx.shutdown.cancelled(), if !shutting && !pending.is_empty() => {
+                // Drain: the partial batch goes now, within the grace period.
+                flush(&ctx, &mut pending, &mut size);
+                (first, earliest) = (None, None);
+            }
+            held = rx.recv(), if open => {
+                let Some(Held { mut msg, slot }) = held else {
+                    open = false;
+                    flush(&ctx, &mut pending, &mut size);
+                    (first, earliest) = (None, None);
+                    continue;
+                };
+                let body = std::mem::take(&mut msg.body);
+                // Refused before any request, as for single deliveries: an undecodable or
+                // oversized body (the id travels inside the JSON body, escaped, so any id
+                // can; crate::guard).
+                let checked = match decode_body(msg.content_type.as_deref(), body) {
+                    Err(e) => Err((e.to_string(), "undecodable", Event::DeliveryFailed)),
+                    Ok(p) => match crate::guard::check_body(p.bytes.len()) {
+                        Err(r) => Err((r.to_string(), r.outcome(), r.event())),
+                        Ok(()) => Ok(p),
+                    },
+                };
+                let payload = match checked {
+                    Ok(p) => p,
+                    Err((detail, outcome, event)) => {
+                        refuse(&ctx, msg, &detail, outcome, event).await;
+                        drop(slot);
+                        continue;
+                    }
+                };
+                let json = encode_entry(&msg, &payload.bytes);
+                drop(payload);
+                let add = json.len() + usize::from(!pending.is_empty());
+                if let Some(cap) = cfg.max_bytes
+                    && !pending.is_empty()
+                    && size + add > cap
+                {
+                    flush(&ctx, &mut pending, &mut size);
+                    (first, earliest) = (None, None);
+                }
+                size += json.len() + usize::from(!pending.is_empty());
+                first.get_or_insert_with(Instant::now);
+                earliest = Some(earliest.map_or(msg.deadline, |e| e.min(msg.deadline)));
+                pending.push(Entry { msg, slot, json });
+                if pending.len() >= max_messages
+                    || cfg.max_bytes.is_some_and(|cap| size >= cap)
+                    || ctx.shutdown.is_cancelled()
+                {
+                    flush(&ctx, &mut pending, &mut size);
+                    (first, earliest) = (None, None);
+                }
+            }
+        }
+    }
+}
+
+fn flush(ctx: &Arc<Ctx>, pending: &mut Vec<Entry>, size: &mut usize) {
+    *size = BODY_OVERHEAD;
+    if pending.is_empty() {
+        return;
+    }
+    let cap = ctx
+        .config
+        .webhook
+        .batch
+        .as_ref()
+        .map_or(1, |b| b.max_messages);
+    let batch = std::mem::replace(pending, Vec::with_capacity(cap));
+    ctx.workers.spawn(deliver(ctx.clone(), batch));
+}
+
+/// A message that cannot travel (undecodable or oversized body) is retried by policy, like a
+/// single one: the queue's `max_retries` and dead-letter queue end it.
+async fn refuse(ctx: &Ctx, msg: Message, detail: &str, outcome: &'static str, event: Event) {
+    let decision = ctx
+        .policy
+        .decide(&Attempt::Undecodable, msg.attempts, jitter());
+    ctx.gate.probe_unused();
+    ctx.metrics.delivered(outcome);
+    let delay = match decision {
+        Decision::Retry { delay } => delay_seconds(delay),
+        Decision::Ack | Decision::Drop => 0,
+    };
+    if ctx.logs.allow(event) {
+        warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, detail = %esc(detail),
+            delay_s = delay, outcome, "message cannot be delivered; retrying later");
+    }
+    crate::worker::send(
+        ctx,
+        msg,
+        AckKind::Retry {
+            delay_seconds: delay,
+        },
+    )
+    .await;
+}
+
+/// Deliver one batch: wait for the rate limiter's turn, hand back what the breaker or the
+/// leases forbid, POST the rest, and send one verdict per message to the acker. Each message
+/// holds its slot of the adaptive limit (the pool counts messages held, as for single
+/// deliveries); the request reports one sample to the controller, and the slots go back
+/// through the limiter when this ends.
+async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
+    let hand_back = |batch: Vec<Entry>, reason: &'static str| {
+        let ctx = ctx.clone();
+        async move {
+            for e in batch {
+                crate::worker::release(&ctx, e.msg, reason).await;
+            }
+        }
+    };
+    // The rate limit counts messages: the batch leaves at the turn of its last message.
+    if let Some(at) = batch.iter().filter_map(|e| e.msg.not_before).max() {
+        tokio::select! {
+            _ = sleep_until(at) => {}
+            _ = ctx.hard_stop.cancelled() => {
+                hand_back(batch, "shutdown").await;
+                return;
+            }
+        }
+    }
+    if ctx.gate.is_open() {
+        let delay = delay_seconds(ctx.gate.open_remaining(Instant::now()));
+        for e in batch {
+            ctx.metrics.released("breaker");
+            crate::worker::send(
+                &ctx,
+                e.msg,
+                AckKind::Retry {
+                    delay_seconds: delay,
+                },
+            )
+            .await;
+        }
+        return;
+    }
+    // Send only what the request and the ack still fit in; hand the rest back now.
+    let need = ctx.config.webhook.timeout + ctx.lease_margin;
+    let (keep, back) = split_by_lease(batch.iter().map(|e| e.msg.deadline), Instant::now(), need);
+    let batch = if back.is_empty() {
+        batch
+    } else {
+        if ctx.logs.allow(Event::LeaseTooClose) {
+            warn!(queue = %ctx.label, messages = back.len(), batch = batch.len(),
+                "leases too close to their end to deliver; handing these messages back");
+        }
+        let back: HashSet<usize> = back.into_iter().collect();
+        let mut sending = Vec::with_capacity(keep.len());
+        for (i, e) in batch.into_iter().enumerate() {
+            if back.contains(&i) {
+                crate::worker::release(&ctx, e.msg, "lease").await;
+            } else {
+                sending.push(e);
+            }
+        }
+        sending
+    };
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len();
+    let _in_flight = InFlight::new(&ctx, n);
+    ctx.metrics.batch_messages.observe(n as f64);
+    let id = batch_id(batch.iter().map(|e| e.msg.id.as_str()));
+    let body = encode_body(batch.iter().map(|e| e.json.as_slice()));
+    let started = Instant::now();
+    let response = tokio::select! {
+        r = ctx.webhook.post_batch(&id, n, body) => r,
+        _ = ctx.hard_stop.cancelled() => {
+            warn!(queue = %ctx.label, batch = %id, messages = n,
+                "shutdown grace over: abandoning the batch and handing its messages back");
+            hand_back(batch, "shutdown").await;
+            return;
+        }
+    };
+    let elapsed = started.elapsed();
+    ctx.metrics
+        .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
+    for e in &batch {
+        crate::worker::observe_age(&ctx, e.msg.timestamp_ms);
+    }
+    let attempt = response.attempt;
+    // One request, one sample of the adaptive limit, however many messages it carried.
+    crate::worker::sample(&ctx, elapsed, &attempt);
+    crate::worker::slow_down(&ctx, &attempt);
+    // One decision for the request, by the first message's attempts; each message's own
+    // attempts set its delay below.
+    let whole = ctx.policy.decide(&attempt, 1, 0.0);
+    let success_2xx = matches!(attempt, Attempt::Status { status, .. } if (200..300).contains(&status))
+        && whole == Decision::Ack;
+    let failed: Option<HashSet<String>> = if success_2xx {
+        match parse_answer(&response.answer, response.answer_complete) {
+            Answer::AllDelivered => None,
+            Answer::Failed(ids) => {
+                let known: HashSet<&str> = batch.iter().map(|e| e.msg.id.as_str()).collect();
+                let unknown: Vec<&String> = ids
+                    .iter()
+                    .filter(|id| !known.contains(id.as_str()))
+                    .collect();
+                if !unknown.is_empty() {
+                    ctx.metrics.batch_unknown_ids.inc_by(unknown.len() as u64);
+                    if ctx.logs.allow(Event::DeliveryFailed) {
+                        warn!(queue = %ctx.label, batch = %id, unknown = unknown.len(),
+                            first = %esc(&unknown[0].chars().take(80).collect::<String>()),
+                            "webhook listed ids in `failed` that were not in the batch; ignored");
+                    }
+                }
+                Some(ids.into_iter().collect())
+            }
+            Answer::Unreadable => {
+                if ctx.logs.allow(Event::DeliveryFailed) {
+                    warn!(queue = %ctx.label, batch = %id, messages = n,
+                        "webhook answered 2xx with a `failed` that is not a list of ids; retrying the whole batch");
+                }
+                Some(batch.iter().map(|e| e.msg.id.clone()).collect())
+            }
+        }
+    } else {
+        None
+    };
+    let request_failed = matches!(whole, Decision::Retry { .. });
+    if let Some(t) = ctx.gate.record(Instant::now(), request_failed) {
+        crate::worker::breaker_changed(&ctx, t);
+    }
+    let (mut acked, mut retried, mut dropped) = (0usize, 0usize, 0usize);
+    for e in batch {
+        let decision = match &failed {
+            Some(f) if f.contains(&e.msg.id) => Decision::Retry {
+                delay: backoff(
+                    ctx.policy.base_delay,
+                    ctx.policy.max_delay,
+                    e.msg.attempts,
+                    jitter(),
+                ),
+            },
+            _ => ctx.policy.decide(&attempt, e.msg.attempts, jitter()),
+        };
+        let kind = match decision {
+            Decision::Ack => {
+                acked += 1;
+                ctx.metrics.delivered("acked");
+                AckKind::Ack
+            }
+            Decision::Drop => {
+                dropped += 1;
+                ctx.metrics.delivered("dropped");
+                AckKind::Ack
+            }
+            Decision::Retry { delay } => {
+                retried += 1;
+                ctx.metrics.delivered("retried");
+                AckKind::Retry {
+                    delay_seconds: delay_seconds(delay),
+                }
+            }
+        };
+        crate::worker::send(&ctx, e.msg, kind).await;
+        ctx.limiter.release(e.slot);
+    }
+    let took_ms = elapsed.as_millis() as u64;
+    if retried > 0 || dropped > 0 {
+        if ctx.logs.allow(Event::DeliveryFailed) {
+            warn!(queue = %ctx.label, batch = %id, messages = n, acked, retried, dropped,
+                result = ?attempt, duration_ms = took_ms, detail = %esc(&response.detail),
+                "batch delivered in part");
+        }
+    } else {
+        debug!(queue = %ctx.label, batch = %id, messages = n, duration_ms = took_ms, "batch delivered");
+    }
+}
+
+/// Keeps the in-flight gauge right whatever path a batch takes.
+struct InFlight<'a>(&'a Ctx, usize);
+
+impl<'a> InFlight<'a> {
+    fn new(ctx: &'a Ctx, n: usize) -> Self {
+        ctx.metrics.in_flight.add(n as i64);
+        Self(ctx, n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.sub(self.1 as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_conservatively() {
+        let p = |b: &[u8]| parse_answer(b, true);
+        assert_eq!(p(b""), Answer::AllDelivered);
+        assert_eq!(p(b"OK"), Answer::AllDelivered);
+        assert_eq!(p(b"[1]"), Answer::AllDelivered);
+        assert_eq!(p(b"{}"), Answer::AllDelivered);
+        assert_eq!(p(br#"{"failed":null}"#), Answer::AllDelivered);
+        assert_eq!(p(br#"{"ok":true}"#), Answer::AllDelivered);
+        assert_eq!(p(br#"{"failed":[]}"#), Answer::Failed(vec![]));
+        assert_eq!(
+            p(br#"{"failed":["a","b"],"other":1}"#),
+            Answer::Failed(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(p(br#"{"failed":"a"}"#), Answer::Unreadable);
+        assert_eq!(p(br#"{"failed":[1]}"#), Answer::Unreadable);
+        // Broken JSON, or a body cut short, may have listed failures.
+        assert_eq!(p(br#" {"failed":["a",}"#), Answer::Unreadable);
+        assert_eq!(
+            parse_answer(br#"{"failed":["a"]}"#, false),
+            Answer::Unreadable
+        );
+    }
+
+    #[test]
+    fn batch_ids_are_stable_and_differ_by_content_and_order() {
+        let a = batch_id(["m1", "m2"].into_iter());
+        assert_eq!(a, batch_id(["m1", "m2"].into_iter()));
+        assert_ne!(a, batch_id(["m2", "m1"].into_iter()));
+        assert_ne!(a, batch_id(["m1"].into_iter()));
+        assert!(a.starts_with("batch_") && a.len() == 6 + 24, "{a}");
+    }
+
+    #[test]
+    fn the_body_is_one_json_document_with_base64_bodies() {
+        let msg = Message {
+            id: "m1".into(),
+            lease_id: "l".into(),
+            attempts: 2,
+            timestamp_ms: Some(7),
+            content_type: Some("bytes".into()),
+            body: String::new(),
+            deadline: Instant::now(),
+            not_before: None,
+        };
+        let raw = [0u8, 255, 10, 13];
+        let e1 = encode_entry(&msg, &raw);
+        let e2 = encode_entry(&msg, b"");
+        let body = encode_body([e1.as_slice(), e2.as_slice()].into_iter());
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v["messages"][0],
+            serde_json::json!({"id": "m1", "attempts": 2, "timestamp_ms": 7,
+                "content_type": "bytes", "body": STANDARD.encode(raw)})
+        );
+        assert_eq!(v["messages"][1]["body"], "");
+        assert_eq!(
+            body.len(),
+            BODY_OVERHEAD + e1.len() + 1 + e2.len(),
+            "size accounting"
+        );
+        assert_eq!(encode_body(std::iter::empty()).len(), BODY_OVERHEAD);
+    }
+
+    fn config_with(batch: &str, webhook_extra: &str) -> Result<crate::Config, String> {
+        crate::Config::from_toml(&format!(
+            "[cloudflare]\naccount_id = \"abc\"\napi_token = \"t\"\n[[consumers]]\nqueue_id = \"q1\"\n\
+             [consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n{webhook_extra}\n[consumers.webhook.batch]\n{batch}\n"
+        ))
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn config_defaults_and_errors_name_the_key() {
+        let c = config_with("", "").unwrap();
+        let b = c.consumers[0].webhook.batch.clone().unwrap();
+        assert_eq!(b, BatchConfig::default());
+        assert_eq!(
+            (b.max_messages, b.max_wait, b.max_bytes),
+            (50, Duration::from_millis(50), None)
+        );
+        for (batch, extra, want) in [
+            (
+                "max_messages = 0",
+                "",
+                "`consumers[0].webhook.batch.max_messages` must be between 1 and 100, got 0",
+            ),
+            (
+                "max_messages = 101",
+                "",
+                "`consumers[0].webhook.batch.max_messages` must be between 1 and 100, got 101",
+            ),
+            (
+                "max_wait = \"11s\"",
+                "",
+                "`consumers[0].webhook.batch.max_wait` must be between 0s and 10s, got 11s",
+            ),
+            (
+                "max_bytes = 10",
+                "",
+                "`consumers[0].webhook.batch.max_bytes` must be between 1024 and 104857600, got 10",
+            ),
+            (
+                "",
+                "envelope = true",
+                "`consumers[0].webhook.envelope` and `webhook.batch` are both set",
+            ),
+            ("max_mesages = 5", "", "max_mesages"),
+        ] {
+            let got = config_with(batch, extra).unwrap_err();
+            assert!(got.contains(want), "{batch} {extra}: {got}");
+        }
+    }
+
+    #[test]
+    fn leases_split_a_batch() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let deadlines = [now + s(10), now + s(2), now + s(5), now + s(3)];
+        let (send, back) = split_by_lease(deadlines.into_iter(), now, s(3));
+        assert_eq!(send, vec![0, 2, 3]);
+        assert_eq!(back, vec![1]);
+        let (send, back) = split_by_lease(deadlines.into_iter(), now, s(11));
+        assert!(send.is_empty());
+        assert_eq!(back, vec![0, 1, 2, 3]);
+    }
+}
