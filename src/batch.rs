@@ -360,7 +360,7 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
     }
     let attempt = response.attempt;
     // One request, one sample of the adaptive limit, however many messages it carried.
-    crate::worker::sample(&ctx, elapsed, &attempt);
+    let limit_before = crate::worker::sample(&ctx, elapsed, &attempt);
     crate::worker::slow_down(&ctx, &attempt);
     // One decision for the request, by the first message's attempts; each message's own
     // attempts set its delay below.
@@ -398,7 +398,7 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
         None
     };
     let request_failed = matches!(whole, Decision::Retry { .. });
-    if let Some(t) = ctx.gate.record(Instant::now(), request_failed) {
+    if let Some(t) = crate::worker::judge(&ctx, &attempt, request_failed, Some(limit_before)) {
         crate::worker::breaker_changed(&ctx, t);
     }
     let (mut acked, mut retried, mut dropped) = (0usize, 0usize, 0usize);

@@ -107,6 +107,11 @@ struct Inner {
     paused_until: Option<Instant>,
     /// Rate limit: the earliest instant the next send may start.
     next_send: Instant,
+    /// The last delivery the webhook took (or the gate's creation).
+    last_good: Instant,
+    /// Back-pressure answers since `last_good`, and the largest limit in force meanwhile.
+    overload_run: u32,
+    overload_peak: usize,
 }
 
 /// The gate of one consumer.
@@ -138,6 +143,9 @@ impl Gate {
                 probe_in_flight: false,
                 paused_until: None,
                 next_send: now,
+                last_good: now,
+                overload_run: 0,
+                overload_peak: 0,
             }),
         }
     }
@@ -234,6 +242,11 @@ impl Gate {
             g.recent.pop_front();
         }
         g.recent.push_back((now, failed));
+        if !failed {
+            g.last_good = now;
+            g.overload_run = 0;
+            g.overload_peak = 0;
+        }
         g.consecutive = if failed { g.consecutive + 1 } else { 0 };
         let from = g.state;
         match (g.state, failed) {
@@ -260,6 +273,38 @@ impl Gate {
             _ => {}
         }
         (g.state != from).then_some(Transition { from, to: g.state })
+    }
+
+    /// Record a back-pressure answer (429, 503, 408, a timeout) under the adaptive limit, with
+    /// `limit` the limit in force when it came back. Back-pressure is the limit's business, not
+    /// the breaker's, while the receiver still takes deliveries: such an answer is held out of
+    /// the breaker's counts (it neither fails nor resets the run). The run counts — all of it,
+    /// as the consecutive failures it was — once back-pressure is the receiver's only answer:
+    /// the limit is down to its floor (`at_floor`), or a whole limit's worth of answers in a row
+    /// turned requests away with none taken in between, or none was taken for `quiet`. While
+    /// half-open it always counts (the probe's verdict).
+    pub fn record_back_pressure(
+        &self,
+        now: Instant,
+        limit: usize,
+        at_floor: bool,
+        quiet: Duration,
+    ) -> Option<Transition> {
+        {
+            let mut g = self.lock();
+            g.overload_run += 1;
+            g.overload_peak = g.overload_peak.max(limit);
+            let outage = at_floor
+                || g.state != BreakerState::Closed
+                || g.overload_run as usize >= g.overload_peak
+                || now.saturating_duration_since(g.last_good) >= quiet;
+            if !outage {
+                return None;
+            }
+            // The run held back so far were failures in a row too.
+            g.consecutive = g.consecutive.max(g.overload_run - 1);
+        }
+        self.record(now, true)
     }
 
     /// The half-open probe ended without a verdict (the pull came back empty or failed, or the
@@ -408,5 +453,47 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn back_pressure_between_deliveries_never_opens_but_an_outage_does() {
+        let mut cfg = breaker();
+        cfg.consecutive_failures = 10;
+        let g = Gate::new(cfg, None);
+        let t0 = Instant::now();
+        let quiet = Duration::from_secs(1);
+        // A receiver past its capacity: bursts of 503s (fewer than the limit) between
+        // deliveries. The breaker never opens, whatever the ratio.
+        for round in 0..20 {
+            for _ in 0..40 {
+                assert_eq!(g.record_back_pressure(t0, 64, false, quiet), None);
+            }
+            assert_eq!(g.record(t0, false), None, "round {round}");
+        }
+        assert_eq!(g.state(), BreakerState::Closed);
+        // An outage: nothing but 503s. A limit's worth in a row counts, as the run it was.
+        for i in 1..16 {
+            let tr = g.record_back_pressure(t0, 16, false, quiet);
+            assert_eq!(tr, None, "answer {i}");
+        }
+        let tr = g.record_back_pressure(t0, 16, false, quiet).unwrap();
+        assert_eq!(tr.to, BreakerState::Open);
+    }
+
+    #[test]
+    fn back_pressure_counts_at_the_floor_or_after_a_quiet_spell() {
+        let g = Gate::new(breaker(), None);
+        let t0 = Instant::now();
+        let quiet = Duration::from_secs(1);
+        // At the floor each answer is a failure: 3 in a row open it.
+        assert_eq!(g.record_back_pressure(t0, 1, true, quiet), None);
+        assert_eq!(g.record_back_pressure(t0, 1, true, quiet), None);
+        assert!(g.record_back_pressure(t0, 1, true, quiet).is_some());
+        // Nothing through for `quiet`: counts though the limit is high.
+        let g = Gate::new(breaker(), None);
+        let late = t0 + Duration::from_secs(2);
+        assert_eq!(g.record_back_pressure(late, 500, false, quiet), None);
+        assert_eq!(g.record_back_pressure(late, 500, false, quiet), None);
+        assert!(g.record_back_pressure(late, 500, false, quiet).is_some());
     }
 }

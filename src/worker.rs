@@ -90,15 +90,13 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
         }
     };
     let decision = ctx.policy.decide(&attempt, msg.attempts, jitter());
-    if let Some(rtt) = took {
-        sample(&ctx, rtt, &attempt);
-    }
+    let limit_before = took.map(|rtt| sample(&ctx, rtt, &attempt));
     slow_down(&ctx, &attempt);
     if attempt == Attempt::Undecodable {
         ctx.gate.probe_unused();
     } else {
         let failed = matches!(decision, Decision::Retry { .. });
-        if let Some(t) = ctx.gate.record(Instant::now(), failed) {
+        if let Some(t) = judge(&ctx, &attempt, failed, limit_before) {
             breaker_changed(&ctx, t);
         }
     }
@@ -144,7 +142,9 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
 
 /// What an answer tells the adaptive limit: back-pressure, a latency sample, or nothing.
 /// Report one webhook request (a single message or a batch) to the adaptive limit.
-pub fn sample(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attempt) {
+/// Returns the limit in force before this sample.
+pub fn sample(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attempt) -> usize {
+    let before = ctx.limiter.limit();
     let limit = ctx.limiter.sample(rtt, control_outcome(attempt));
     ctx.metrics
         .concurrency_limit
@@ -152,6 +152,7 @@ pub fn sample(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attempt) {
     if let Some(b) = ctx.limiter.baseline() {
         ctx.metrics.rtt_baseline.set(b.as_secs_f64());
     }
+    before
 }
 
 /// A 429/503 with `Retry-After`: the message(s) wait at least that long (the policy), and the
@@ -170,6 +171,41 @@ pub fn slow_down(ctx: &Ctx, attempt: &Attempt) {
         warn!(queue = %ctx.label, status = ?attempt, pause_s = pause.as_secs(), "webhook asked to slow down: pausing pulls");
     }
 }
+
+/// Tell the breaker how a request ended. A failed request that is back-pressure under the
+/// adaptive limit (429/503/408/timeout) shrinks the limit instead of counting against the
+/// breaker, unless back-pressure is all the receiver answers: the limit at its floor, a whole
+/// limit's worth of them in a row, or nothing through for a while (a real outage; see
+/// `Gate::record_back_pressure`). Everything else counts as it always did. `limit_before` is
+/// the limit in force when the request ended (from `sample`).
+pub fn judge(
+    ctx: &Ctx,
+    attempt: &Attempt,
+    failed: bool,
+    limit_before: Option<usize>,
+) -> Option<crate::gate::Transition> {
+    let now = Instant::now();
+    if failed
+        && ctx.config.concurrency_mode != crate::config::ConcurrencyMode::Fixed
+        && control_outcome(attempt) == crate::concurrency::Outcome::Overloaded
+    {
+        let limit = ctx.limiter.limit();
+        let quiet = ctx
+            .limiter
+            .baseline()
+            .map_or(BACK_PRESSURE_QUIET, |b| (b * 4).max(BACK_PRESSURE_QUIET));
+        return ctx.gate.record_back_pressure(
+            now,
+            limit_before.unwrap_or(limit).max(limit),
+            limit <= crate::concurrency::MIN_LIMIT,
+            quiet,
+        );
+    }
+    ctx.gate.record(now, failed)
+}
+
+/// With no delivery through for this long, back-pressure answers count against the breaker.
+const BACK_PRESSURE_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn control_outcome(attempt: &Attempt) -> crate::concurrency::Outcome {
     use crate::concurrency::Outcome;

@@ -397,15 +397,21 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
         .unwrap();
     }
     let mut cfg = config(&api, &[("q1", &format!("http://{addr}/hook"), "", "")]);
-    // The slow start's first overshoot past the capacity is a few dozen 503s in a row, which
-    // opens the breaker (on by default) for 30 s: this test is about the limit alone.
-    cfg.consumers[0].breaker.enabled = false;
+    // The defaults, breaker on: the slow start's overshoot past the capacity is a burst of
+    // 503s that the limit handles; it must not open the breaker (which would stall 30 s).
+    assert!(cfg.consumers[0].breaker.enabled);
+    let began = std::time::Instant::now();
     let relay = cfq_relay::start(cfg, stop.clone()).await.unwrap();
     wait_until(Duration::from_secs(90), "every message handled", || {
         let s = emu.stats("q1");
         s.acked + s.dead_lettered >= n
     })
     .await;
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "back-pressure stalled the consumer (breaker opened?): {:?}",
+        began.elapsed()
+    );
     let s = emu.stats("q1");
     let stats: serde_json::Value = reqwest::get(format!("http://{addr}/_receiver/stats"))
         .await
@@ -429,6 +435,12 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
         .and_then(|v| v.parse().ok())
         .unwrap();
     assert!((1.0..=80.0).contains(&limit), "limit {limit}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cfq_relay_breaker_state{") && l.ends_with(" 0")),
+        "breaker closed at the end"
+    );
     stop.cancel();
     relay.wait().await.unwrap();
 }
