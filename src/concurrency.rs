@@ -10,7 +10,8 @@
 //!   then, for one round trip, each further back-pressure answer removes its own slot (a
 //!   receiver past its capacity answers 503 in a millisecond, so an excess slot would spin),
 //!   down to at most half the limit before the decrease;
-//! - a window whose mean RTT climbed past `baseline × (1 + RTT_TOLERANCE)` shrinks it too;
+//! - a window whose mean RTT climbed past `baseline × (1 + RTT_TOLERANCE)`, and by more than
+//!   `RTT_SLACK`, shrinks it too;
 //! - otherwise, if the window used the limit (requests really waited on it), the limit grows:
 //!   it doubles while in slow start (until the first congestion signal), else grows by one
 //!   request plus a share that scales with √limit (so a large limit regains its room in tens
@@ -59,6 +60,12 @@ pub const INITIAL_LIMIT: usize = 64;
 pub const DECREASE: f64 = 0.75;
 /// A window's mean RTT this much above the baseline counts as congestion.
 pub const RTT_TOLERANCE: f64 = 0.5;
+/// ...and at least this much above it: a fast receiver's RTT of a millisecond or two wanders
+/// by more than `RTT_TOLERANCE` with the scheduler of a busy machine (ours or the receiver's),
+/// and a few milliseconds of queueing cost no throughput worth shrinking for. Without it, a
+/// 1 ms receiver on a loaded machine drove the limit to ~10, the pulls to a handful of messages
+/// and the relay's CPU per message up (bench scenario 1).
+pub const RTT_SLACK: Duration = Duration::from_millis(5);
 /// How far the baseline drifts towards a higher window mean per uncongested window.
 const BASELINE_DRIFT: f64 = 0.005;
 /// Windows never shorter than this, so that a 1 ms receiver does not adjust on noise.
@@ -174,7 +181,9 @@ impl Controller {
             (b, _) => b,
         };
         let slow = match (baseline, mean) {
-            (Some(b), Some(m)) => m.as_secs_f64() > b.as_secs_f64() * (1.0 + RTT_TOLERANCE),
+            (Some(b), Some(m)) => {
+                m.as_secs_f64() > b.as_secs_f64() * (1.0 + RTT_TOLERANCE) && m > b + RTT_SLACK
+            }
             _ => false,
         };
         if self.window_overloaded || slow {
@@ -451,5 +460,28 @@ mod tests {
         assert_eq!(l.slots().available_permits(), grown - 48);
         drop(held);
         assert_eq!(l.slots().available_permits(), grown);
+    }
+
+    #[test]
+    fn scheduler_noise_on_a_fast_receiver_does_not_collapse_the_limit() {
+        // A 1 ms receiver on a busy machine: the RTT wanders between 0.3 and 2.5 ms with the
+        // scheduler (for about a window at a time), not with the load. Nothing is queueing at the receiver;
+        // the limit must stay high enough for the pulls to stay full.
+        let mut t = Instant::now();
+        let mut c = Controller::new(Mode::Adaptive, 1000, t);
+        let noise = [300, 2500, 700, 1900, 400, 2200, 900, 1500];
+        let k = std::cell::Cell::new(0);
+        let limits = drive(
+            &mut c,
+            &mut t,
+            200,
+            |_| {
+                k.set(k.get() + 1);
+                Duration::from_micros(noise[(k.get() / 8) % noise.len()])
+            },
+            |_, _| Outcome::Answered,
+        );
+        let tail = &limits[100..];
+        assert!(tail.iter().all(|l| *l >= 32), "{limits:?}");
     }
 }
