@@ -396,7 +396,7 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
         )
         .unwrap();
     }
-    let mut cfg = config(&api, &[("q1", &format!("http://{addr}/hook"), "", "")]);
+    let cfg = config(&api, &[("q1", &format!("http://{addr}/hook"), "", "")]);
     // The defaults, breaker on: the slow start's overshoot past the capacity is a burst of
     // 503s that the limit handles; it must not open the breaker (which would stall 30 s).
     assert!(cfg.consumers[0].breaker.enabled);
