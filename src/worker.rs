@@ -144,7 +144,7 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
 /// Report one webhook request (a single message or a batch) to the adaptive limit.
 /// Returns the limit in force before this sample.
 pub fn sample(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attempt) -> usize {
-    let before = ctx.limiter.limit();
+    let before = ctx.limiter.request_limit();
     let limit = ctx.limiter.sample(rtt, control_outcome(attempt));
     ctx.metrics
         .concurrency_limit
@@ -163,7 +163,7 @@ pub fn slow_down(ctx: &Ctx, attempt: &Attempt) {
         status: 429 | 503,
         retry_after: Some(after),
     } = *attempt
-        && (ctx.limiter.limit() <= crate::concurrency::MIN_LIMIT
+        && (ctx.limiter.request_limit() <= crate::concurrency::MIN_LIMIT
             || ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed)
     {
         let pause = after.min(ctx.policy.max_delay);
@@ -189,7 +189,7 @@ pub fn judge(
         && ctx.config.concurrency_mode != crate::config::ConcurrencyMode::Fixed
         && control_outcome(attempt) == crate::concurrency::Outcome::Overloaded
     {
-        let limit = ctx.limiter.limit();
+        let limit = ctx.limiter.request_limit();
         let quiet = ctx
             .limiter
             .baseline()
