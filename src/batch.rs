@@ -19,7 +19,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, warn};
 
 use crate::acker::AckKind;
-use crate::consumer::Ctx;
+use crate::ctx::Ctx;
 use crate::delivery::{Message, decode_body};
 use crate::logs::{Event, esc};
 use crate::metrics::status_class;

@@ -2,8 +2,6 @@
 //! together and runs them until shutdown, then drains.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,51 +16,8 @@ use crate::delivery::Webhook;
 use crate::metrics::ConsumerMetrics;
 use crate::policy::Policy;
 
-/// Readiness of one consumer: true after a successful pull, false again after several
-/// failures in a row.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    pub ready: AtomicBool,
-}
-
-impl Readiness {
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-}
-
-/// What every task of one consumer shares.
-pub struct Ctx {
-    pub label: String,
-    pub config: ConsumerConfig,
-    pub client: QueueClient,
-    pub webhook: Webhook,
-    pub policy: Policy,
-    pub metrics: ConsumerMetrics,
-    pub readiness: Arc<Readiness>,
-    /// Sends outcomes to the acker.
-    pub acks: mpsc::Sender<AckItem>,
-    /// Bounds deliveries in flight plus messages held: one permit per message; the number of
-    /// permits follows the adaptive limit.
-    pub limiter: Limiter,
-    /// Deliveries in progress.
-    pub workers: TaskTracker,
-    /// Stop pulling (first signal).
-    pub shutdown: CancellationToken,
-    /// Grace over: abandon deliveries, hand their messages back.
-    pub hard_stop: CancellationToken,
-    /// A delivery starts only if `webhook.timeout + lease_margin` fit before the lease ends.
-    pub lease_margin: Duration,
-    /// Breaker, receiver-requested pause and rate limit.
-    pub gate: crate::gate::Gate,
-    /// Rate limit of repeated log lines (the metrics count every event).
-    pub logs: crate::logs::LogLimiter,
-}
-
-/// The time kept free before a lease's end for the ack to reach Cloudflare.
-pub fn lease_margin(visibility_timeout: Duration) -> Duration {
-    (visibility_timeout / 10).clamp(Duration::from_millis(200), Duration::from_secs(5))
-}
+pub use crate::config::lease_margin;
+pub use crate::ctx::{Ctx, Readiness};
 
 /// A configured consumer, ready to run.
 pub struct Consumer {

@@ -14,9 +14,9 @@ use anyhow::Context;
 use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
 use reqwest::header::AUTHORIZATION;
 
+use crate::config::secrets::{self, Secret};
 use crate::config::{ConfigError, ConsumerConfig, WebhookConfig};
 use crate::policy::{Attempt, retry_after_header};
-use crate::secrets::{self, Secret};
 use crate::signing::{self, Signer};
 
 /// Header carrying the Cloudflare message id (stable across redeliveries).

@@ -10,6 +10,7 @@ pub mod cloudflare;
 pub mod concurrency;
 pub mod config;
 pub mod consumer;
+pub mod ctx;
 pub mod delivery;
 pub mod demo;
 pub mod emulator;
@@ -21,7 +22,7 @@ pub mod online;
 pub mod policy;
 pub mod poller;
 pub mod receiver;
-pub mod secrets;
+pub mod retry;
 pub mod signing;
 pub mod supervisor;
 pub mod worker;
@@ -37,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use config::Config;
+pub use config::secrets;
 pub use supervisor::{ReloadSummary, Reloader};
 
 use crate::metrics::Metrics;

@@ -12,25 +12,15 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::acker::retry_wait;
 use crate::cloudflare::{ApiError, Op, PulledMessage};
-use crate::consumer::Ctx;
+use crate::ctx::Ctx;
 use crate::delivery::Message;
 use crate::gate::Admit;
 use crate::logs::{Event, esc};
+use crate::retry::{api_backoff, retry_wait};
 
 /// Pull failures in a row after which the consumer reports not ready.
 const UNREADY_AFTER_FAILURES: u32 = 3;
-
-/// Backoff of failed API calls: 500 ms doubling to 30 s, jittered.
-pub fn api_backoff() -> impl Iterator<Item = Duration> + Send {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
 
 /// Backoff between pulls of an empty queue: 50 ms doubling, jittered, up to `max` (with the
 /// jitter, the wait at the cap lies between `max/2` and `max`).

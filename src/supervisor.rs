@@ -499,3 +499,13 @@ async fn supervise(
     }
     (label, generation)
 }
+
+/// Resolve every secret (API token, webhook credentials and signing secrets) the way `run`
+/// will, so `check-config` catches an unreadable file or an unset variable.
+pub fn check_secrets(config: &Config) -> Result<(), crate::config::ConfigError> {
+    config.resolve_token()?;
+    for (i, c) in config.consumers.iter().enumerate() {
+        crate::delivery::WebhookAuth::resolve(&c.webhook, &format!("consumers[{i}].webhook"))?;
+    }
+    Ok(())
+}

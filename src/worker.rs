@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
 use crate::acker::{AckItem, AckKind};
-use crate::consumer::Ctx;
+use crate::ctx::Ctx;
 use crate::delivery::{Message, decode_body};
 use crate::logs::{Event, esc};
 use crate::metrics::status_class;
