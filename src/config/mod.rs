@@ -84,7 +84,7 @@ fn check_syntax(text: &str) -> Result<(), ConfigError> {
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
     let column = before[line_start..].chars().count() + 1;
-    let message = crate::logs::one_line(e.message().trim());
+    let message = crate::ops::logs::one_line(e.message().trim());
     Err(ConfigError::Syntax {
         line,
         column,
@@ -387,7 +387,7 @@ pub struct ConsumerConfig {
     pub retry: RetryConfig,
     /// The circuit breaker that stops pulling while the webhook keeps failing.
     #[serde(default)]
-    pub breaker: crate::gate::BreakerConfig,
+    pub breaker: crate::pipeline::gate::BreakerConfig,
 }
 
 fn default_batch_size() -> u32 {

@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::consumer::Readiness;
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
+use crate::pipeline::consumer::Readiness;
 
 /// The consumers that currently run, as (label, readiness); a config reload replaces it.
 pub type ConsumerSet = Arc<RwLock<Vec<(String, Arc<Readiness>)>>>;
@@ -67,7 +67,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
     let mut tasks = JoinSet::new();
     let mut next_id = 0u64;
     let mut refused = 0u64;
-    let logs = crate::logs::LogLimiter::new("admin");
+    let logs = crate::ops::logs::LogLimiter::new("admin");
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -78,7 +78,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors (EMFILE) and the like: wait a little rather than spin.
-                if logs.allow(crate::logs::Event::AcceptFailed) {
+                if logs.allow(crate::ops::logs::Event::AcceptFailed) {
                     tracing::warn!(error = %e, "admin server: accept failed");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -16,12 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::Config;
-use crate::admin::ConsumerSet;
 use crate::cloudflare::QueueClient;
 use crate::config::ConsumerConfig;
-use crate::consumer::{Consumer, Readiness};
-use crate::delivery::Webhook;
-use crate::metrics::Metrics;
+use crate::ops::admin::ConsumerSet;
+use crate::ops::metrics::Metrics;
+use crate::pipeline::consumer::{Consumer, Readiness};
+use crate::webhook::delivery::Webhook;
 
 /// What a reload did, by consumer label (each list in config order).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -505,7 +505,10 @@ async fn supervise(
 pub fn check_secrets(config: &Config) -> Result<(), crate::config::ConfigError> {
     config.resolve_token()?;
     for (i, c) in config.consumers.iter().enumerate() {
-        crate::delivery::WebhookAuth::resolve(&c.webhook, &format!("consumers[{i}].webhook"))?;
+        crate::webhook::delivery::WebhookAuth::resolve(
+            &c.webhook,
+            &format!("consumers[{i}].webhook"),
+        )?;
     }
     Ok(())
 }

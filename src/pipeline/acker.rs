@@ -11,10 +11,10 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::cloudflare::retry::{api_backoff, retry_wait};
 use crate::cloudflare::{AckEntry, ApiError, Op, QueueClient, RetryEntry, short_lease};
-use crate::logs::{Event, esc};
-use crate::metrics::ConsumerMetrics;
-use crate::retry::{api_backoff, retry_wait};
+use crate::ops::logs::{Event, esc};
+use crate::ops::metrics::ConsumerMetrics;
 
 /// Items per ack call.
 pub const MAX_ITEMS_PER_CALL: usize = 100;
@@ -59,7 +59,7 @@ pub struct Acker {
     /// Ack calls in flight at once ([`calls_in_flight`]).
     pub calls_in_flight: usize,
     /// Rate limit of repeated failure lines.
-    pub logs: crate::logs::LogLimiter,
+    pub logs: crate::ops::logs::LogLimiter,
 }
 
 impl Acker {

@@ -8,16 +8,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::acker::{AckItem, Acker};
 use crate::cloudflare::QueueClient;
-use crate::concurrency::{Limiter, Mode};
 use crate::config::{ConcurrencyMode, ConsumerConfig};
-use crate::delivery::Webhook;
-use crate::metrics::ConsumerMetrics;
-use crate::policy::Policy;
+use crate::ops::metrics::ConsumerMetrics;
+use crate::pipeline::acker::{AckItem, Acker};
+use crate::pipeline::concurrency::{Limiter, Mode};
+use crate::pipeline::policy::Policy;
+use crate::webhook::delivery::Webhook;
 
 pub use crate::config::lease_margin;
-pub use crate::ctx::{Ctx, Readiness};
+pub use crate::pipeline::ctx::{Ctx, Readiness};
 
 /// A configured consumer, ready to run.
 pub struct Consumer {
@@ -40,7 +40,8 @@ impl Consumer {
         let label = config.label().to_owned();
         // Room for every in-flight outcome plus a few batches: workers rarely wait on it, but
         // when the ack API is slow they do, and that is the backpressure we want.
-        let (tx, rx) = mpsc::channel(config.concurrency + 4 * crate::acker::MAX_ITEMS_PER_CALL);
+        let (tx, rx) =
+            mpsc::channel(config.concurrency + 4 * crate::pipeline::acker::MAX_ITEMS_PER_CALL);
         let margin = lease_margin(config.visibility_timeout);
         let acker = Acker {
             queue: label.clone(),
@@ -48,15 +49,15 @@ impl Consumer {
             metrics: metrics.clone(),
             lease_margin: margin,
             hard_stop: hard_stop.clone(),
-            calls_in_flight: crate::acker::calls_in_flight(config.max_pulls_in_flight),
-            logs: crate::logs::LogLimiter::new(label.clone()),
+            calls_in_flight: crate::pipeline::acker::calls_in_flight(config.max_pulls_in_flight),
+            logs: crate::ops::logs::LogLimiter::new(label.clone()),
         };
-        let gate = crate::gate::Gate::new(
+        let gate = crate::pipeline::gate::Gate::new(
             config.breaker.clone(),
             config.webhook.max_requests_per_second,
         );
         let ctx = Arc::new(Ctx {
-            logs: crate::logs::LogLimiter::new(label.clone()),
+            logs: crate::ops::logs::LogLimiter::new(label.clone()),
             label,
             policy: Policy::from_config(&config),
             limiter: Limiter::new(
@@ -95,7 +96,7 @@ impl Consumer {
             batch_size = ctx.config.batch_size, concurrency = ctx.config.concurrency,
             visibility = %crate::config::fmt_duration(ctx.config.visibility_timeout),
             "consumer started");
-        crate::poller::run(ctx.clone()).await;
+        crate::pipeline::poller::run(ctx.clone()).await;
         ctx.workers.close();
         ctx.workers.wait().await;
         let label = ctx.label.clone();

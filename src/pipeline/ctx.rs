@@ -9,13 +9,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::acker::AckItem;
 use crate::cloudflare::QueueClient;
-use crate::concurrency::Limiter;
 use crate::config::ConsumerConfig;
-use crate::delivery::Webhook;
-use crate::metrics::ConsumerMetrics;
-use crate::policy::Policy;
+use crate::ops::metrics::ConsumerMetrics;
+use crate::pipeline::acker::AckItem;
+use crate::pipeline::concurrency::Limiter;
+use crate::pipeline::policy::Policy;
+use crate::webhook::delivery::Webhook;
 
 /// Readiness of one consumer: true after a successful pull, false again after several
 /// failures in a row.
@@ -53,7 +53,7 @@ pub struct Ctx {
     /// A delivery starts only if `webhook.timeout + lease_margin` fit before the lease ends.
     pub lease_margin: Duration,
     /// Breaker, receiver-requested pause and rate limit.
-    pub gate: crate::gate::Gate,
+    pub gate: crate::pipeline::gate::Gate,
     /// Rate limit of repeated log lines (the metrics count every event).
-    pub logs: crate::logs::LogLimiter,
+    pub logs: crate::ops::logs::LogLimiter,
 }

@@ -8,12 +8,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
-use crate::acker::{AckItem, AckKind};
-use crate::ctx::Ctx;
-use crate::delivery::{Message, decode_body};
-use crate::logs::{Event, esc};
-use crate::metrics::status_class;
-use crate::policy::{Attempt, Decision, delay_seconds, jitter};
+use crate::ops::logs::{Event, esc};
+use crate::ops::metrics::status_class;
+use crate::pipeline::acker::{AckItem, AckKind};
+use crate::pipeline::ctx::Ctx;
+use crate::pipeline::policy::{Attempt, Decision, delay_seconds, jitter};
+use crate::webhook::delivery::{Message, decode_body};
 
 /// Deliver one message; `slot` is its place in the pool and is released when this ends.
 pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit) {
@@ -58,12 +58,12 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     let body = std::mem::take(&mut msg.body);
     let mut took: Option<std::time::Duration> = None;
     // Refused before any request: an id that cannot be a header, an undecodable or oversized
-    // body (crate::guard).
-    let checked = match crate::guard::check_id(&msg.id) {
+    // body (crate::webhook::guard).
+    let checked = match crate::webhook::guard::check_id(&msg.id) {
         Err(r) => Err((r.to_string(), r.outcome())),
         Ok(()) => match decode_body(msg.content_type.as_deref(), body) {
             Err(e) => Err((e.to_string(), "undecodable")),
-            Ok(p) => match crate::guard::check_body(p.bytes.len()) {
+            Ok(p) => match crate::webhook::guard::check_body(p.bytes.len()) {
                 Err(r) => Err((r.to_string(), r.outcome())),
                 Ok(()) => Ok(p),
             },
@@ -162,7 +162,7 @@ pub fn slow_down(ctx: &Ctx, attempt: &Attempt) {
         status: 429 | 503,
         retry_after: Some(after),
     } = *attempt
-        && (ctx.limiter.limit() <= crate::concurrency::MIN_LIMIT
+        && (ctx.limiter.limit() <= crate::pipeline::concurrency::MIN_LIMIT
             || ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed)
     {
         let pause = after.min(ctx.policy.max_delay);
@@ -171,8 +171,8 @@ pub fn slow_down(ctx: &Ctx, attempt: &Attempt) {
     }
 }
 
-fn control_outcome(attempt: &Attempt) -> crate::concurrency::Outcome {
-    use crate::concurrency::Outcome;
+fn control_outcome(attempt: &Attempt) -> crate::pipeline::concurrency::Outcome {
+    use crate::pipeline::concurrency::Outcome;
     match attempt {
         Attempt::Status {
             status: 408 | 429 | 503,
@@ -198,8 +198,8 @@ pub fn observe_age(ctx: &Ctx, timestamp_ms: Option<u64>) {
 }
 
 /// Log and export a change of the circuit breaker's state.
-pub fn breaker_changed(ctx: &Ctx, t: crate::gate::Transition) {
-    use crate::gate::BreakerState;
+pub fn breaker_changed(ctx: &Ctx, t: crate::pipeline::gate::Transition) {
+    use crate::pipeline::gate::BreakerState;
     ctx.metrics.breaker_state.set(t.to as i64);
     match t.to {
         BreakerState::Open => warn!(queue = %ctx.label, from = ?t.from,
