@@ -9,11 +9,12 @@
 //!
 //! | layer | folder | what it holds |
 //! |---|---|---|
+//! | 0 | [`logs`] | log hygiene: one-line escaping and the per-consumer log limiter |
 //! | 1 | [`config`] | the configuration: serde structs, defaults, validation, secrets (pure data) |
 //! | 2 | [`cloudflare`] | the Queues HTTP pull API client, its retry schedules, the online check |
 //! | 2 | [`webhook`] | the webhook client: guard, delivery, signing |
 //! | 3 | [`pipeline`] | one consumer: poller, worker, batch, policy, gate, concurrency, acker |
-//! | 4 | [`ops`] | the supervisor, the admin server, metrics and log hygiene |
+//! | 4 | [`ops`] | the supervisor, the admin server and the metrics |
 //! | tools | [`emulator`], [`receiver`], [`demo`] | the local Cloudflare API, the webhook sink and the demo (never used by the pipeline) |
 //!
 //! The binary (`src/main.rs`) parses arguments and wires these together.
@@ -38,6 +39,7 @@ pub mod cloudflare;
 pub mod config;
 pub mod demo;
 pub mod emulator;
+pub mod logs;
 pub mod ops;
 pub mod pipeline;
 pub mod receiver;
@@ -47,7 +49,7 @@ pub mod webhook;
 // deliberately: each names a module of the layer folders above.
 pub use cloudflare::{online, retry};
 pub use config::secrets;
-pub use ops::{admin, logs, metrics, supervisor};
+pub use ops::{admin, metrics, supervisor};
 pub use pipeline::{acker, batch, concurrency, consumer, ctx, gate, policy, poller, worker};
 pub use webhook::{delivery, guard, signing};
 

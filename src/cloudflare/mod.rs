@@ -282,7 +282,7 @@ fn fmt_excerpt(excerpt: &str) -> String {
 
 /// `s` with its control characters (newlines included) escaped, for a single log line.
 pub fn one_line(s: &str) -> String {
-    crate::ops::logs::one_line(s)
+    crate::logs::one_line(s)
 }
 
 /// A printable excerpt of an answer body, cut at a char boundary.

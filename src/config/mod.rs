@@ -84,7 +84,7 @@ fn check_syntax(text: &str) -> Result<(), ConfigError> {
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
     let column = before[line_start..].chars().count() + 1;
-    let message = crate::ops::logs::one_line(e.message().trim());
+    let message = crate::logs::one_line(e.message().trim());
     Err(ConfigError::Syntax {
         line,
         column,

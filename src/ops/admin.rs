@@ -67,7 +67,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
     let mut tasks = JoinSet::new();
     let mut next_id = 0u64;
     let mut refused = 0u64;
-    let logs = crate::ops::logs::LogLimiter::new("admin");
+    let logs = crate::logs::LogLimiter::new("admin");
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -78,7 +78,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors (EMFILE) and the like: wait a little rather than spin.
-                if logs.allow(crate::ops::logs::Event::AcceptFailed) {
+                if logs.allow(crate::logs::Event::AcceptFailed) {
                     tracing::warn!(error = %e, "admin server: accept failed");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

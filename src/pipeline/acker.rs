@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::cloudflare::retry::{api_backoff, retry_wait};
 use crate::cloudflare::{AckEntry, ApiError, Op, QueueClient, RetryEntry, short_lease};
-use crate::ops::logs::{Event, esc};
+use crate::logs::{Event, esc};
 use crate::ops::metrics::ConsumerMetrics;
 
 /// Items per ack call.
@@ -59,7 +59,7 @@ pub struct Acker {
     /// Ack calls in flight at once ([`calls_in_flight`]).
     pub calls_in_flight: usize,
     /// Rate limit of repeated failure lines.
-    pub logs: crate::ops::logs::LogLimiter,
+    pub logs: crate::logs::LogLimiter,
 }
 
 impl Acker {

@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, warn};
 
-use crate::ops::logs::{Event, esc};
+use crate::logs::{Event, esc};
 use crate::ops::metrics::status_class;
 use crate::pipeline::acker::AckKind;
 use crate::pipeline::ctx::Ctx;

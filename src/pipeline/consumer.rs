@@ -50,14 +50,14 @@ impl Consumer {
             lease_margin: margin,
             hard_stop: hard_stop.clone(),
             calls_in_flight: crate::pipeline::acker::calls_in_flight(config.max_pulls_in_flight),
-            logs: crate::ops::logs::LogLimiter::new(label.clone()),
+            logs: crate::logs::LogLimiter::new(label.clone()),
         };
         let gate = crate::pipeline::gate::Gate::new(
             config.breaker.clone(),
             config.webhook.max_requests_per_second,
         );
         let ctx = Arc::new(Ctx {
-            logs: crate::ops::logs::LogLimiter::new(label.clone()),
+            logs: crate::logs::LogLimiter::new(label.clone()),
             label,
             policy: Policy::from_config(&config),
             limiter: Limiter::new(

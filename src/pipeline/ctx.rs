@@ -55,5 +55,5 @@ pub struct Ctx {
     /// Breaker, receiver-requested pause and rate limit.
     pub gate: crate::pipeline::gate::Gate,
     /// Rate limit of repeated log lines (the metrics count every event).
-    pub logs: crate::ops::logs::LogLimiter,
+    pub logs: crate::logs::LogLimiter,
 }

@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::cloudflare::retry::{api_backoff, retry_wait};
 use crate::cloudflare::{ApiError, Op, PulledMessage};
-use crate::ops::logs::{Event, esc};
+use crate::logs::{Event, esc};
 use crate::pipeline::ctx::Ctx;
 use crate::pipeline::gate::Admit;
 use crate::webhook::delivery::Message;

@@ -8,7 +8,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
-use crate::ops::logs::{Event, esc};
+use crate::logs::{Event, esc};
 use crate::ops::metrics::status_class;
 use crate::pipeline::acker::{AckItem, AckKind};
 use crate::pipeline::ctx::Ctx;

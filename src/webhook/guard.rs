@@ -8,7 +8,7 @@
 use reqwest::header::HeaderValue;
 
 use crate::cloudflare::MAX_MESSAGE_BYTES;
-use crate::ops::logs::Event;
+use crate::logs::Event;
 
 /// Why a message is refused before delivery.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
