@@ -1857,7 +1857,7 @@ url = "http://127.0.0.1:8080/hook"
             "trace",
             "warn,cfq_relay=debug",
             "info,reqwest=warn,hyper=error",
-            "cfq_relay::poller=trace",
+            "cfq_relay::pipeline::poller=trace",
         ] {
             check_log_filter("log.level", good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
         }
