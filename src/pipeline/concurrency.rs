@@ -205,13 +205,19 @@ impl Controller {
     }
 }
 
-/// The controller applied to a semaphore: one permit per slot, and the number of permits
-/// follows the limit. A shrinking limit never takes a slot from a request (or a held message):
+/// The controller applied to a semaphore of message slots. The controller counts requests; a
+/// request carries up to `per_request` messages (1 for single deliveries, `max_messages` in
+/// batch mode), so the pool holds `limit × per_request` slots, never more than the configured
+/// `concurrency`. A shrinking limit never takes a slot from a request (or a held message):
 /// permits in use are forgotten as they come back.
 #[derive(Debug)]
 pub struct Limiter {
     slots: Arc<Semaphore>,
     changed: Notify,
+    /// Messages one request carries at most.
+    per_request: usize,
+    /// The configured bound on messages held.
+    max_slots: usize,
     inner: Mutex<LimiterState>,
 }
 
@@ -224,16 +230,32 @@ struct LimiterState {
 }
 
 impl Limiter {
-    pub fn new(mode: Mode, max: usize) -> Self {
-        let controller = Controller::new(mode, max, Instant::now());
-        Self {
-            slots: Arc::new(Semaphore::new(controller.limit())),
+    /// `max_slots` messages held at most; each request carries up to `per_request` of them.
+    pub fn new(mode: Mode, max_slots: usize, per_request: usize) -> Self {
+        let per_request = per_request.max(1);
+        let max_slots = max_slots.max(1);
+        let controller = Controller::new(mode, max_slots.div_ceil(per_request), Instant::now());
+        let limiter = Self {
+            slots: Arc::new(Semaphore::new(0)),
             changed: Notify::new(),
+            per_request,
+            max_slots,
             inner: Mutex::new(LimiterState {
                 controller,
                 debt: 0,
             }),
-        }
+        };
+        limiter
+            .slots
+            .add_permits(limiter.pool(limiter.request_limit()));
+        limiter
+    }
+
+    /// Message slots for a limit of `requests`.
+    fn pool(&self, requests: usize) -> usize {
+        requests
+            .saturating_mul(self.per_request)
+            .min(self.max_slots)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LimiterState> {
@@ -245,7 +267,13 @@ impl Limiter {
         &self.slots
     }
 
+    /// Message slots the limit allows now (= the request limit for single deliveries).
     pub fn limit(&self) -> usize {
+        self.pool(self.request_limit())
+    }
+
+    /// Requests the controller allows in flight now.
+    pub fn request_limit(&self) -> usize {
         self.lock().controller.limit()
     }
 
@@ -253,13 +281,14 @@ impl Limiter {
         self.lock().controller.baseline()
     }
 
-    /// A request ended: feed the controller and resize the pool. Returns the new limit.
+    /// A request ended: feed the controller and resize the pool. Returns the new request limit.
     pub fn sample(&self, rtt: Duration, outcome: Outcome) -> usize {
         let mut g = self.lock();
-        let before = g.controller.limit();
+        let before = self.pool(g.controller.limit());
         let in_use = (before + g.debt).saturating_sub(self.slots.available_permits());
-        g.controller.in_use(in_use);
-        let after = g.controller.sample(Instant::now(), rtt, outcome);
+        g.controller.in_use(in_use.div_ceil(self.per_request));
+        let requests = g.controller.sample(Instant::now(), rtt, outcome);
+        let after = self.pool(requests);
         if after > before {
             let grow = after - before;
             let repaid = grow.min(g.debt);
@@ -273,7 +302,7 @@ impl Limiter {
         if after != before {
             self.changed.notify_waiters();
         }
-        after
+        requests
     }
 
     /// Completes at the next change of the limit (for a waiter sized on the old one).
@@ -431,7 +460,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_pool_follows_the_limit_without_taking_slots_in_use() {
-        let l = Limiter::new(Mode::Adaptive, 100);
+        let l = Limiter::new(Mode::Adaptive, 100, 1);
         assert_eq!(l.slots().available_permits(), INITIAL_LIMIT);
         assert_eq!(INITIAL_LIMIT, 64);
         let held = l.slots().clone().try_acquire_many_owned(64).unwrap();
@@ -451,5 +480,21 @@ mod tests {
         assert_eq!(l.slots().available_permits(), grown - 48);
         drop(held);
         assert_eq!(l.slots().available_permits(), grown);
+    }
+
+    #[tokio::test]
+    async fn batch_requests_count_once_and_hold_their_messages() {
+        // 1,000 messages held at most, 50 a request: the controller counts 20 requests.
+        let l = Limiter::new(Mode::Adaptive, 1000, 50);
+        assert_eq!((l.request_limit(), l.limit()), (20, 1000));
+        assert_eq!(l.slots().available_permits(), 1000);
+        // One overloaded request shrinks the limit by whole requests' worth of messages.
+        let requests = l.sample(Duration::from_millis(100), Outcome::Overloaded);
+        assert_eq!(requests, 15);
+        assert_eq!(l.limit(), 750);
+        assert_eq!(l.slots().available_permits(), 750);
+        // Fixed: always `concurrency` messages, whatever a request carries.
+        let f = Limiter::new(Mode::Fixed, 1000, 30);
+        assert_eq!((f.request_limit(), f.limit()), (34, 1000));
     }
 }

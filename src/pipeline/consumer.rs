@@ -66,6 +66,8 @@ impl Consumer {
                     ConcurrencyMode::Fixed => Mode::Fixed,
                 },
                 config.concurrency,
+                // In batch mode the limit counts requests of up to `max_messages` each.
+                config.webhook.batch.as_ref().map_or(1, |b| b.max_messages),
             ),
             config,
             client,
@@ -89,7 +91,7 @@ impl Consumer {
         let acker = tokio::spawn(acker.run(rx));
         ctx.metrics
             .concurrency_limit
-            .set(i64::try_from(ctx.limiter.limit()).unwrap_or(i64::MAX));
+            .set(i64::try_from(ctx.limiter.request_limit()).unwrap_or(i64::MAX));
         // The one start-up line per consumer (the whole config is logged at DEBUG only).
         info!(queue = %ctx.label, queue_id = %ctx.config.queue_id,
             webhook = %crate::config::url_origin(&ctx.config.webhook.url),

@@ -162,7 +162,7 @@ pub fn slow_down(ctx: &Ctx, attempt: &Attempt) {
         status: 429 | 503,
         retry_after: Some(after),
     } = *attempt
-        && (ctx.limiter.limit() <= crate::pipeline::concurrency::MIN_LIMIT
+        && (ctx.limiter.request_limit() <= crate::pipeline::concurrency::MIN_LIMIT
             || ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed)
     {
         let pause = after.min(ctx.policy.max_delay);
