@@ -18,8 +18,8 @@ use base64::Engine;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::HEADER_MESSAGE_ID;
 use crate::emulator::{ContentType, Emulator, EmulatorOptions};
+use crate::webhook::delivery::HEADER_MESSAGE_ID;
 
 /// Options of the demo.
 #[derive(Debug, Clone)]
@@ -70,12 +70,12 @@ struct Receiver {
 
 async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
     r.requests.fetch_add(1, Ordering::Relaxed);
-    if headers.contains_key(crate::batch::HEADER_BATCH_SIZE) {
+    if headers.contains_key(crate::pipeline::batch::HEADER_BATCH_SIZE) {
         return receive_batch(&r, &body);
     }
     let n = r.messages.fetch_add(1, Ordering::Relaxed) + 1;
     let attempt = headers
-        .get(crate::delivery::HEADER_ATTEMPT)
+        .get(crate::webhook::delivery::HEADER_ATTEMPT)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u32>().ok())
         .unwrap_or(1);

@@ -1,30 +1,57 @@
 //! cfq-relay: consume Cloudflare Queues over the HTTP pull API and deliver every message to a
 //! webhook. [`start`] / [`run`] take a validated [`Config`] and a shutdown token, so the binary
 //! and the tests drive the same code.
+//!
+//! # Layout
+//!
+//! The folders are the layers; each points only down (`python3 .ci/module_graph.py src` checks
+//! that the module graph has no cycle, and CI runs it):
+//!
+//! | layer | folder | what it holds |
+//! |---|---|---|
+//! | 0 | [`logs`] | log hygiene: one-line escaping and the per-consumer log limiter |
+//! | 1 | [`config`] | the configuration: serde structs, defaults, validation, secrets (pure data) |
+//! | 2 | [`cloudflare`] | the Queues HTTP pull API client, its retry schedules, the online check |
+//! | 2 | [`webhook`] | the webhook client: guard, delivery, signing |
+//! | 3 | [`pipeline`] | one consumer: poller, worker, batch, policy, gate, concurrency, acker |
+//! | 4 | [`ops`] | the supervisor, the admin server and the metrics |
+//! | tools | [`emulator`], [`receiver`], [`demo`] | the local Cloudflare API, the webhook sink and the demo (never used by the pipeline) |
+//!
+//! The binary (`src/main.rs`) parses arguments and wires these together.
+//!
+//! # Data flow of one consumer
+//!
+//! ```text
+//!   Cloudflare Queue ──pull──▶ poller ──(slot from the limiter, gate admits)──▶ worker / batch
+//!         ▲                                                                     │  POST
+//!         │                                                                     ▼
+//!         └──── ack / retry (≤ 100 per call) ◀── acker ◀── verdict ◀── policy ◀── webhook
+//! ```
+//!
+//! The poller pulls only as many messages as there are free delivery slots; a worker checks the
+//! lease still leaves time, sends through [`webhook::delivery`], lets [`pipeline::policy`]
+//! decide (ack, drop, or retry after a delay) and hands the verdict to the [`pipeline::acker`],
+//! which coalesces them into API calls before any lease runs out. The [`ops::supervisor`] runs
+//! one such pipeline per `[[consumers]]` entry and the [`ops::admin`] server reports on them.
 #![forbid(unsafe_code)]
 
-pub mod acker;
-pub mod admin;
-pub mod batch;
 pub mod cloudflare;
-pub mod concurrency;
 pub mod config;
-pub mod consumer;
-pub mod delivery;
 pub mod demo;
 pub mod emulator;
-pub mod gate;
-pub mod guard;
 pub mod logs;
-pub mod metrics;
-pub mod online;
-pub mod policy;
-pub mod poller;
+pub mod ops;
+pub mod pipeline;
 pub mod receiver;
-pub mod secrets;
-pub mod signing;
-pub mod supervisor;
-pub mod worker;
+pub mod webhook;
+
+// The flat paths the binary, the tests and the bench use (`cfq_relay::delivery`, …), kept
+// deliberately: each names a module of the layer folders above.
+pub use cloudflare::{online, retry};
+pub use config::secrets;
+pub use ops::{admin, metrics, supervisor};
+pub use pipeline::{acker, batch, concurrency, consumer, ctx, gate, policy, poller, worker};
+pub use webhook::{delivery, guard, signing};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,8 +66,8 @@ use tracing::info;
 pub use config::Config;
 pub use supervisor::{ReloadSummary, Reloader};
 
-use crate::metrics::Metrics;
-use crate::supervisor::Supervisor;
+use crate::ops::metrics::Metrics;
+use crate::ops::supervisor::Supervisor;
 
 /// A started relay.
 pub struct Running {

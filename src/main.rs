@@ -371,7 +371,7 @@ fn check_online(config: &Config) -> ExitCode {
 /// `RUST_LOG` (which replaces `log.level`, so a typo in it would silence the daemon as well).
 fn load_checked(path: &Path) -> Result<Config, ConfigError> {
     let config = Config::load(path)?;
-    config.check_secrets()?;
+    cfq_relay::supervisor::check_secrets(&config)?;
     if let Some(filter) = rust_log() {
         check_log_filter(EnvFilter::DEFAULT_ENV, &filter)?;
     }
@@ -537,8 +537,7 @@ async fn reload_on_hangup(
 
 async fn reload(path: &Path, reloader: &Reloader) -> anyhow::Result<cfq_relay::ReloadSummary> {
     let config = Config::load(path).map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
-    config
-        .check_secrets()
+    cfq_relay::supervisor::check_secrets(&config)
         .map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
     reloader.reload(config).await
 }

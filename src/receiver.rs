@@ -127,7 +127,7 @@ async fn receive(
     }
     app.counters.requests.fetch_add(1, Ordering::Relaxed);
     let batch = headers
-        .contains_key(crate::batch::HEADER_BATCH_SIZE)
+        .contains_key(crate::pipeline::batch::HEADER_BATCH_SIZE)
         .then(|| batch_len(&body))
         .flatten();
     app.counters
@@ -149,14 +149,14 @@ async fn receive(
             Some(n) => println!(
                 "{method} {} batch={} messages={n} {} bytes: {excerpt}",
                 uri.path(),
-                header(crate::batch::HEADER_BATCH_ID),
+                header(crate::pipeline::batch::HEADER_BATCH_ID),
                 body.len(),
             ),
             None => println!(
                 "{method} {} id={} attempt={} type={} {} bytes: {excerpt}",
                 uri.path(),
-                header(crate::delivery::HEADER_MESSAGE_ID),
-                header(crate::delivery::HEADER_ATTEMPT),
+                header(crate::webhook::delivery::HEADER_MESSAGE_ID),
+                header(crate::webhook::delivery::HEADER_ATTEMPT),
                 header("content-type"),
                 body.len(),
             ),
@@ -231,15 +231,15 @@ mod tests {
         let batch = r#"{"messages":[{"id":"a"},{"id":"b"},{"id":"c"}]}"#;
         let r = http
             .post(format!("http://{addr}/hook"))
-            .header(crate::batch::HEADER_BATCH_SIZE, "3")
+            .header(crate::pipeline::batch::HEADER_BATCH_SIZE, "3")
             .body(batch)
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(
-            crate::batch::parse_answer(&r.bytes().await.unwrap(), true),
-            crate::batch::Answer::Failed(vec![])
+            crate::pipeline::batch::parse_answer(&r.bytes().await.unwrap(), true),
+            crate::pipeline::batch::Answer::Failed(vec![])
         );
         let stats = fetch_stats(&http, addr).await;
         assert_eq!(

@@ -887,7 +887,7 @@ async fn json_logs_are_one_object_per_line_with_fields() {
     assert_eq!(failures.len(), 1, "{lines:#?}");
     let f = failures[0];
     assert_eq!(f["level"], "WARN");
-    assert_eq!(f["target"], "cfq_relay::worker");
+    assert_eq!(f["target"], "cfq_relay::pipeline::worker");
     assert_eq!(f["queue"], "q1");
     assert_eq!(f["id"], failed_id.as_str());
     assert_eq!(f["attempt"], 1);
@@ -936,7 +936,7 @@ async fn text_logs_are_the_default_and_rust_log_wins() {
             "no colour codes off a terminal: {line:?}"
         );
     }
-    assert!(delivered.contains("DEBUG") && delivered.contains("cfq_relay::worker"));
+    assert!(delivered.contains("DEBUG") && delivered.contains("cfq_relay::pipeline::worker"));
     for field in [
         "queue=q1",
         &format!("id={id}"),

@@ -20,9 +20,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use cfq_relay::Config;
-use cfq_relay::acker::retry_wait;
 use cfq_relay::cloudflare::ApiError;
 use cfq_relay::emulator::{Emulator, EmulatorOptions, Fault, Op};
+use cfq_relay::retry::retry_wait;
 use common::{Answer, Receiver, config, emulator, wait_until};
 use reliability_kit::{EndState, Tally, metric, publish};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -819,7 +819,7 @@ async fn auth_failure_is_retried_slowly_not_in_a_loop() {
 
 #[test]
 fn api_retry_waits_honour_retry_after_floor_auth_and_cap() {
-    let mut backoff = cfq_relay::poller::api_backoff();
+    let mut backoff = cfq_relay::retry::api_backoff();
     let rate = ApiError::RateLimited {
         retry_after: Some(Duration::from_secs(7)),
     };
@@ -831,7 +831,7 @@ fn api_retry_waits_honour_retry_after_floor_auth_and_cap() {
     for _ in 0..5 {
         assert!(retry_wait(&auth, &mut backoff) >= Duration::from_secs(30));
     }
-    let mut backoff = cfq_relay::poller::api_backoff();
+    let mut backoff = cfq_relay::retry::api_backoff();
     let waits: Vec<Duration> = (0..60)
         .map(|_| retry_wait(&ApiError::Timeout, &mut backoff))
         .collect();

@@ -11,7 +11,9 @@ use reqwest::header::{HeaderName, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::secrets::Secret;
+pub mod secrets;
+
+use secrets::Secret;
 
 /// Prefix of environment variables that override configuration keys, e.g.
 /// `CFQ_RELAY__CLOUDFLARE__ACCOUNT_ID` or `CFQ_RELAY__LOG__LEVEL`.
@@ -385,7 +387,7 @@ pub struct ConsumerConfig {
     pub retry: RetryConfig,
     /// The circuit breaker that stops pulling while the webhook keeps failing.
     #[serde(default)]
-    pub breaker: crate::gate::BreakerConfig,
+    pub breaker: crate::pipeline::gate::BreakerConfig,
 }
 
 fn default_batch_size() -> u32 {
@@ -565,7 +567,7 @@ fn default_webhook_timeout() -> Duration {
 /// The webhook timeout when none is configured: 10 s, or what the lease leaves after the pull
 /// and ack margins when that is less (so `visibility_timeout = "5s"` alone is valid).
 pub fn webhook_timeout_default(visibility_timeout: Duration) -> Duration {
-    let margin = crate::consumer::lease_margin(visibility_timeout);
+    let margin = lease_margin(visibility_timeout);
     default_webhook_timeout()
         .min(visibility_timeout.saturating_sub(margin * 2))
         .max(Duration::from_millis(100))
@@ -897,7 +899,7 @@ impl Config {
             // A delivery starts only if the timeout plus the ack margin fit in what is left of
             // the lease after the pull; with no room, every message would be handed back
             // undelivered until the queue dead-letters it.
-            let margin = crate::consumer::lease_margin(c.visibility_timeout);
+            let margin = lease_margin(c.visibility_timeout);
             let room = c.visibility_timeout.saturating_sub(margin * 2);
             if w.timeout > room {
                 return Err(invalid(
@@ -1000,7 +1002,7 @@ impl Config {
                 ));
             }
             for (i, secret) in w.signing_secrets.iter().enumerate() {
-                if let Err(e) = crate::signing::decode_secret(secret.expose()) {
+                if let Err(e) = secrets::decode_secret(secret.expose()) {
                     return Err(invalid(
                         format!("{}[{i}]", key("webhook.signing_secrets")),
                         e,
@@ -1055,16 +1057,6 @@ impl Config {
                     ),
                 )
             })?;
-        }
-        Ok(())
-    }
-
-    /// Resolve every secret (API token, webhook credentials and signing secrets) the way `run`
-    /// will, so `check-config` catches an unreadable file or an unset variable.
-    pub fn check_secrets(&self) -> Result<(), ConfigError> {
-        self.resolve_token()?;
-        for (i, c) in self.consumers.iter().enumerate() {
-            crate::delivery::WebhookAuth::resolve(&c.webhook, &format!("consumers[{i}].webhook"))?;
         }
         Ok(())
     }
@@ -1294,6 +1286,11 @@ fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
         // The URL parser's message names the problem, never the URL.
         Err(e) => Err(invalid(key, format!("is not a valid URL: {e}"))),
     }
+}
+
+/// The time kept free before a lease's end for the ack to reach Cloudflare.
+pub fn lease_margin(visibility_timeout: Duration) -> Duration {
+    (visibility_timeout / 10).clamp(Duration::from_millis(200), Duration::from_secs(5))
 }
 
 /// `scheme://host[:port]` of a URL: enough to recognise a webhook in a log line, nothing of its
@@ -1860,7 +1857,7 @@ url = "http://127.0.0.1:8080/hook"
             "trace",
             "warn,cfq_relay=debug",
             "info,reqwest=warn,hyper=error",
-            "cfq_relay::poller=trace",
+            "cfq_relay::pipeline::poller=trace",
         ] {
             check_log_filter("log.level", good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
         }

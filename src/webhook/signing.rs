@@ -7,13 +7,12 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::secrets::Secret;
+use crate::config::secrets::Secret;
+pub use crate::config::secrets::decode_secret;
 
 pub const HEADER_ID: &str = "webhook-id";
 pub const HEADER_TIMESTAMP: &str = "webhook-timestamp";
 pub const HEADER_SIGNATURE: &str = "webhook-signature";
-
-const PREFIX: &str = "whsec_";
 
 /// Signs request bodies with one or more keys.
 #[derive(Clone)]
@@ -25,19 +24,6 @@ impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Signer({} key(s), [REDACTED])", self.keys.len())
     }
-}
-
-/// Decode one `whsec_<base64>` secret (the prefix is optional, padding too) into key bytes.
-pub fn decode_secret(secret: &str) -> Result<Vec<u8>, &'static str> {
-    let b64 = secret.trim().strip_prefix(PREFIX).unwrap_or(secret.trim());
-    let b64 = b64.trim_end_matches('=');
-    let key = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(b64)
-        .map_err(|_| "must be `whsec_` followed by base64")?;
-    if key.len() < 16 {
-        return Err("must decode to at least 16 bytes (24 to 64 are usual)");
-    }
-    Ok(key)
 }
 
 impl Signer {

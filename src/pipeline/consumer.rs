@@ -2,67 +2,22 @@
 //! together and runs them until shutdown, then drains.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::acker::{AckItem, Acker};
 use crate::cloudflare::QueueClient;
-use crate::concurrency::{Limiter, Mode};
 use crate::config::{ConcurrencyMode, ConsumerConfig};
-use crate::delivery::Webhook;
-use crate::metrics::ConsumerMetrics;
-use crate::policy::Policy;
+use crate::ops::metrics::ConsumerMetrics;
+use crate::pipeline::acker::{AckItem, Acker};
+use crate::pipeline::concurrency::{Limiter, Mode};
+use crate::pipeline::policy::Policy;
+use crate::webhook::delivery::Webhook;
 
-/// Readiness of one consumer: true after a successful pull, false again after several
-/// failures in a row.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    pub ready: AtomicBool,
-}
-
-impl Readiness {
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-}
-
-/// What every task of one consumer shares.
-pub struct Ctx {
-    pub label: String,
-    pub config: ConsumerConfig,
-    pub client: QueueClient,
-    pub webhook: Webhook,
-    pub policy: Policy,
-    pub metrics: ConsumerMetrics,
-    pub readiness: Arc<Readiness>,
-    /// Sends outcomes to the acker.
-    pub acks: mpsc::Sender<AckItem>,
-    /// Bounds deliveries in flight plus messages held: one permit per message; the number of
-    /// permits follows the adaptive limit.
-    pub limiter: Limiter,
-    /// Deliveries in progress.
-    pub workers: TaskTracker,
-    /// Stop pulling (first signal).
-    pub shutdown: CancellationToken,
-    /// Grace over: abandon deliveries, hand their messages back.
-    pub hard_stop: CancellationToken,
-    /// A delivery starts only if `webhook.timeout + lease_margin` fit before the lease ends.
-    pub lease_margin: Duration,
-    /// Breaker, receiver-requested pause and rate limit.
-    pub gate: crate::gate::Gate,
-    /// Rate limit of repeated log lines (the metrics count every event).
-    pub logs: crate::logs::LogLimiter,
-}
-
-/// The time kept free before a lease's end for the ack to reach Cloudflare.
-pub fn lease_margin(visibility_timeout: Duration) -> Duration {
-    (visibility_timeout / 10).clamp(Duration::from_millis(200), Duration::from_secs(5))
-}
+pub use crate::config::lease_margin;
+pub use crate::pipeline::ctx::{Ctx, Readiness};
 
 /// A configured consumer, ready to run.
 pub struct Consumer {
@@ -85,7 +40,8 @@ impl Consumer {
         let label = config.label().to_owned();
         // Room for every in-flight outcome plus a few batches: workers rarely wait on it, but
         // when the ack API is slow they do, and that is the backpressure we want.
-        let (tx, rx) = mpsc::channel(config.concurrency + 4 * crate::acker::MAX_ITEMS_PER_CALL);
+        let (tx, rx) =
+            mpsc::channel(config.concurrency + 4 * crate::pipeline::acker::MAX_ITEMS_PER_CALL);
         let margin = lease_margin(config.visibility_timeout);
         let acker = Acker {
             queue: label.clone(),
@@ -93,10 +49,10 @@ impl Consumer {
             metrics: metrics.clone(),
             lease_margin: margin,
             hard_stop: hard_stop.clone(),
-            calls_in_flight: crate::acker::calls_in_flight(config.max_pulls_in_flight),
+            calls_in_flight: crate::pipeline::acker::calls_in_flight(config.max_pulls_in_flight),
             logs: crate::logs::LogLimiter::new(label.clone()),
         };
-        let gate = crate::gate::Gate::new(
+        let gate = crate::pipeline::gate::Gate::new(
             config.breaker.clone(),
             config.webhook.max_requests_per_second,
         );
@@ -142,7 +98,7 @@ impl Consumer {
             batch_size = ctx.config.batch_size, concurrency = ctx.config.concurrency,
             visibility = %crate::config::fmt_duration(ctx.config.visibility_timeout),
             "consumer started");
-        crate::poller::run(ctx.clone()).await;
+        crate::pipeline::poller::run(ctx.clone()).await;
         ctx.workers.close();
         ctx.workers.wait().await;
         let label = ctx.label.clone();

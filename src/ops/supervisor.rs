@@ -16,12 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::Config;
-use crate::admin::ConsumerSet;
 use crate::cloudflare::QueueClient;
 use crate::config::ConsumerConfig;
-use crate::consumer::{Consumer, Readiness};
-use crate::delivery::Webhook;
-use crate::metrics::Metrics;
+use crate::ops::admin::ConsumerSet;
+use crate::ops::metrics::Metrics;
+use crate::pipeline::consumer::{Consumer, Readiness};
+use crate::webhook::delivery::Webhook;
 
 /// What a reload did, by consumer label (each list in config order).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -498,4 +498,17 @@ async fn supervise(
         }
     }
     (label, generation)
+}
+
+/// Resolve every secret (API token, webhook credentials and signing secrets) the way `run`
+/// will, so `check-config` catches an unreadable file or an unset variable.
+pub fn check_secrets(config: &Config) -> Result<(), crate::config::ConfigError> {
+    config.resolve_token()?;
+    for (i, c) in config.consumers.iter().enumerate() {
+        crate::webhook::delivery::WebhookAuth::resolve(
+            &c.webhook,
+            &format!("consumers[{i}].webhook"),
+        )?;
+    }
+    Ok(())
 }

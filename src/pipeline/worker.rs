@@ -8,12 +8,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
-use crate::acker::{AckItem, AckKind};
-use crate::consumer::Ctx;
-use crate::delivery::{Message, decode_body};
 use crate::logs::{Event, esc};
-use crate::metrics::status_class;
-use crate::policy::{Attempt, Decision, delay_seconds, jitter};
+use crate::ops::metrics::status_class;
+use crate::pipeline::acker::{AckItem, AckKind};
+use crate::pipeline::ctx::Ctx;
+use crate::pipeline::policy::{Attempt, Decision, delay_seconds, jitter};
+use crate::webhook::delivery::{Message, decode_body};
 
 /// Deliver one message; `slot` is its place in the pool and is released when this ends.
 pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit) {
@@ -58,12 +58,12 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     let body = std::mem::take(&mut msg.body);
     let mut took: Option<std::time::Duration> = None;
     // Refused before any request: an id that cannot be a header, an undecodable or oversized
-    // body (crate::guard).
-    let checked = match crate::guard::check_id(&msg.id) {
+    // body (crate::webhook::guard).
+    let checked = match crate::webhook::guard::check_id(&msg.id) {
         Err(r) => Err((r.to_string(), r.outcome())),
         Ok(()) => match decode_body(msg.content_type.as_deref(), body) {
             Err(e) => Err((e.to_string(), "undecodable")),
-            Ok(p) => match crate::guard::check_body(p.bytes.len()) {
+            Ok(p) => match crate::webhook::guard::check_body(p.bytes.len()) {
                 Err(r) => Err((r.to_string(), r.outcome())),
                 Ok(()) => Ok(p),
             },
@@ -163,7 +163,7 @@ pub fn slow_down(ctx: &Ctx, attempt: &Attempt) {
         status: 429 | 503,
         retry_after: Some(after),
     } = *attempt
-        && (ctx.limiter.request_limit() <= crate::concurrency::MIN_LIMIT
+        && (ctx.limiter.request_limit() <= crate::pipeline::concurrency::MIN_LIMIT
             || ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed)
     {
         let pause = after.min(ctx.policy.max_delay);
@@ -183,11 +183,11 @@ pub fn judge(
     attempt: &Attempt,
     failed: bool,
     limit_before: Option<usize>,
-) -> Option<crate::gate::Transition> {
+) -> Option<crate::pipeline::gate::Transition> {
     let now = Instant::now();
     if failed
         && ctx.config.concurrency_mode != crate::config::ConcurrencyMode::Fixed
-        && control_outcome(attempt) == crate::concurrency::Outcome::Overloaded
+        && control_outcome(attempt) == crate::pipeline::concurrency::Outcome::Overloaded
     {
         let limit = ctx.limiter.request_limit();
         let quiet = ctx
@@ -197,7 +197,7 @@ pub fn judge(
         return ctx.gate.record_back_pressure(
             now,
             limit_before.unwrap_or(limit).max(limit),
-            limit <= crate::concurrency::MIN_LIMIT,
+            limit <= crate::pipeline::concurrency::MIN_LIMIT,
             quiet,
         );
     }
@@ -207,8 +207,8 @@ pub fn judge(
 /// With no delivery through for this long, back-pressure answers count against the breaker.
 const BACK_PRESSURE_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
-fn control_outcome(attempt: &Attempt) -> crate::concurrency::Outcome {
-    use crate::concurrency::Outcome;
+fn control_outcome(attempt: &Attempt) -> crate::pipeline::concurrency::Outcome {
+    use crate::pipeline::concurrency::Outcome;
     match attempt {
         Attempt::Status {
             status: 408 | 429 | 503,
@@ -234,8 +234,8 @@ pub fn observe_age(ctx: &Ctx, timestamp_ms: Option<u64>) {
 }
 
 /// Log and export a change of the circuit breaker's state.
-pub fn breaker_changed(ctx: &Ctx, t: crate::gate::Transition) {
-    use crate::gate::BreakerState;
+pub fn breaker_changed(ctx: &Ctx, t: crate::pipeline::gate::Transition) {
+    use crate::pipeline::gate::BreakerState;
     ctx.metrics.breaker_state.set(t.to as i64);
     match t.to {
         BreakerState::Open => warn!(queue = %ctx.label, from = ?t.from,

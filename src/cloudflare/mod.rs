@@ -2,6 +2,9 @@
 //! that turns every failure (status, 429, HTML page, `success: false`, transport) into an
 //! [`ApiError`] the callers can log, count and back off on.
 
+pub mod online;
+pub mod retry;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -10,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::retry_after_header;
+use crate::pipeline::policy::retry_after_header;
 
 /// Largest excerpt of an unexpected answer body kept for logs.
 const EXCERPT: usize = 200;

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use super::ConfigError;
+use base64::Engine;
 
 /// A secret string. `Debug` prints `[REDACTED]`; the value is reachable only via [`Secret::expose`].
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -78,6 +79,25 @@ pub fn resolve(
         Some(s) => Ok(Some(Secret::new(s.expose().trim()))),
         None => Ok(None),
     }
+}
+
+/// The optional prefix of a Standard Webhooks signing secret.
+const WHSEC_PREFIX: &str = "whsec_";
+
+/// Decode one `whsec_<base64>` secret (the prefix is optional, padding too) into key bytes.
+pub fn decode_secret(secret: &str) -> Result<Vec<u8>, &'static str> {
+    let b64 = secret
+        .trim()
+        .strip_prefix(WHSEC_PREFIX)
+        .unwrap_or(secret.trim());
+    let b64 = b64.trim_end_matches('=');
+    let key = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(b64)
+        .map_err(|_| "must be `whsec_` followed by base64")?;
+    if key.len() < 16 {
+        return Err("must decode to at least 16 bytes (24 to 64 are usual)");
+    }
+    Ok(key)
 }
 
 #[cfg(test)]

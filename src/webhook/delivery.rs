@@ -14,10 +14,10 @@ use anyhow::Context;
 use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
 use reqwest::header::AUTHORIZATION;
 
+use crate::config::secrets::{self, Secret};
 use crate::config::{ConfigError, ConsumerConfig, WebhookConfig};
-use crate::policy::{Attempt, retry_after_header};
-use crate::secrets::{self, Secret};
-use crate::signing::{self, Signer};
+use crate::pipeline::policy::{Attempt, retry_after_header};
+use crate::webhook::signing::{self, Signer};
 
 /// Header carrying the Cloudflare message id (stable across redeliveries).
 pub const HEADER_MESSAGE_ID: &str = "cfq-message-id";

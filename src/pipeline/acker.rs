@@ -11,9 +11,10 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::cloudflare::retry::{api_backoff, retry_wait};
 use crate::cloudflare::{AckEntry, ApiError, Op, QueueClient, RetryEntry, short_lease};
 use crate::logs::{Event, esc};
-use crate::metrics::ConsumerMetrics;
+use crate::ops::metrics::ConsumerMetrics;
 
 /// Items per ack call.
 pub const MAX_ITEMS_PER_CALL: usize = 100;
@@ -128,7 +129,7 @@ impl Acker {
 
     /// Send one batch, retrying with backoff; gives up on items whose lease has expired.
     async fn send(&self, mut batch: Vec<AckItem>) {
-        let mut backoff = crate::poller::api_backoff();
+        let mut backoff = api_backoff();
         loop {
             self.give_up_expired(&mut batch);
             if batch.is_empty() {
@@ -282,20 +283,6 @@ pub fn cap_to_leases(
         .unwrap_or_default()
         .max((margin / 2).min(Duration::from_millis(500)));
     wait.min(last_chance - now).max(floor)
-}
-
-/// The wait before retrying a failed API call: the next backoff step, at least the server's
-/// `Retry-After`, and at least 30 s after an authentication failure (a token problem is not
-/// fixed by hammering the API).
-pub fn retry_wait(err: &ApiError, backoff: &mut impl Iterator<Item = Duration>) -> Duration {
-    let mut wait = backoff.next().unwrap_or(Duration::from_secs(30));
-    if let Some(after) = err.retry_after() {
-        wait = wait.max(after);
-    }
-    if err.is_auth() {
-        wait = wait.max(Duration::from_secs(30));
-    }
-    wait
 }
 
 #[cfg(test)]

@@ -442,8 +442,8 @@ impl ConsumerMetrics {
 }
 
 /// The status class label of a webhook answer.
-pub fn status_class(attempt: &crate::policy::Attempt) -> &'static str {
-    use crate::policy::Attempt;
+pub fn status_class(attempt: &crate::pipeline::policy::Attempt) -> &'static str {
+    use crate::pipeline::policy::Attempt;
     match attempt {
         Attempt::Status { status, .. } => match status {
             100..=199 => "1xx",

@@ -18,15 +18,15 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, warn};
 
-use crate::acker::AckKind;
-use crate::consumer::Ctx;
-use crate::delivery::{Message, decode_body};
 use crate::logs::{Event, esc};
-use crate::metrics::status_class;
-use crate::policy::{Attempt, Decision, backoff, delay_seconds, jitter};
+use crate::ops::metrics::status_class;
+use crate::pipeline::acker::AckKind;
+use crate::pipeline::ctx::Ctx;
+use crate::pipeline::policy::{Attempt, Decision, backoff, delay_seconds, jitter};
+use crate::webhook::delivery::{Message, decode_body};
 
 pub use crate::config::BatchConfig;
-pub use crate::delivery::{HEADER_BATCH_ID, HEADER_BATCH_SIZE};
+pub use crate::webhook::delivery::{HEADER_BATCH_ID, HEADER_BATCH_SIZE};
 
 /// A pulled message on its way into a batch, with its place in the pool.
 pub struct Held {
@@ -191,10 +191,10 @@ pub async fn batcher(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Held>) {
                 let body = std::mem::take(&mut msg.body);
                 // Refused before any request, as for single deliveries: an undecodable or
                 // oversized body (the id travels inside the JSON body, escaped, so any id
-                // can; crate::guard).
+                // can; crate::webhook::guard).
                 let checked = match decode_body(msg.content_type.as_deref(), body) {
                     Err(e) => Err((e.to_string(), "undecodable", Event::DeliveryFailed)),
-                    Ok(p) => match crate::guard::check_body(p.bytes.len()) {
+                    Ok(p) => match crate::webhook::guard::check_body(p.bytes.len()) {
                         Err(r) => Err((r.to_string(), r.outcome(), r.event())),
                         Ok(()) => Ok(p),
                     },
@@ -264,7 +264,7 @@ async fn refuse(ctx: &Ctx, msg: Message, detail: &str, outcome: &'static str, ev
         warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, detail = %esc(detail),
             delay_s = delay, outcome, "message cannot be delivered; retrying later");
     }
-    crate::worker::send(
+    crate::pipeline::worker::send(
         ctx,
         msg,
         AckKind::Retry {
@@ -284,7 +284,7 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
         let ctx = ctx.clone();
         async move {
             for e in batch {
-                crate::worker::release(&ctx, e.msg, reason).await;
+                crate::pipeline::worker::release(&ctx, e.msg, reason).await;
             }
         }
     };
@@ -302,7 +302,7 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
         let delay = delay_seconds(ctx.gate.open_remaining(Instant::now()));
         for e in batch {
             ctx.metrics.released("breaker");
-            crate::worker::send(
+            crate::pipeline::worker::send(
                 &ctx,
                 e.msg,
                 AckKind::Retry {
@@ -327,7 +327,7 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
         let mut sending = Vec::with_capacity(keep.len());
         for (i, e) in batch.into_iter().enumerate() {
             if back.contains(&i) {
-                crate::worker::release(&ctx, e.msg, "lease").await;
+                crate::pipeline::worker::release(&ctx, e.msg, "lease").await;
             } else {
                 sending.push(e);
             }
@@ -356,12 +356,12 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
     ctx.metrics
         .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
     for e in &batch {
-        crate::worker::observe_age(&ctx, e.msg.timestamp_ms);
+        crate::pipeline::worker::observe_age(&ctx, e.msg.timestamp_ms);
     }
     let attempt = response.attempt;
     // One request, one sample of the adaptive limit, however many messages it carried.
-    let limit_before = crate::worker::sample(&ctx, elapsed, &attempt);
-    crate::worker::slow_down(&ctx, &attempt);
+    let limit_before = crate::pipeline::worker::sample(&ctx, elapsed, &attempt);
+    crate::pipeline::worker::slow_down(&ctx, &attempt);
     // One decision for the request, by the first message's attempts; each message's own
     // attempts set its delay below.
     let whole = ctx.policy.decide(&attempt, 1, 0.0);
@@ -398,8 +398,10 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
         None
     };
     let request_failed = matches!(whole, Decision::Retry { .. });
-    if let Some(t) = crate::worker::judge(&ctx, &attempt, request_failed, Some(limit_before)) {
-        crate::worker::breaker_changed(&ctx, t);
+    if let Some(t) =
+        crate::pipeline::worker::judge(&ctx, &attempt, request_failed, Some(limit_before))
+    {
+        crate::pipeline::worker::breaker_changed(&ctx, t);
     }
     let (mut acked, mut retried, mut dropped) = (0usize, 0usize, 0usize);
     for e in batch {
@@ -433,7 +435,7 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
                 }
             }
         };
-        crate::worker::send(&ctx, e.msg, kind).await;
+        crate::pipeline::worker::send(&ctx, e.msg, kind).await;
         ctx.limiter.release(e.slot);
     }
     let took_ms = elapsed.as_millis() as u64;

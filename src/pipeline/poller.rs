@@ -12,25 +12,15 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::acker::retry_wait;
+use crate::cloudflare::retry::{api_backoff, retry_wait};
 use crate::cloudflare::{ApiError, Op, PulledMessage};
-use crate::consumer::Ctx;
-use crate::delivery::Message;
-use crate::gate::Admit;
 use crate::logs::{Event, esc};
+use crate::pipeline::ctx::Ctx;
+use crate::pipeline::gate::Admit;
+use crate::webhook::delivery::Message;
 
 /// Pull failures in a row after which the consumer reports not ready.
 const UNREADY_AFTER_FAILURES: u32 = 3;
-
-/// Backoff of failed API calls: 500 ms doubling to 30 s, jittered.
-pub fn api_backoff() -> impl Iterator<Item = Duration> + Send {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
 
 /// Backoff between pulls of an empty queue: 50 ms doubling, jittered, up to `max` (with the
 /// jitter, the wait at the cap lies between `max/2` and `max`).
@@ -89,7 +79,8 @@ pub async fn run(ctx: Arc<Ctx>) {
     // (and the pulls' clones) are gone, after sending or handing back what it holds.
     let batches = ctx.config.webhook.batch.as_ref().map(|_| {
         let (tx, rx) = tokio::sync::mpsc::channel(ctx.config.concurrency.max(1));
-        ctx.workers.spawn(crate::batch::batcher(ctx.clone(), rx));
+        ctx.workers
+            .spawn(crate::pipeline::batch::batcher(ctx.clone(), rx));
         tx
     });
 
@@ -185,7 +176,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                 // The breaker, a receiver's Retry-After and the rate limit may allow less.
                 let (admit, transition) = ctx.gate.admit(Instant::now(), permit.num_permits());
                 if let Some(t) = transition {
-                    crate::worker::breaker_changed(&ctx, t);
+                    crate::pipeline::worker::breaker_changed(&ctx, t);
                 }
                 match admit {
                     Admit::Later(at) => {
@@ -230,7 +221,7 @@ async fn pull(
     ctx: Arc<Ctx>,
     mut permit: OwnedSemaphorePermit,
     pacing: Option<(Instant, Duration)>,
-    batches: Option<mpsc::Sender<crate::batch::Held>>,
+    batches: Option<mpsc::Sender<crate::pipeline::batch::Held>>,
 ) -> Pulled {
     let n = permit.num_permits() as u32;
     let visibility = ctx.config.visibility_timeout;
@@ -283,24 +274,24 @@ async fn pull(
         // One slot per message; a server that sent more than asked gets the extra back.
         let Some(slot) = permit.split(1) else {
             warn!(queue = %ctx.label, id = %esc(&msg.id), "pull returned more messages than asked for; handing the extra back");
-            crate::worker::release(&ctx, msg, "lease").await;
+            crate::pipeline::worker::release(&ctx, msg, "lease").await;
             continue;
         };
         if ctx.shutdown.is_cancelled() {
-            crate::worker::release(&ctx, msg, "shutdown").await;
+            crate::pipeline::worker::release(&ctx, msg, "shutdown").await;
             drop(slot);
             continue;
         }
         if let Some(tx) = &batches {
             if let Err(mpsc::error::SendError(held)) =
-                tx.send(crate::batch::Held { msg, slot }).await
+                tx.send(crate::pipeline::batch::Held { msg, slot }).await
             {
-                crate::worker::release(&ctx, held.msg, "shutdown").await;
+                crate::pipeline::worker::release(&ctx, held.msg, "shutdown").await;
             }
             continue;
         }
         ctx.workers
-            .spawn(crate::worker::deliver(ctx.clone(), msg, slot));
+            .spawn(crate::pipeline::worker::deliver(ctx.clone(), msg, slot));
     }
     // Slots asked for but not filled go back (or away, if the limit shrank meanwhile).
     ctx.limiter.release(permit);
