@@ -1093,6 +1093,9 @@ async fn producer_run(
     window: Duration,
     size: usize,
 ) -> anyhow::Result<ProducerRun> {
+    // The queue exists before the relay pulls it (the emulator, like Cloudflare, answers 404
+    // for a queue that was never created).
+    bed.api.create_queue(queue).await?;
     let relay = bed.start_relay(&format!("{queue}-relay"), queue, Profile::Default)?;
     let s0 = bed.api.stats(queue).await?;
     let cpu0 = relay.proc.cpu();
