@@ -514,8 +514,8 @@ enum Profile {
     HighThroughput,
     /// `concurrency = 1000` (adaptive below it, as by default).
     Max1000,
-    /// `concurrency = 1000`, `concurrency_mode = "fixed"`: the behaviour before adaptive
-    /// concurrency, for comparison.
+    /// `concurrency = 1000`, `concurrency_mode = "fixed"`, breaker off: the behaviour before
+    /// adaptive concurrency (and the breaker by default), for comparison.
     Fixed1000,
     /// The default config plus `[consumers.webhook.batch]` with this many messages a request.
     Batch(usize),
@@ -527,7 +527,9 @@ impl Profile {
             Profile::Default => "relay, default config",
             Profile::HighThroughput => "relay, high-throughput config",
             Profile::Max1000 => "relay, concurrency = 1000",
-            Profile::Fixed1000 => "relay, concurrency = 1000, concurrency_mode = fixed",
+            Profile::Fixed1000 => {
+                "relay, concurrency = 1000, concurrency_mode = fixed, breaker off (the old defaults)"
+            }
             Profile::Batch(_) => "relay, default config + batch",
         }
     }
@@ -548,7 +550,11 @@ impl Profile {
             Profile::Default => "",
             Profile::HighThroughput => "concurrency = 1000\nmax_pulls_in_flight = 16\n",
             Profile::Max1000 => "concurrency = 1000\n",
-            Profile::Fixed1000 => "concurrency = 1000\nconcurrency_mode = \"fixed\"\n",
+            // The behaviour before adaptive concurrency: a fixed pool and, as then, no breaker
+            // (with the breaker on, the overloaded receiver keeps it open and the run stalls).
+            Profile::Fixed1000 => {
+                "concurrency = 1000\nconcurrency_mode = \"fixed\"\n[consumers.breaker]\nenabled = false\n"
+            }
             Profile::Batch(_) => "",
         }
     }
