@@ -26,7 +26,9 @@ use crate::webhook::delivery::HEADER_MESSAGE_ID;
 pub struct DemoOptions {
     /// Messages per decodable content type (text, json, bytes).
     pub messages_per_type: usize,
-    /// Every n-th first delivery is answered 503, to show retries (0: never).
+    /// Every n-th first delivery is answered 500, to show retries (0: never). Not 503: a 503
+    /// from a receiver that takes the other deliveries reads as "at capacity", and its message
+    /// is sent again at once instead of retried.
     pub fail_every: u64,
     /// Give up after this long.
     pub deadline: Duration,
@@ -81,7 +83,7 @@ async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes
         .unwrap_or(1);
     if r.fail_every > 0 && attempt == 1 && n.is_multiple_of(r.fail_every) {
         r.failed_on_purpose.fetch_add(1, Ordering::Relaxed);
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
     let id = headers
         .get(HEADER_MESSAGE_ID)
