@@ -37,7 +37,7 @@ mod handle;
 mod messages;
 mod queues;
 mod server;
-// sink
+pub mod sink;
 mod store;
 #[cfg(test)]
 mod testkit;
