@@ -163,30 +163,24 @@ impl Emulator {
     /// Counters of a queue (all zero for a queue that does not exist). Due leases and delays
     /// are settled first, so the figures are those of now.
     pub fn stats(&self, queue_id: &str) -> QueueStats {
-        let mut st = self.lock();
-        let now = st.now();
-        let max_retries = self.inner.opts.max_retries;
-        match st.find(queue_id) {
-            Some(q) => {
-                q.settle(now, q.max_retries(max_retries));
-                q.stats()
-            }
-            None => QueueStats::default(),
-        }
+        self.settled(queue_id, |q| q.stats()).unwrap_or_default()
     }
 
     /// One book per message ever published to the queue, in publish order.
     pub fn books(&self, queue_id: &str) -> Vec<MessageBook> {
+        self.settled(queue_id, |q| q.books.clone())
+            .unwrap_or_default()
+    }
+
+    /// `f` of a queue once its due leases and delays are settled (`None`: no such queue).
+    fn settled<T>(&self, queue_id: &str, f: impl FnOnce(&StoredQueue) -> T) -> Option<T> {
         let mut st = self.lock();
         let now = st.now();
         let max_retries = self.inner.opts.max_retries;
-        match st.find(queue_id) {
-            Some(q) => {
-                q.settle(now, q.max_retries(max_retries));
-                q.books.clone()
-            }
-            None => Vec::new(),
-        }
+        st.find(queue_id).map(|q| {
+            q.settle(now, q.max_retries(max_retries));
+            f(q)
+        })
     }
 
     /// Queue a one-shot fault for the next API call of `op` on any queue (FIFO per op).

@@ -383,13 +383,7 @@ mod tests {
     async fn queues_are_created_listed_shown_and_deleted() {
         use reqwest::Method;
         let h = strict(&["dev-queue"]).await;
-        let (st, v) = h
-            .call(
-                Method::POST,
-                &h.queues_url(ACCOUNT, ""),
-                Some(json!({"queue_name": "orders"})),
-            )
-            .await;
+        let (st, v) = h.create("orders").await;
         assert_eq!(st, 200, "{v}");
         let id = v["result"]["queue_id"]
             .as_str()
@@ -401,21 +395,9 @@ mod tests {
             json!([]),
             "a new queue has no consumer"
         );
-        let (st, v) = h
-            .call(
-                Method::POST,
-                &h.queues_url(ACCOUNT, ""),
-                Some(json!({"queue_name": "orders"})),
-            )
-            .await;
+        let (st, v) = h.create("orders").await;
         assert_eq!((st, &v["errors"][0]["code"]), (409, &json!(11009)), "{v}");
-        let (st, v) = h
-            .call(
-                Method::POST,
-                &h.queues_url(ACCOUNT, ""),
-                Some(json!({"queue_name": "Bad Name"})),
-            )
-            .await;
+        let (st, v) = h.create("Bad Name").await;
         assert_eq!((st, &v["errors"][0]["code"]), (400, &json!(10207)), "{v}");
 
         let (st, v) = h.call(Method::GET, &h.queues_url(ACCOUNT, ""), None).await;
@@ -536,13 +518,7 @@ mod tests {
         assert_eq!((st, &v["success"]), (200, &json!(true)), "{v}");
         assert_eq!(h.post(&h.url(&id, "/pull"), json!({})).await.0, 404);
         // Created again under its first name: the same id, but the old leases are not its own.
-        let (st, v) = h
-            .call(
-                Method::POST,
-                &h.queues_url(ACCOUNT, ""),
-                Some(json!({"queue_name": "orders"})),
-            )
-            .await;
+        let (st, v) = h.create("orders").await;
         assert_eq!(
             (st, v["result"]["queue_id"].as_str()),
             (200, Some(id.as_str())),

@@ -160,6 +160,13 @@ impl Harness {
         (st, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// `POST …/queues` creating `name` in [`ACCOUNT`]: status and answer.
+    pub(crate) async fn create(&self, name: &str) -> (u16, Value) {
+        let body = json!({ "queue_name": name });
+        let url = self.queues_url(ACCOUNT, "");
+        self.call(reqwest::Method::POST, &url, Some(body)).await
+    }
+
     pub(crate) fn queues_url(&self, account: &str, tail: &str) -> String {
         format!("{}/accounts/{account}/queues{tail}", self.base)
     }
