@@ -2,7 +2,7 @@
 //! it, applies the outcome policy and hands the verdict to the acker.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -159,12 +159,9 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, mut slot: OwnedSemaphorePe
 }
 
 /// Sends of one message, after the first, that a receiver at its capacity may turn away before
-/// the message takes the retry policy's way (a Cloudflare retry after a delay). A resend goes
-/// in the first slot the shrunk limit frees, which a quarter of the time still meets a full
-/// receiver (knee bench: 108 messages resent once, 35 twice, 9 three times: with 3, a few
-/// messages a run still waited out a 3-5 s retry delay). Each costs one answer of a
-/// millisecond; a receiver that answers 503 to one message for its own reasons while taking
-/// the others sees it at most 6 times per attempt, and the lease check bounds them in time.
+/// the message takes the retry policy's way (a Cloudflare retry after a delay). A receiver
+/// that answers 503 to one message for its own reasons while taking the others sees it at
+/// most 6 times per attempt, a round trip apart; the lease check bounds them in time.
 const MAX_RESENDS: u32 = 5;
 
 /// A 429/503 without `Retry-After`, under the adaptive limit, while other deliveries go
@@ -197,8 +194,12 @@ fn turned_away_at_capacity(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attemp
             .at_capacity(Instant::now(), back_pressure_quiet(ctx))
 }
 
-/// Give the slot back to the shrunk limit and wait for one it allows, as long as the lease
-/// leaves time for a delivery and its ack. `Err` names why the message goes back instead.
+/// Give the slot back to the shrunk limit, let one round trip pass, and wait for a slot the
+/// limit allows, as long as the lease leaves time for a delivery and its ack. `Err` names why
+/// the message goes back instead. The round trip (the RTT baseline, 1 ms to 1 s) lets the
+/// requests sent under the old limit finish: a resend in a slot that is free at once would
+/// meet the receiver as full as before (knee bench: some messages were turned away five times
+/// within 100 µs).
 async fn retake_slot(
     ctx: &Ctx,
     slot: OwnedSemaphorePermit,
@@ -209,8 +210,17 @@ async fn retake_slot(
         .deadline
         .checked_sub(ctx.config.webhook.timeout + ctx.lease_margin)
         .unwrap_or(msg.deadline);
+    let round_trip = ctx
+        .limiter
+        .baseline()
+        .unwrap_or_default()
+        .clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let retake = async {
+        tokio::time::sleep(round_trip).await;
+        ctx.limiter.slots().clone().acquire_owned().await
+    };
     tokio::select! {
-        permit = ctx.limiter.slots().clone().acquire_owned() => permit.map_err(|_| "shutdown"),
+        permit = retake => permit.map_err(|_| "shutdown"),
         _ = tokio::time::sleep_until(last_start) => Err("lease"),
         _ = ctx.shutdown.cancelled() => Err("shutdown"),
     }
