@@ -450,13 +450,13 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
 async fn a_503_from_a_receiver_that_takes_the_rest_is_sent_again_at_once() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    // Request 10 (the first after the first ten messages were taken) is turned away: a
-    // receiver at its capacity, not down.
+    // Request 10 (the first after the first ten messages were taken) is turned away while the
+    // other three of its pull are in flight: a receiver at its capacity, not down.
     let hook = Receiver::start(|_, i| {
         if i == 10 {
             Answer::status(503)
         } else {
-            Answer::ok()
+            Answer::ok().delayed(Duration::from_millis(200))
         }
     })
     .await;
@@ -474,9 +474,9 @@ async fn a_503_from_a_receiver_that_takes_the_rest_is_sent_again_at_once() {
             .collect::<Vec<_>>()
     };
     publish(0);
-    // The kit's config pulls an empty queue every 200 ms at most: the 503 comes while the
-    // successes of the first ten are fresh.
-    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    // Four in flight at most, so four fill the limit. The kit's config pulls an empty queue
+    // every 200 ms at most: the 503 comes while the successes of the first ten are fresh.
+    let cfg = config(&api, &[("q1", &hook.url(), "concurrency = 4", "")]);
     let relay = cfq_relay::start(cfg, stop.clone()).await.unwrap();
     wait_until(Duration::from_secs(15), "the first ten acked", || {
         emu.stats("q1").acked == 10

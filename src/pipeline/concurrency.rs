@@ -292,6 +292,12 @@ impl Limiter {
         self.pool(self.request_limit())
     }
 
+    /// Message slots taken now (deliveries in flight and messages held).
+    pub fn in_use(&self) -> usize {
+        let g = self.lock();
+        (self.pool(g.controller.limit()) + g.debt).saturating_sub(self.slots.available_permits())
+    }
+
     /// Requests the controller allows in flight now.
     pub fn request_limit(&self) -> usize {
         self.lock().controller.limit()

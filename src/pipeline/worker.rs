@@ -164,8 +164,9 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, mut slot: OwnedSemaphorePe
 /// most 6 times per attempt, a round trip apart; the lease check bounds them in time.
 const MAX_RESENDS: u32 = 5;
 
-/// A 429/503 without `Retry-After`, under the adaptive limit, while other deliveries go
-/// through ([`crate::pipeline::gate::Gate::at_capacity`]): the receiver is full, not failing.
+/// A 429/503 without `Retry-After`, under the adaptive limit, while at least half the limit is
+/// in use and other deliveries go through ([`crate::pipeline::gate::Gate::at_capacity`]): the
+/// receiver is full, not failing.
 /// Feeds the answer to the limit and the breaker (as every answer) and says whether the
 /// message is worth sending again at once. A `Retry-After`, the limit at its floor, the
 /// fixed mode, a rate limit or a breaker that counted the answer keep the retry policy's way.
@@ -183,12 +184,16 @@ fn turned_away_at_capacity(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attemp
     {
         return false;
     }
+    // Our own requests filled the receiver only if they used the limit: a 503 while a handful
+    // is in flight under a large limit is the receiver's own trouble, not its capacity.
+    let filled = ctx.limiter.in_use() * 2 >= ctx.limiter.limit();
     let limit_before = sample(ctx, rtt, attempt);
     if let Some(t) = judge(ctx, attempt, true, Some(limit_before)) {
         breaker_changed(ctx, t);
         return false;
     }
-    ctx.limiter.request_limit() > crate::pipeline::concurrency::MIN_LIMIT
+    filled
+        && ctx.limiter.request_limit() > crate::pipeline::concurrency::MIN_LIMIT
         && ctx
             .gate
             .at_capacity(Instant::now(), back_pressure_quiet(ctx))
