@@ -17,8 +17,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # Dependencies in their own layer: built against stub sources, so that a change to src/
-# does not rebuild them.
+# does not rebuild them. crates/: the workspace's other members (Cargo.lock lists them; only
+# the relay is built).
 COPY Cargo.toml Cargo.lock ./
+COPY crates ./crates
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
