@@ -71,11 +71,11 @@ impl Measured {
     }
 }
 
-/// Start a relay on `queue` (already holding `messages`), wait until all are acked, stop it.
-/// `scrape`: read the relay's in-flight gauge every 100 ms (it costs the relay some CPU).
+/// Start a relay (`{queue}-relay`) on `queue` (already holding `messages`), wait until all are
+/// acked, stop it. `scrape`: read the relay's in-flight gauge every 100 ms (it costs the relay
+/// some CPU).
 pub async fn relay_run(
     bed: &Bed,
-    name: &str,
     queue: &str,
     profile: Profile,
     messages: u64,
@@ -86,6 +86,7 @@ pub async fn relay_run(
     let acked_before = count(&before, "acked");
     let (emu0, recv0) = (bed.emulator.cpu(), bed.receiver.cpu());
     let started = Instant::now();
+    let name = &format!("{queue}-relay");
     let mut relay = bed.start_relay(name, queue, profile)?;
     // Profiling aid: CFQ_BENCH_PROFILE='perf record -g -p $PID -o /tmp/$NAME.perf' runs while
     // the relay works (started with its pid and run name, stopped with SIGINT).

@@ -83,10 +83,18 @@ pub async fn run_all(opts: RunOptions) -> anyhow::Result<()> {
     let mut table = Table::default();
     table.rows.extend(cpu_bound(&plan).await?);
     table.rows.extend(latency_bound(&plan).await?);
-    table.rows.extend(knee(&plan).await?);
-    table.rows.extend(producer(&plan).await?);
-    table.rows.extend(batch(&plan).await?);
-    table.rows.extend(idle(&plan).await?);
+    if plan.wants("knee") {
+        table.rows.extend(knee(&plan).await?);
+    }
+    if plan.wants("producer") {
+        table.rows.extend(producer(&plan).await?);
+    }
+    if plan.wants("batch") {
+        table.rows.extend(batch(&plan).await?);
+    }
+    if plan.wants("idle") {
+        table.rows.extend(idle(&plan).await?);
+    }
 
     let md = table.markdown();
     println!("{md}");
@@ -204,7 +212,7 @@ async fn cpu_best_of(
         let queue = format!("{queue}-{i}");
         publish(&bed.api, &queue, plan.opts.messages, plan.opts.size, 4).await?;
         let n = plan.opts.messages as u64;
-        let m = relay_run(bed, &format!("{queue}-relay"), &queue, profile, n, false).await?;
+        let m = relay_run(bed, &queue, profile, n, false).await?;
         eprintln!(
             "  {}: {:.0} messages/s, {:.2} CPU s / 10k, peak RSS {:.1} MiB",
             profile.label(),
@@ -248,15 +256,7 @@ async fn latency_bound(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             continue;
         }
         publish(&bed.api, queue, count, plan.opts.size, 16).await?;
-        let m = relay_run(
-            &bed,
-            &format!("{queue}-relay"),
-            queue,
-            profile,
-            count as u64,
-            true,
-        )
-        .await?;
+        let m = relay_run(&bed, queue, profile, count as u64, true).await?;
         eprintln!(
             "  {}: {:.0} messages/s, peak RSS {:.1} MiB, max in flight {}",
             profile.label(),
@@ -303,9 +303,6 @@ fn of_ceiling(rate: f64) -> String {
 /// Scenario 4, the capacity knee: a receiver that serves 200 at once (100 ms each) and answers
 /// 503 beyond, against the old fixed defaults, `concurrency = 1000` and the default config.
 async fn knee(plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    if !plan.wants("knee") {
-        return Ok(Vec::new());
-    }
     eprintln!(
         "cfq-bench: 4. capacity knee: a receiver that serves 200 at once (100 ms each) and answers 503 beyond"
     );
@@ -329,15 +326,7 @@ async fn knee(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         )?;
         let queue = format!("bench-knee-{i}");
         publish(&bed.api, &queue, n_knee, plan.opts.size, 8).await?;
-        let m = relay_run(
-            &bed,
-            &format!("{queue}-relay"),
-            &queue,
-            profile,
-            n_knee as u64,
-            false,
-        )
-        .await?;
+        let m = relay_run(&bed, &queue, profile, n_knee as u64, false).await?;
         let counts = bed.receiver_counts().await?;
         let (served, overloaded) = (counts.requests, counts.overloaded);
         let over_pct = 100.0 * overloaded as f64 / (served + overloaded).max(1) as f64;
@@ -368,9 +357,6 @@ async fn knee(plan: &Plan) -> anyhow::Result<Vec<Row>> {
 /// Scenario 5: a producer at 2,000 msg/s, webhook 20 ms, default config; fault-free and with
 /// 2 % of API calls answering 500.
 async fn producer(plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    if !plan.wants("producer") {
-        return Ok(Vec::new());
-    }
     eprintln!(
         "cfq-bench: 5. producer at 2,000 msg/s, webhook 20 ms, default config; fault-free and with 2 % of API calls answering 500"
     );
@@ -438,9 +424,6 @@ async fn producer(plan: &Plan) -> anyhow::Result<Vec<Row>> {
 /// request (default and high-throughput configs) against batches (default config plus a
 /// `[consumers.webhook.batch]` table).
 async fn batch(plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    if !plan.wants("batch") {
-        return Ok(Vec::new());
-    }
     eprintln!(
         "cfq-bench: 6. batch vs single, WAN-like: API answers after 50 ms, webhook after 100 ms"
     );
@@ -459,15 +442,7 @@ async fn batch(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     ] {
         publish(&bed.api, queue, count, plan.opts.size, 16).await?;
         let c0 = bed.receiver_counts().await?;
-        let m = relay_run(
-            &bed,
-            &format!("{queue}-relay"),
-            queue,
-            profile,
-            count as u64,
-            true,
-        )
-        .await?;
+        let m = relay_run(&bed, queue, profile, count as u64, true).await?;
         let c1 = bed.receiver_counts().await?;
         let (requests, received) = (c1.requests - c0.requests, c1.messages - c0.messages);
         let per_request = received as f64 / requests.max(1) as f64;
@@ -502,9 +477,6 @@ async fn batch(plan: &Plan) -> anyhow::Result<Vec<Row>> {
 /// Scenario 3, idle: a default-config relay on an empty queue, API answers after 50 ms: API
 /// calls a minute and CPU once its backoff reached the cap.
 async fn idle(plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    if !plan.wants("idle") {
-        return Ok(Vec::new());
-    }
     eprintln!("cfq-bench: 3. idle: an empty queue, default config, API answers after 50 ms");
     let bed = plan.bed("idle", 50, 100)?;
     let (warm, window) = plan.pick((5, 10), (10, 60));
