@@ -13,7 +13,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::policy::retry_after_header;
+use crate::retry_after::retry_after_header;
+use crate::telemetry::ApiResult;
 
 /// Largest excerpt of an unexpected answer body kept for logs.
 const EXCERPT: usize = 200;
@@ -145,22 +146,6 @@ struct AckRequest<'a> {
     retries: &'a [RetryEntry<'a>],
 }
 
-/// Which API call failed; also the `op` metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Pull,
-    Ack,
-}
-
-impl Op {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Pull => "pull",
-            Op::Ack => "ack",
-        }
-    }
-}
-
 /// Cloudflare's limit of one message body (128 KB).
 pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
 /// What one message may take in a pull answer: its body base64-encoded (4/3 of the body), its
@@ -210,17 +195,17 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// The `result` metric label.
-    pub fn class(&self) -> &'static str {
+    /// How the call ended, for the `result` metric label.
+    pub fn class(&self) -> ApiResult {
         match self {
-            ApiError::RateLimited { .. } => "429",
-            ApiError::Auth { .. } => "4xx",
-            ApiError::Status { status, .. } if *status >= 500 => "5xx",
-            ApiError::Status { .. } => "4xx",
+            ApiError::RateLimited { .. } => ApiResult::RateLimited,
+            ApiError::Auth { .. } => ApiResult::ClientError,
+            ApiError::Status { status, .. } if *status >= 500 => ApiResult::ServerError,
+            ApiError::Status { .. } => ApiResult::ClientError,
             ApiError::Malformed { .. }
             | ApiError::Unsuccessful { .. }
-            | ApiError::TooLarge { .. } => "malformed",
-            ApiError::Timeout | ApiError::Transport(_) => "transport_error",
+            | ApiError::TooLarge { .. } => ApiResult::Malformed,
+            ApiError::Timeout | ApiError::Transport(_) => ApiResult::TransportError,
         }
     }
 
@@ -849,7 +834,10 @@ mod tests {
             pull_answer_limit(100),
             100 * (131_072 * 4 / 3 + 16_384) + 65_536
         );
-        assert_eq!(ApiError::TooLarge { limit: 1 }.class(), "malformed");
+        assert_eq!(
+            ApiError::TooLarge { limit: 1 }.class(),
+            ApiResult::Malformed
+        );
     }
 
     fn pull(body: &str) -> Result<PullResult, ApiError> {
@@ -949,13 +937,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match interpret::<PullResult>(200, None, html) {
-            Err(e @ ApiError::Malformed { .. }) => assert_eq!(e.class(), "malformed"),
+            Err(e @ ApiError::Malformed { .. }) => assert_eq!(e.class(), ApiResult::Malformed),
             other => panic!("{other:?}"),
         }
         match interpret::<PullResult>(429, Some(Duration::from_secs(3)), b"") {
             Err(e @ ApiError::RateLimited { .. }) => {
                 assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
-                assert_eq!(e.class(), "429");
+                assert_eq!(e.class(), ApiResult::RateLimited);
             }
             other => panic!("{other:?}"),
         }
@@ -980,7 +968,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match interpret::<PullResult>(404, None, unsuccessful) {
-            Err(e @ ApiError::Status { status: 404, .. }) => assert_eq!(e.class(), "4xx"),
+            Err(e @ ApiError::Status { status: 404, .. }) => {
+                assert_eq!(e.class(), ApiResult::ClientError)
+            }
             other => panic!("{other:?}"),
         }
     }

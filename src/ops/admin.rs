@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::ops::metrics::Metrics;
 use crate::pipeline::consumer::Readiness;
+use crate::telemetry::Metrics;
 
 /// The consumers that currently run, as (label, readiness); a config reload replaces it.
 pub type ConsumerSet = Arc<RwLock<Vec<(String, Arc<Readiness>)>>>;

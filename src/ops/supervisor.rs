@@ -19,8 +19,8 @@ use crate::Config;
 use crate::cloudflare::QueueClient;
 use crate::config::ConsumerConfig;
 use crate::ops::admin::ConsumerSet;
-use crate::ops::metrics::Metrics;
 use crate::pipeline::consumer::{Consumer, Readiness};
+use crate::telemetry::Metrics;
 use crate::webhook::delivery::Webhook;
 
 /// What a reload did, by consumer label (each list in config order).

@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::cloudflare::retry::{api_backoff, retry_wait};
-use crate::cloudflare::{AckEntry, ApiError, Op, QueueClient, RetryEntry, short_lease};
+use crate::cloudflare::{AckEntry, ApiError, QueueClient, RetryEntry, short_lease};
 use crate::logs::{Event, esc};
-use crate::ops::metrics::ConsumerMetrics;
+use crate::telemetry::{ApiOp, ApiResult, ConsumerMetrics};
 
 /// Items per ack call.
 pub const MAX_ITEMS_PER_CALL: usize = 100;
@@ -157,7 +157,7 @@ impl Acker {
             let elapsed = started.elapsed().as_secs_f64();
             let err = match result {
                 Ok(r) => {
-                    self.metrics.api(Op::Ack, "ok", elapsed);
+                    self.metrics.api(ApiOp::Ack, ApiResult::Ok, elapsed);
                     self.metrics.acks_sent.inc_by(acks.len() as u64);
                     self.metrics.retries_sent.inc_by(retries.len() as u64);
                     if !r.warnings.is_empty() {
@@ -174,7 +174,7 @@ impl Acker {
                 }
                 Err(e) => e,
             };
-            self.metrics.api(Op::Ack, err.class(), elapsed);
+            self.metrics.api(ApiOp::Ack, err.class(), elapsed);
             if let ApiError::Status { status: 400, .. } = err {
                 // The API refused the call as a bad request: one item may be at fault (a lease
                 // id or delay it does not accept). Split to isolate it, so the rest still land.
