@@ -9,9 +9,15 @@ use crate::cloudflare::ApiError;
 
 /// Backoff of failed API calls: 500 ms doubling to 30 s, jittered.
 pub fn api_backoff() -> impl Iterator<Item = Duration> + Send {
+    jittered_backoff(Duration::from_millis(500), Duration::from_secs(30))
+}
+
+/// An endless backoff from `min` doubling to `max`, each step jittered (backon's jitter adds
+/// up to one step on top).
+pub fn jittered_backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> + Send {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()

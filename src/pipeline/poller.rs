@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::cloudflare::retry::{api_backoff, retry_wait};
+use crate::cloudflare::retry::{api_backoff, jittered_backoff, retry_wait};
 use crate::cloudflare::{ApiError, PulledMessage};
 use crate::logs::{Event, esc};
 use crate::pipeline::ctx::PollCtx;
@@ -27,13 +26,7 @@ const UNREADY_AFTER_FAILURES: u32 = 3;
 /// jitter, the wait at the cap lies between `max/2` and `max`).
 pub fn idle_backoff(max: Duration) -> impl Iterator<Item = Duration> + Send {
     let half = max / 2;
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50).min(half))
-        .with_max_delay(half)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .map(move |d| d.min(max))
+    jittered_backoff(Duration::from_millis(50).min(half), half).map(move |d| d.min(max))
 }
 
 /// Consecutive failed pulls after which the whole consumer backs off (before that, each
@@ -45,12 +38,7 @@ const TRICKLE_GATHER: Duration = Duration::from_millis(20);
 
 /// Backoff of one pull slot after a failure of its own: 100 ms doubling to 2 s, jittered.
 pub fn isolated_backoff() -> impl Iterator<Item = Duration> + Send {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    jittered_backoff(Duration::from_millis(100), Duration::from_secs(2))
 }
 
 /// How one pull call ended.
