@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::pipeline::consumer::Readiness;
+use crate::pipeline::Readiness;
 use crate::telemetry::Metrics;
 
 /// The consumers that currently run, as (label, readiness); a config reload replaces it.

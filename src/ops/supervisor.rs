@@ -19,7 +19,7 @@ use crate::Config;
 use crate::cloudflare::QueueClient;
 use crate::config::ConsumerConfig;
 use crate::ops::admin::ConsumerSet;
-use crate::pipeline::consumer::{Consumer, Readiness};
+use crate::pipeline::{Consumer, Readiness};
 use crate::telemetry::Metrics;
 use crate::webhook::delivery::Webhook;
 

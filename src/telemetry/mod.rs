@@ -2,7 +2,7 @@
 //! registry with each consumer's series ([`metrics`]). Every layer above records into it; it
 //! imports nothing of theirs.
 
-pub mod labels;
+mod labels;
 pub mod metrics;
 
 pub use labels::{ApiOp, ApiResult, DeliveryOutcome, ReleaseReason, StatusClass};

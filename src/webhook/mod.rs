@@ -8,9 +8,9 @@
 //!
 //! It depends on the config and the Cloudflare wire types below it, never on the pipeline.
 
-pub mod attempt;
+mod attempt;
 pub mod delivery;
-pub mod guard;
+pub(crate) mod guard;
 pub mod signing;
 
 pub use attempt::Attempt;
