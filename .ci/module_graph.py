@@ -12,8 +12,8 @@ references from a child to an ancestor that only re-exports.
 
 It also checks the layers: the layout table at the top of the crate root (`lib.rs`), whose rows
 read `//! | 2 | [`cloudflare`] | ... |` (a layer number, or `tools` for the top, then the
-top-level modules of that layer), declares an order; an edge from a module to one of a higher
-layer is an error. A module not in the table is an error too, so a new folder gets a layer.
+top-level modules of that layer), declares an order, with the binary's own modules (declared
+in `main.rs`) on top; an edge from a module to one of a higher layer is an error. A module not in the table is an error too, so a new folder gets a layer.
 
 Exit status 1 when the graph has a cycle or an upward edge, each one listed.
 """
@@ -187,6 +187,11 @@ def layers(src: pathlib.Path) -> dict[str, int]:
     for number, names in rows:
         for module in LAYER_NAME_RE.findall(names):
             table[module] = top if number == "tools" else int(number)
+    # The binary's own modules (`mod cli;` in main.rs) sit above the library.
+    main = src / "main.rs"
+    if table and main.exists():
+        for module in re.findall(r"^\s*(?:pub\s+)?mod\s+([a-z_][a-z0-9_]*)\s*;", strip(main.read_text()), re.M):
+            table[module] = top + 1
     return table
 
 

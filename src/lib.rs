@@ -15,12 +15,14 @@
 //! | 2 | `webhook` | the webhook client: guard, delivery, signing, the attempt's classification |
 //! | 3 | `pipeline` | one consumer: poller, worker, batch, policy, gate, concurrency, acker |
 //! | 4 | `ops` | the supervisor and the admin server |
-//! | tools | [`emulator`], [`receiver`], [`demo`] | the local Cloudflare API, the webhook sink and the demo (never used by the pipeline) |
 //!
 //! A module imports only from its own layer or the ones below: `python3 .ci/module_graph.py src`
-//! reads this table and fails on an upward edge or a cycle (CI runs it); the tools sit on top. The modules are private; the items
-//! the binary, the tests and the bench use are re-exported below under flat paths. The binary
-//! (`src/main.rs`) parses arguments and wires these together.
+//! reads this table and fails on an upward edge or a cycle (CI runs it). The modules are
+//! private; the items the binary, the tests and the bench use are re-exported below under flat
+//! paths. The binary (`src/main.rs`) parses arguments and wires these together; its tool
+//! commands (`emulate`, `receive`, `demo`, in `src/cli/`) use the workspace crate
+//! `cfq-emulator` (`crates/emulator`: the local Cloudflare API and the webhook sink), which the
+//! library never imports.
 //!
 //! # Data flow of one consumer
 //!
@@ -41,12 +43,9 @@
 
 pub mod cloudflare;
 pub mod config;
-pub mod demo;
-pub mod emulator;
 mod logs;
 mod ops;
 mod pipeline;
-pub mod receiver;
 mod retry_after;
 mod telemetry;
 mod webhook;
