@@ -96,7 +96,7 @@ pub fn batch_id<'a>(ids: impl Iterator<Item = &'a str>) -> String {
 
 /// What a 2xx answer's body says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub enum BatchAnswer {
     /// No body, a body that is not JSON, or JSON without `failed`: every message is delivered.
     AllDelivered,
     /// These ids must be retried; the others are delivered.
@@ -108,26 +108,26 @@ pub enum Answer {
 
 /// Read a 2xx answer's body (`complete`: it was read to its end). A body that starts like a
 /// JSON object but does not parse (or broke off) is unreadable: it may have listed failures.
-pub fn parse_answer(body: &[u8], complete: bool) -> Answer {
+pub fn parse_answer(body: &[u8], complete: bool) -> BatchAnswer {
     let object = body.trim_ascii_start().starts_with(b"{");
     let failed = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(mut map)) if complete => map.remove("failed"),
-        _ if object => return Answer::Unreadable,
-        _ => return Answer::AllDelivered,
+        _ if object => return BatchAnswer::Unreadable,
+        _ => return BatchAnswer::AllDelivered,
     };
     match failed {
-        None | Some(serde_json::Value::Null) => Answer::AllDelivered,
+        None | Some(serde_json::Value::Null) => BatchAnswer::AllDelivered,
         Some(serde_json::Value::Array(items)) => {
             let mut ids = Vec::with_capacity(items.len());
             for item in items {
                 match item {
                     serde_json::Value::String(s) => ids.push(s),
-                    _ => return Answer::Unreadable,
+                    _ => return BatchAnswer::Unreadable,
                 }
             }
-            Answer::Failed(ids)
+            BatchAnswer::Failed(ids)
         }
-        Some(_) => Answer::Unreadable,
+        Some(_) => BatchAnswer::Unreadable,
     }
 }
 
@@ -391,8 +391,8 @@ fn failed_ids(
     response: &Response,
 ) -> Option<HashSet<String>> {
     match parse_answer(&response.answer, response.answer_complete) {
-        Answer::AllDelivered => None,
-        Answer::Failed(ids) => {
+        BatchAnswer::AllDelivered => None,
+        BatchAnswer::Failed(ids) => {
             let known: HashSet<&str> = batch.iter().map(|e| e.msg.id.as_str()).collect();
             let unknown: Vec<&String> = ids
                 .iter()
@@ -408,7 +408,7 @@ fn failed_ids(
             }
             Some(ids.into_iter().collect())
         }
-        Answer::Unreadable => {
+        BatchAnswer::Unreadable => {
             if ctx.logs.allow(Event::DeliveryFailed) {
                 warn!(queue = %ctx.label, batch = %id, messages = batch.len(),
                     "webhook answered 2xx with a `failed` that is not a list of ids; retrying the whole batch");
@@ -473,24 +473,24 @@ mod tests {
     #[test]
     fn answers_are_read_conservatively() {
         let p = |b: &[u8]| parse_answer(b, true);
-        assert_eq!(p(b""), Answer::AllDelivered);
-        assert_eq!(p(b"OK"), Answer::AllDelivered);
-        assert_eq!(p(b"[1]"), Answer::AllDelivered);
-        assert_eq!(p(b"{}"), Answer::AllDelivered);
-        assert_eq!(p(br#"{"failed":null}"#), Answer::AllDelivered);
-        assert_eq!(p(br#"{"ok":true}"#), Answer::AllDelivered);
-        assert_eq!(p(br#"{"failed":[]}"#), Answer::Failed(vec![]));
+        assert_eq!(p(b""), BatchAnswer::AllDelivered);
+        assert_eq!(p(b"OK"), BatchAnswer::AllDelivered);
+        assert_eq!(p(b"[1]"), BatchAnswer::AllDelivered);
+        assert_eq!(p(b"{}"), BatchAnswer::AllDelivered);
+        assert_eq!(p(br#"{"failed":null}"#), BatchAnswer::AllDelivered);
+        assert_eq!(p(br#"{"ok":true}"#), BatchAnswer::AllDelivered);
+        assert_eq!(p(br#"{"failed":[]}"#), BatchAnswer::Failed(vec![]));
         assert_eq!(
             p(br#"{"failed":["a","b"],"other":1}"#),
-            Answer::Failed(vec!["a".into(), "b".into()])
+            BatchAnswer::Failed(vec!["a".into(), "b".into()])
         );
-        assert_eq!(p(br#"{"failed":"a"}"#), Answer::Unreadable);
-        assert_eq!(p(br#"{"failed":[1]}"#), Answer::Unreadable);
+        assert_eq!(p(br#"{"failed":"a"}"#), BatchAnswer::Unreadable);
+        assert_eq!(p(br#"{"failed":[1]}"#), BatchAnswer::Unreadable);
         // Broken JSON, or a body cut short, may have listed failures.
-        assert_eq!(p(br#" {"failed":["a",}"#), Answer::Unreadable);
+        assert_eq!(p(br#" {"failed":["a",}"#), BatchAnswer::Unreadable);
         assert_eq!(
             parse_answer(br#"{"failed":["a"]}"#, false),
-            Answer::Unreadable
+            BatchAnswer::Unreadable
         );
     }
 
@@ -581,6 +581,98 @@ mod tests {
         ] {
             let got = config_with(batch, extra).unwrap_err();
             assert!(got.contains(want), "{batch} {extra}: {got}");
+        }
+    }
+
+    fn held(id: &str) -> Message {
+        Message {
+            id: id.into(),
+            lease_id: format!("lease-{id}"),
+            attempts: 1,
+            timestamp_ms: None,
+            content_type: None,
+            body: String::new(),
+            deadline: Instant::now() + Duration::from_secs(600),
+            not_before: None,
+        }
+    }
+
+    /// Decide and report one batch of `ids` on a given answer, as `deliver` does after the
+    /// POST; the verdicts the acker gets, by lease id.
+    async fn verdicts(
+        ctx: &DeliveryCtx,
+        rx: &mut mpsc::Receiver<crate::pipeline::acker::AckItem>,
+        ids: &[&str],
+        status: u16,
+        answer: &[u8],
+    ) -> Vec<(String, AckKind)> {
+        let mut batch = Vec::new();
+        for id in ids {
+            let slot = ctx.limiter.slots().clone().acquire_owned().await.unwrap();
+            batch.push(Entry {
+                msg: held(id),
+                slot,
+                json: Vec::new(),
+            });
+        }
+        let response = Response {
+            attempt: Attempt::Status {
+                status,
+                retry_after: None,
+            },
+            detail: String::new(),
+            answer: answer.to_vec(),
+            answer_complete: true,
+        };
+        let took = Duration::from_millis(10);
+        let failed = decide(ctx, "b1", &batch, &response, took);
+        report(ctx, "b1", batch, &response, failed, took).await;
+        let mut out = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            out.push((item.lease_id, item.kind));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn each_message_of_a_batch_gets_its_verdict_from_the_answer() {
+        let (ctx, mut rx, metrics) = crate::pipeline::ctx::fixture("");
+        let backoff = |k: &AckKind| {
+            matches!(
+                k,
+                AckKind::Retry {
+                    delay_seconds: 2..=4
+                }
+            )
+        };
+        let ids = ["m1", "m2", "m3"];
+        // A 2xx acks all but the ids it lists as failed; an id not in the batch is counted.
+        let got = verdicts(&ctx, &mut rx, &ids, 200, br#"{"failed":["m2","zz"]}"#).await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], ("lease-m1".into(), AckKind::Ack));
+        assert!(got[1].0 == "lease-m2" && backoff(&got[1].1), "{got:?}");
+        assert_eq!(got[2], ("lease-m3".into(), AckKind::Ack));
+        assert_eq!(ctx.metrics.batch_unknown_ids.get(), 1);
+        // A 2xx whose `failed` cannot be read retries the whole batch.
+        let got = verdicts(&ctx, &mut rx, &ids, 200, br#"{"failed":"m1"}"#).await;
+        assert!(got.iter().all(|(_, k)| backoff(k)), "{got:?}");
+        // Any other answer applies to the whole batch: a 5xx retries, a drop status acks.
+        let got = verdicts(&ctx, &mut rx, &ids, 503, b"").await;
+        assert!(
+            got.len() == 3 && got.iter().all(|(_, k)| backoff(k)),
+            "{got:?}"
+        );
+        let got = verdicts(&ctx, &mut rx, &ids, 410, b"").await;
+        assert!(
+            got.len() == 3 && got.iter().all(|(_, k)| *k == AckKind::Ack),
+            "{got:?}"
+        );
+        let text = metrics.render();
+        for (outcome, n) in [("acked", 2), ("retried", 7), ("dropped", 3)] {
+            let line = format!(
+                "cfq_relay_messages_delivered_total{{outcome=\"{outcome}\",queue=\"q1\"}} {n}"
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
         }
     }
 

@@ -403,52 +403,10 @@ mod tests {
     //! The worker's steps with fakes: a real context whose webhook is never asked (the answers
     //! are given), the acker's channel read directly. No request leaves the process.
 
-    use secrecy::SecretString;
-    use tokio::sync::mpsc;
-    use tokio_util::sync::CancellationToken;
-
     use super::*;
-    use crate::cloudflare::QueueClient;
-    use crate::pipeline::ctx::PollCtx;
+    use crate::pipeline::ctx::fixture;
     use crate::pipeline::gate::Admit;
     use crate::telemetry::Metrics;
-    use crate::webhook::delivery::Webhook;
-
-    /// A consumer's delivery context (base delay 4 s, max 1 h, 410 dropped), its acker's
-    /// channel and its metrics. The webhook's address is never connected to.
-    fn fixture(consumer_extra: &str) -> (Arc<DeliveryCtx>, mpsc::Receiver<AckItem>, Metrics) {
-        let cfg = crate::Config::from_toml(&format!(
-            "[cloudflare]\naccount_id = \"abc\"\napi_token = \"t\"\n\
-             [[consumers]]\nqueue_id = \"q1\"\n{consumer_extra}\n\
-             [consumers.webhook]\nurl = \"http://127.0.0.1:9/hook\"\ndrop_statuses = [410]\n\
-             [consumers.retry]\nbase_delay = \"4s\"\nmax_delay = \"1h\"\n"
-        ))
-        .unwrap();
-        let c = &cfg.consumers[0];
-        let http = reqwest::Client::new();
-        let client = QueueClient::new(
-            http.clone(),
-            "http://127.0.0.1:9/client/v4",
-            "abc",
-            "q1",
-            &SecretString::from("t"),
-            Duration::from_secs(1),
-        )
-        .unwrap();
-        let webhook = Webhook::new(&http, c).unwrap();
-        let metrics = Metrics::new();
-        let (tx, rx) = mpsc::channel(16);
-        let poll = PollCtx::new(
-            c,
-            client,
-            webhook,
-            metrics.consumer("q1", c.concurrency),
-            Arc::default(),
-            tx,
-            (CancellationToken::new(), CancellationToken::new()),
-        );
-        (poll.delivery.clone(), rx, metrics)
-    }
 
     fn message(id: &str, content_type: Option<&str>, body: String) -> Message {
         Message {
