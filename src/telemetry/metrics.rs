@@ -120,7 +120,7 @@ impl Metrics {
             deliveries: reg!(IntCounterVec::new(
                 Opts::new(
                     name("messages_delivered_total"),
-                    "Messages handled, by outcome: acked (webhook 2xx), retried, dropped by policy, undecodable."
+                    "Messages handled, by outcome: acked (webhook 2xx), retried, dropped by policy, or refused before sending and retried (undecodable, oversized, invalid_id)."
                 ),
                 &["queue", "outcome"]
             )),
