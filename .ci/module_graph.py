@@ -10,7 +10,12 @@ or a `use` of it. Tests (`#[cfg(test)] mod tests { … }` at a file's end) are l
 reach anywhere. A module's own children are not edges (a parent declares its children), nor are
 references from a child to an ancestor that only re-exports.
 
-Exit status 1 when the graph has a cycle, with every strongly connected component listed.
+It also checks the layers: the layout table at the top of the crate root (`lib.rs`), whose rows
+read `//! | 2 | [`cloudflare`] | ... |` (a layer number, or `tools` for the top, then the
+top-level modules of that layer), declares an order, with the binary's own modules (declared
+in `main.rs`) on top; an edge from a module to one of a higher layer is an error. A module not in the table is an error too, so a new folder gets a layer.
+
+Exit status 1 when the graph has a cycle or an upward edge, each one listed.
 """
 
 from __future__ import annotations
@@ -163,6 +168,50 @@ def sccs(edges):
     return out
 
 
+LAYER_ROW_RE = re.compile(r"^//!\s*\|\s*(\d+|tools)\s*\|([^|]*)\|", re.M)
+LAYER_NAME_RE = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+
+# Upward edges known and owned by another change in flight; each is reported, not failed.
+# config -> pipeline::gate: `BreakerConfig` moves into config (the config engineer's part).
+ALLOWED_UPWARD = {("config", "pipeline")}
+
+
+def layers(src: pathlib.Path) -> dict[str, int]:
+    """Top-level module -> layer, from the crate root's layout table (empty when it has none)."""
+    root = src / "lib.rs"
+    if not root.exists():
+        return {}
+    table: dict[str, int] = {}
+    rows = LAYER_ROW_RE.findall(root.read_text())
+    top = max((int(n) for n, _ in rows if n != "tools"), default=0) + 1
+    for number, names in rows:
+        for module in LAYER_NAME_RE.findall(names):
+            table[module] = top if number == "tools" else int(number)
+    # The binary's own modules (`mod cli;` in main.rs) sit above the library.
+    main = src / "main.rs"
+    if table and main.exists():
+        for module in re.findall(r"^\s*(?:pub\s+)?mod\s+([a-z_][a-z0-9_]*)\s*;", strip(main.read_text()), re.M):
+            table[module] = top + 1
+    return table
+
+
+def upward_edges(edges, table: dict[str, int]):
+    """(from, to, from's layer, to's layer) for every edge that points up; modules missing
+    from the table as (module, None, None, None)."""
+    out = []
+    missing = sorted({m[0] for m in edges if m and m[0] not in table})
+    for m in missing:
+        out.append(((m,), None, None, None))
+    for a in sorted(edges):
+        for b in sorted(edges[a]):
+            if not a or not b or a[0] == b[0]:
+                continue
+            la, lb = table.get(a[0]), table.get(b[0])
+            if la is not None and lb is not None and lb > la:
+                out.append((a, b, la, lb))
+    return out
+
+
 def name(m: tuple[str, ...]) -> str:
     return "::".join(m) or "crate"
 
@@ -183,6 +232,22 @@ def main(argv: list[str]) -> int:
             continue
         cyclic = [sorted(c) for c in sccs(edges) if len(c) > 1]
         n_edges = sum(len(v) for v in edges.values())
+        table = layers(src)
+        if table:
+            upward = upward_edges(edges, table)
+            allowed = [u for u in upward if u[1] and (u[0][0], name(u[1])) in ALLOWED_UPWARD
+                       or u[1] and (u[0][0], u[1][0]) in ALLOWED_UPWARD]
+            for a, b, la, lb in upward:
+                if b is None:
+                    failed = True
+                    print(f"{d}: module {name(a)} has no layer in the layout table of {src / 'lib.rs'}")
+                elif (a, b, la, lb) in allowed:
+                    print(f"{d}: known upward edge (being removed): {name(a)} (layer {la}) -> {name(b)} (layer {lb})")
+                else:
+                    failed = True
+                    print(f"{d}: upward edge: {name(a)} (layer {la}) -> {name(b)} (layer {lb})")
+            if not any(u not in allowed for u in upward):
+                print(f"{d}: {len(table)} top-level modules in {len(set(table.values()))} layers, every edge points down")
         if cyclic:
             failed = True
             print(f"{d}: {len(edges)} modules, {n_edges} edges, {len(cyclic)} cycle(s):")

@@ -4,22 +4,25 @@
 //!
 //! # Layout
 //!
-//! The folders are the layers; each points only down (`python3 .ci/module_graph.py src` checks
-//! that the module graph has no cycle, and CI runs it):
+//! The folders are the layers; each points only down:
 //!
 //! | layer | folder | what it holds |
 //! |---|---|---|
-//! | 0 | [`logs`] | log hygiene: one-line escaping and the per-consumer log limiter |
+//! | 0 | `logs`, `retry_after` | log hygiene (one-line escaping, the per-consumer log limiter); the `Retry-After` header |
 //! | 1 | [`config`] | the configuration: serde structs, defaults, validation, secrets (pure data) |
-//! | 2 | [`cloudflare`] | the Queues HTTP pull API client, its retry schedules, the online check |
-//! | 2 | [`webhook`] | the webhook client: guard, delivery, signing |
-//! | 3 | [`pipeline`] | one consumer: poller, worker, batch, policy, gate, concurrency, acker |
-//! | 4 | [`ops`] | the supervisor, the admin server and the metrics |
+//! | 1 | `telemetry` | the typed metric labels (outcome, release reason, status class, API result) and the registry |
+//! | 2 | [`cloudflare`] | the Queues HTTP pull API client, its wire types, its retry schedules, the online check |
+//! | 2 | `webhook` | the webhook client: guard, delivery, signing, the attempt's classification |
+//! | 3 | `pipeline` | one consumer: poller, worker, batch, policy, gate, concurrency, acker |
+//! | 4 | `ops` | the supervisor and the admin server |
 //!
-//! The binary (`src/main.rs`) parses arguments and wires these together; its tool commands
-//! (`emulate`, `receive`, `demo`, in `src/cli/`) use the workspace crate `cfq-emulator`
-//! (`crates/emulator`: the local Cloudflare API and the webhook sink), which the library never
-//! imports.
+//! A module imports only from its own layer or the ones below: `python3 .ci/module_graph.py src`
+//! reads this table and fails on an upward edge or a cycle (CI runs it). The modules are
+//! private; the items the binary, the tests and the bench use are re-exported below under flat
+//! paths. The binary (`src/main.rs`) parses arguments and wires these together; its tool
+//! commands (`emulate`, `receive`, `demo`, in `src/cli/`) use the workspace crate
+//! `cfq-emulator` (`crates/emulator`: the local Cloudflare API and the webhook sink), which the
+//! library never imports.
 //!
 //! # Data flow of one consumer
 //!
@@ -31,26 +34,30 @@
 //! ```
 //!
 //! The poller pulls only as many messages as there are free delivery slots; a worker checks the
-//! lease still leaves time, sends through [`webhook::delivery`], lets [`pipeline::policy`]
-//! decide (ack, drop, or retry after a delay) and hands the verdict to the [`pipeline::acker`],
-//! which coalesces them into API calls before any lease runs out. The [`ops::supervisor`] runs
-//! one such pipeline per `[[consumers]]` entry and the [`ops::admin`] server reports on them.
+//! lease still leaves time, sends through the webhook client ([`delivery`]), lets the pipeline's
+//! policy decide (ack, drop, or retry after a delay; pause the consumer when the receiver asks
+//! for room the adaptive limit cannot give) and hands the verdict to the acker, which
+//! coalesces them into API calls before any lease runs out. The [`supervisor`] runs one such
+//! pipeline per `[[consumers]]` entry and the [`admin`] server reports on them.
 #![forbid(unsafe_code)]
 
 pub mod cloudflare;
 pub mod config;
-pub mod logs;
-pub mod ops;
-pub mod pipeline;
-pub mod webhook;
+mod logs;
+mod ops;
+mod pipeline;
+mod retry_after;
+mod telemetry;
+mod webhook;
 
 // The flat paths the binary, the tests and the bench use (`cfq_relay::delivery`, …), kept
-// deliberately: each names a module of the layer folders above.
+// deliberately: each names a module of the layer folders above; the rest stays private.
 pub use cloudflare::{online, retry};
 pub use config::secrets;
-pub use ops::{admin, metrics, supervisor};
-pub use pipeline::{acker, batch, concurrency, consumer, ctx, gate, policy, poller, worker};
-pub use webhook::{delivery, guard, signing};
+pub use ops::{admin, supervisor};
+pub use pipeline::{batch, concurrency, gate};
+pub use telemetry::metrics;
+pub use webhook::{delivery, signing};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,8 +72,8 @@ use tracing::info;
 pub use config::Config;
 pub use supervisor::{ReloadSummary, Reloader};
 
-use crate::ops::metrics::Metrics;
 use crate::ops::supervisor::Supervisor;
+use crate::telemetry::Metrics;
 
 /// A started relay.
 pub struct Running {

@@ -99,7 +99,7 @@ pub const BURST: u32 = 5;
 pub const WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Default)]
-struct Slot {
+struct KindWindow {
     window_start: Option<Instant>,
     logged: u32,
     suppressed: u64,
@@ -113,7 +113,7 @@ pub struct LogLimiter {
     label: String,
     burst: u32,
     window: Duration,
-    slots: Mutex<[Slot; Event::ALL.len()]>,
+    slots: Mutex<[KindWindow; Event::ALL.len()]>,
 }
 
 impl std::fmt::Debug for LogLimiter {
@@ -134,7 +134,7 @@ impl LogLimiter {
             label: label.into(),
             burst,
             window,
-            slots: Mutex::new([Slot::default(); Event::ALL.len()]),
+            slots: Mutex::new([KindWindow::default(); Event::ALL.len()]),
         }
     }
 
@@ -179,7 +179,7 @@ impl LogLimiter {
                 if slot.suppressed > 0 {
                     summary = Some((slot.suppressed, slot.window_start));
                 }
-                *slot = Slot {
+                *slot = KindWindow {
                     window_start: Some(now),
                     logged: 0,
                     suppressed: 0,

@@ -1,4 +1,5 @@
-//! The `cfq-relay` command: CLI, logging set-up, signals and exit codes. Thin on purpose.
+//! The `cfq-relay` command: CLI, logging set-up, signals, reloads and exit codes, and the
+//! tools' subcommands (`emulate`, `receive`, `demo`); the relay itself is the library's.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -190,7 +190,7 @@ fn check_classification<T: std::fmt::Debug>(
         // the answer) and a metric label.
         let text = e.to_string();
         assert!(!text.contains(['\n', '\r']), "{text:?}");
-        assert!(!e.class().is_empty());
+        assert!(!e.class().as_label().is_empty());
     }
 }
 

@@ -10,9 +10,15 @@ use crate::cloudflare::ApiError;
 
 /// Backoff of failed API calls: 500 ms doubling to 30 s, jittered.
 pub fn api_backoff() -> ExponentialBackoff {
+    jittered_backoff(Duration::from_millis(500), Duration::from_secs(30))
+}
+
+/// An endless backoff from `min` doubling to `max`, each step jittered (backon's jitter adds
+/// up to one step on top).
+pub fn jittered_backoff(min: Duration, max: Duration) -> ExponentialBackoff {
     ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(30))
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()
@@ -20,12 +26,7 @@ pub fn api_backoff() -> ExponentialBackoff {
 
 /// Backoff of one call after a failure of its own: 100 ms doubling to 2 s, jittered.
 pub fn isolated_backoff() -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    jittered_backoff(Duration::from_millis(100), Duration::from_secs(2))
 }
 
 /// The wait before retrying a failed API call: the next backoff step, at least the server's

@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::ops::metrics::Metrics;
-use crate::pipeline::consumer::Readiness;
+use crate::pipeline::Readiness;
+use crate::telemetry::Metrics;
 
 /// The consumers that currently run, as (label, readiness); a config reload replaces it.
 pub type ConsumerSet = Arc<RwLock<Vec<(String, Arc<Readiness>)>>>;
@@ -53,7 +53,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(120);
 
 /// A live admin connection, as the accept loop sees it.
-struct Slot {
+struct Connection {
     id: u64,
     /// Requests in progress on it.
     busy: Arc<AtomicUsize>,
@@ -63,7 +63,7 @@ struct Slot {
 /// Serve on `listener` until `stop` is cancelled, within the limits above.
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
     let app = router(state);
-    let slots: Arc<Mutex<Vec<Slot>>> = Arc::new(Mutex::new(Vec::new()));
+    let slots: Arc<Mutex<Vec<Connection>>> = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = JoinSet::new();
     let mut next_id = 0u64;
     let mut refused = 0u64;
@@ -113,7 +113,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
                 }
             }
             next_id += 1;
-            live.push(Slot {
+            live.push(Connection {
                 id: next_id,
                 busy: busy.clone(),
                 close: close.clone(),

@@ -19,8 +19,8 @@ use crate::Config;
 use crate::cloudflare::QueueClient;
 use crate::config::ConsumerConfig;
 use crate::ops::admin::ConsumerSet;
-use crate::ops::metrics::Metrics;
-use crate::pipeline::consumer::{Consumer, Readiness};
+use crate::pipeline::{Consumer, Readiness};
+use crate::telemetry::Metrics;
 use crate::webhook::delivery::Webhook;
 
 /// What a reload did, by consumer label (each list in config order).
@@ -112,7 +112,7 @@ impl Timing {
 }
 
 /// One live consumer.
-struct Slot {
+struct LiveConsumer {
     config: ConsumerConfig,
     /// Of the files its webhook read when it was built (see [`files_fingerprint`]).
     files: Vec<u8>,
@@ -147,7 +147,7 @@ pub(crate) struct Supervisor {
     shutdown: CancellationToken,
     timing: watch::Sender<Timing>,
     /// Live consumers by label.
-    slots: HashMap<String, Slot>,
+    slots: HashMap<String, LiveConsumer>,
     /// Every consumer task, draining ones included; each returns (label, generation).
     tasks: JoinSet<(String, u64)>,
     next_generation: u64,
@@ -245,7 +245,7 @@ impl Supervisor {
         let finished = CancellationToken::new();
         self.slots.insert(
             p.label.clone(),
-            Slot {
+            LiveConsumer {
                 config: p.config,
                 files: p.files,
                 generation,

@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::cloudflare::retry::{Failures, Rest};
-use crate::cloudflare::{AckEntry, AckResult, ApiError, Op, QueueClient, RetryEntry, short_lease};
+use crate::cloudflare::{AckEntry, AckResult, ApiError, QueueClient, RetryEntry, short_lease};
 use crate::logs::{Event, esc};
-use crate::ops::metrics::ConsumerMetrics;
+use crate::telemetry::{ApiOp, ApiResult, ConsumerMetrics};
 
 /// Items per ack call.
 pub const MAX_ITEMS_PER_CALL: usize = 100;
@@ -212,7 +212,7 @@ impl<C: AckApi> Acker<C> {
             let err = match result {
                 Ok(r) => {
                     calls.succeeded();
-                    self.metrics.api(Op::Ack, "ok", elapsed);
+                    self.metrics.api(ApiOp::Ack, ApiResult::Ok, elapsed);
                     self.metrics.acks_sent.inc_by(acks.len() as u64);
                     self.metrics.retries_sent.inc_by(retries.len() as u64);
                     if !r.warnings.is_empty() {
@@ -229,7 +229,7 @@ impl<C: AckApi> Acker<C> {
                 }
                 Err(e) => e,
             };
-            self.metrics.api(Op::Ack, err.class(), elapsed);
+            self.metrics.api(ApiOp::Ack, err.class(), elapsed);
             if let ApiError::Status { status: 400, .. } = err {
                 // The API refused the call as a bad request: one item may be at fault (a lease
                 // id or delay it does not accept). Split to isolate it, so the rest still land.
@@ -520,7 +520,7 @@ mod tests {
         tokio::task::JoinHandle<()>,
         ConsumerMetrics,
     ) {
-        let metrics = crate::ops::metrics::Metrics::new().consumer("q", 100);
+        let metrics = crate::telemetry::Metrics::new().consumer("q", 100);
         let acker = Acker {
             queue: "q".into(),
             client: api.clone(),

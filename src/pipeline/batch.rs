@@ -19,11 +19,16 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, warn};
 
 use crate::logs::{Event, esc};
-use crate::ops::metrics::status_class;
 use crate::pipeline::acker::AckKind;
-use crate::pipeline::ctx::Ctx;
-use crate::pipeline::policy::{Attempt, Decision, backoff, delay_seconds, jitter};
-use crate::webhook::delivery::{Message, decode_body};
+use crate::pipeline::ctx::DeliveryCtx;
+use crate::pipeline::policy::{Decision, backoff, delay_seconds, jitter};
+use crate::pipeline::worker::{
+    InFlight, Refused, breaker_changed, decode_checked, headroom, hold_back, judge, observe_age,
+    pause, release, sample, settle, to_acker,
+};
+use crate::telemetry::ReleaseReason;
+use crate::webhook::Attempt;
+use crate::webhook::delivery::{Message, Response};
 
 pub use crate::config::BatchConfig;
 pub use crate::webhook::delivery::{HEADER_BATCH_ID, HEADER_BATCH_SIZE};
@@ -91,7 +96,7 @@ pub fn batch_id<'a>(ids: impl Iterator<Item = &'a str>) -> String {
 
 /// What a 2xx answer's body says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub enum BatchAnswer {
     /// No body, a body that is not JSON, or JSON without `failed`: every message is delivered.
     AllDelivered,
     /// These ids must be retried; the others are delivered.
@@ -103,26 +108,26 @@ pub enum Answer {
 
 /// Read a 2xx answer's body (`complete`: it was read to its end). A body that starts like a
 /// JSON object but does not parse (or broke off) is unreadable: it may have listed failures.
-pub fn parse_answer(body: &[u8], complete: bool) -> Answer {
+pub fn parse_answer(body: &[u8], complete: bool) -> BatchAnswer {
     let object = body.trim_ascii_start().starts_with(b"{");
     let failed = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(mut map)) if complete => map.remove("failed"),
-        _ if object => return Answer::Unreadable,
-        _ => return Answer::AllDelivered,
+        _ if object => return BatchAnswer::Unreadable,
+        _ => return BatchAnswer::AllDelivered,
     };
     match failed {
-        None | Some(serde_json::Value::Null) => Answer::AllDelivered,
+        None | Some(serde_json::Value::Null) => BatchAnswer::AllDelivered,
         Some(serde_json::Value::Array(items)) => {
             let mut ids = Vec::with_capacity(items.len());
             for item in items {
                 match item {
                     serde_json::Value::String(s) => ids.push(s),
-                    _ => return Answer::Unreadable,
+                    _ => return BatchAnswer::Unreadable,
                 }
             }
-            Answer::Failed(ids)
+            BatchAnswer::Failed(ids)
         }
-        Some(_) => Answer::Unreadable,
+        Some(_) => BatchAnswer::Unreadable,
     }
 }
 
@@ -148,14 +153,14 @@ pub fn split_by_lease(
 /// The batcher of one consumer: groups what the poller sends until the batch is full, its
 /// first message waited `max_wait`, or its earliest lease must leave; runs until the poller
 /// drops its sender. After shutdown began every partial batch leaves at once.
-pub async fn batcher(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Held>) {
-    let Some(cfg) = ctx.config.webhook.batch.clone() else {
+pub async fn batcher(ctx: Arc<DeliveryCtx>, mut rx: mpsc::Receiver<Held>) {
+    let Some(cfg) = ctx.batch.clone() else {
         return;
     };
     let max_messages = cfg.max_messages.max(1);
     // A batch leaves one more margin before the point where its earliest lease could no
     // longer cover the request and the ack: room to wait for a request slot.
-    let need = ctx.config.webhook.timeout + ctx.lease_margin * 2;
+    let need = ctx.timeout + ctx.lease_margin * 2;
     let mut pending: Vec<Entry> = Vec::with_capacity(max_messages);
     let mut size = BODY_OVERHEAD;
     // When the first pending message arrived, and the earliest pending lease end.
@@ -188,21 +193,13 @@ pub async fn batcher(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Held>) {
                     (first, earliest) = (None, None);
                     continue;
                 };
-                let body = std::mem::take(&mut msg.body);
                 // Refused before any request, as for single deliveries: an undecodable or
                 // oversized body (the id travels inside the JSON body, escaped, so any id
                 // can; crate::webhook::guard).
-                let checked = match decode_body(msg.content_type.as_deref(), body) {
-                    Err(e) => Err((e.to_string(), "undecodable", Event::DeliveryFailed)),
-                    Ok(p) => match crate::webhook::guard::check_body(p.bytes.len()) {
-                        Err(r) => Err((r.to_string(), r.outcome(), r.event())),
-                        Ok(()) => Ok(p),
-                    },
-                };
-                let payload = match checked {
+                let payload = match decode_checked(&mut msg) {
                     Ok(p) => p,
-                    Err((detail, outcome, event)) => {
-                        refuse(&ctx, msg, &detail, outcome, event).await;
+                    Err(refused) => {
+                        refuse(&ctx, msg, refused).await;
                         drop(slot);
                         continue;
                     }
@@ -233,38 +230,34 @@ pub async fn batcher(ctx: Arc<Ctx>, mut rx: mpsc::Receiver<Held>) {
     }
 }
 
-fn flush(ctx: &Arc<Ctx>, pending: &mut Vec<Entry>, size: &mut usize) {
+fn flush(ctx: &Arc<DeliveryCtx>, pending: &mut Vec<Entry>, size: &mut usize) {
     *size = BODY_OVERHEAD;
     if pending.is_empty() {
         return;
     }
-    let cap = ctx
-        .config
-        .webhook
-        .batch
-        .as_ref()
-        .map_or(1, |b| b.max_messages);
+    let cap = ctx.batch.as_ref().map_or(1, |b| b.max_messages);
     let batch = std::mem::replace(pending, Vec::with_capacity(cap));
     ctx.workers.spawn(deliver(ctx.clone(), batch));
 }
 
 /// A message that cannot travel (undecodable or oversized body) is retried by policy, like a
 /// single one: the queue's `max_retries` and dead-letter queue end it.
-async fn refuse(ctx: &Ctx, msg: Message, detail: &str, outcome: &'static str, event: Event) {
+async fn refuse(ctx: &DeliveryCtx, msg: Message, refused: Refused) {
     let decision = ctx
         .policy
         .decide(&Attempt::Undecodable, msg.attempts, jitter());
     ctx.gate.probe_unused();
+    let (outcome, kind) = settle(decision, Some(refused.outcome));
     ctx.metrics.delivered(outcome);
-    let delay = match decision {
-        Decision::Retry { delay } => delay_seconds(delay),
-        Decision::Ack | Decision::Drop => 0,
+    let delay = match kind {
+        AckKind::Retry { delay_seconds } => delay_seconds,
+        AckKind::Ack => 0,
     };
-    if ctx.logs.allow(event) {
-        warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, detail = %esc(detail),
-            delay_s = delay, outcome, "message cannot be delivered; retrying later");
+    if ctx.logs.allow(refused.event) {
+        warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, detail = %esc(&refused.detail),
+            delay_s = delay, outcome = outcome.as_label(), "message cannot be delivered; retrying later");
     }
-    crate::pipeline::worker::send(
+    to_acker(
         ctx,
         msg,
         AckKind::Retry {
@@ -274,47 +267,70 @@ async fn refuse(ctx: &Ctx, msg: Message, detail: &str, outcome: &'static str, ev
     .await;
 }
 
-/// Deliver one batch: wait for the rate limiter's turn, hand back what the breaker or the
-/// leases forbid, POST the rest, and send one verdict per message to the acker. Each message
-/// holds its slot of the adaptive limit (the pool counts messages held, as for single
-/// deliveries); the request reports one sample to the controller, and the slots go back
-/// through the limiter when this ends.
-async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
-    let hand_back = |batch: Vec<Entry>, reason: &'static str| {
-        let ctx = ctx.clone();
-        async move {
-            for e in batch {
-                crate::pipeline::worker::release(&ctx, e.msg, reason).await;
-            }
+/// Deliver one batch in the single path's steps: [`admit`] (the rate limiter's turn, the
+/// breaker, the leases), POST, [`decide`] (one verdict for the request, the ids its answer
+/// lists as failed) and [`report`] (one verdict per message to the acker). Each message holds
+/// its slot of the adaptive limit (the pool counts messages held, as for single deliveries);
+/// the request reports one sample to the controller, and the slots go back through the
+/// limiter when this ends.
+async fn deliver(ctx: Arc<DeliveryCtx>, batch: Vec<Entry>) {
+    let Some(batch) = admit(&ctx, batch).await else {
+        return;
+    };
+    let n = batch.len();
+    let _in_flight = InFlight::new(&ctx, n);
+    ctx.metrics.batch_messages.observe(n as f64);
+    let id = batch_id(batch.iter().map(|e| e.msg.id.as_str()));
+    let body = encode_body(batch.iter().map(|e| e.json.as_slice()));
+    let started = Instant::now();
+    let response = tokio::select! {
+        r = ctx.webhook.post_batch(&id, n, body) => r,
+        _ = ctx.hard_stop.cancelled() => {
+            warn!(queue = %ctx.label, batch = %id, messages = n,
+                "shutdown grace over: abandoning the batch and handing its messages back");
+            hand_back(&ctx, batch, ReleaseReason::Shutdown).await;
+            return;
         }
     };
-    // The rate limit counts messages: the batch leaves at the turn of its last message.
+    let elapsed = started.elapsed();
+    ctx.metrics
+        .webhook(response.attempt.status_class(), elapsed.as_secs_f64());
+    for e in &batch {
+        observe_age(&ctx, e.msg.timestamp_ms);
+    }
+    let failed = decide(&ctx, &id, &batch, &response, elapsed);
+    report(&ctx, &id, batch, &response, failed, elapsed).await;
+}
+
+/// Hand every message of `batch` back undelivered.
+async fn hand_back(ctx: &DeliveryCtx, batch: Vec<Entry>, reason: ReleaseReason) {
+    for e in batch {
+        release(ctx, e.msg, reason).await;
+    }
+}
+
+/// Step 1: wait for the rate limiter's turn (the rate limit counts messages: the batch leaves
+/// at the turn of its last message), then hand back what the breaker or the leases forbid.
+/// What may be sent, if anything.
+async fn admit(ctx: &DeliveryCtx, batch: Vec<Entry>) -> Option<Vec<Entry>> {
     if let Some(at) = batch.iter().filter_map(|e| e.msg.not_before).max() {
         tokio::select! {
             _ = sleep_until(at) => {}
             _ = ctx.hard_stop.cancelled() => {
-                hand_back(batch, "shutdown").await;
-                return;
+                hand_back(ctx, batch, ReleaseReason::Shutdown).await;
+                return None;
             }
         }
     }
     if ctx.gate.is_open() {
         let delay = delay_seconds(ctx.gate.open_remaining(Instant::now()));
         for e in batch {
-            ctx.metrics.released("breaker");
-            crate::pipeline::worker::send(
-                &ctx,
-                e.msg,
-                AckKind::Retry {
-                    delay_seconds: delay,
-                },
-            )
-            .await;
+            hold_back(ctx, e.msg, delay).await;
         }
-        return;
+        return None;
     }
     // Send only what the request and the ack still fit in; hand the rest back now.
-    let need = ctx.config.webhook.timeout + ctx.lease_margin;
+    let need = ctx.timeout + ctx.lease_margin;
     let (keep, back) = split_by_lease(batch.iter().map(|e| e.msg.deadline), Instant::now(), need);
     let batch = if back.is_empty() {
         batch
@@ -327,82 +343,94 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
         let mut sending = Vec::with_capacity(keep.len());
         for (i, e) in batch.into_iter().enumerate() {
             if back.contains(&i) {
-                crate::pipeline::worker::release(&ctx, e.msg, "lease").await;
+                release(ctx, e.msg, ReleaseReason::Lease).await;
             } else {
                 sending.push(e);
             }
         }
         sending
     };
-    if batch.is_empty() {
-        return;
-    }
-    let n = batch.len();
-    let _in_flight = InFlight::new(&ctx, n);
-    ctx.metrics.batch_messages.observe(n as f64);
-    let id = batch_id(batch.iter().map(|e| e.msg.id.as_str()));
-    let body = encode_body(batch.iter().map(|e| e.json.as_slice()));
-    let started = Instant::now();
-    let response = tokio::select! {
-        r = ctx.webhook.post_batch(&id, n, body) => r,
-        _ = ctx.hard_stop.cancelled() => {
-            warn!(queue = %ctx.label, batch = %id, messages = n,
-                "shutdown grace over: abandoning the batch and handing its messages back");
-            hand_back(batch, "shutdown").await;
-            return;
-        }
-    };
-    let elapsed = started.elapsed();
-    ctx.metrics
-        .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
-    for e in &batch {
-        crate::pipeline::worker::observe_age(&ctx, e.msg.timestamp_ms);
-    }
-    let attempt = response.attempt;
+    (!batch.is_empty()).then_some(batch)
+}
+
+/// Step 3: one verdict for the request (by the first message's attempts; each message's own
+/// attempts set its delay in [`report`]), fed to the adaptive limit, the pause and the
+/// breaker; and, for a 2xx, the ids its answer lists as failed.
+fn decide(
+    ctx: &DeliveryCtx,
+    id: &str,
+    batch: &[Entry],
+    response: &Response,
+    elapsed: Duration,
+) -> Option<HashSet<String>> {
+    let attempt = &response.attempt;
     // One request, one sample of the adaptive limit, however many messages it carried.
-    let limit_before = crate::pipeline::worker::sample(&ctx, elapsed, &attempt);
-    crate::pipeline::worker::slow_down(&ctx, &attempt);
-    // One decision for the request, by the first message's attempts; each message's own
-    // attempts set its delay below.
-    let whole = ctx.policy.decide(&attempt, 1, 0.0);
-    let success_2xx = matches!(attempt, Attempt::Status { status, .. } if (200..300).contains(&status))
-        && whole == Decision::Ack;
-    let failed: Option<HashSet<String>> = if success_2xx {
-        match parse_answer(&response.answer, response.answer_complete) {
-            Answer::AllDelivered => None,
-            Answer::Failed(ids) => {
-                let known: HashSet<&str> = batch.iter().map(|e| e.msg.id.as_str()).collect();
-                let unknown: Vec<&String> = ids
-                    .iter()
-                    .filter(|id| !known.contains(id.as_str()))
-                    .collect();
-                if !unknown.is_empty() {
-                    ctx.metrics.batch_unknown_ids.inc_by(unknown.len() as u64);
-                    if ctx.logs.allow(Event::DeliveryFailed) {
-                        warn!(queue = %ctx.label, batch = %id, unknown = unknown.len(),
-                            first = %esc(&unknown[0].chars().take(80).collect::<String>()),
-                            "webhook listed ids in `failed` that were not in the batch; ignored");
-                    }
-                }
-                Some(ids.into_iter().collect())
-            }
-            Answer::Unreadable => {
-                if ctx.logs.allow(Event::DeliveryFailed) {
-                    warn!(queue = %ctx.label, batch = %id, messages = n,
-                        "webhook answered 2xx with a `failed` that is not a list of ids; retrying the whole batch");
-                }
-                Some(batch.iter().map(|e| e.msg.id.clone()).collect())
-            }
-        }
+    let limit_before = sample(ctx, elapsed, attempt);
+    let whole = ctx.policy.verdict(attempt, 1, 0.0, headroom(ctx));
+    pause(ctx, attempt, whole.pause);
+    let success_2xx = matches!(attempt, Attempt::Status { status, .. } if (200..300).contains(status))
+        && whole.decision == Decision::Ack;
+    let failed = if success_2xx {
+        failed_ids(ctx, id, batch, response)
     } else {
         None
     };
-    let request_failed = matches!(whole, Decision::Retry { .. });
-    if let Some(t) =
-        crate::pipeline::worker::judge(&ctx, &attempt, request_failed, Some(limit_before))
-    {
-        crate::pipeline::worker::breaker_changed(&ctx, t);
+    let request_failed = matches!(whole.decision, Decision::Retry { .. });
+    if let Some(t) = judge(ctx, attempt, request_failed, Some(limit_before)) {
+        breaker_changed(ctx, t);
     }
+    failed
+}
+
+/// The ids a 2xx answer lists as failed (every id when the list cannot be read); `None` when
+/// all were delivered.
+fn failed_ids(
+    ctx: &DeliveryCtx,
+    id: &str,
+    batch: &[Entry],
+    response: &Response,
+) -> Option<HashSet<String>> {
+    match parse_answer(&response.answer, response.answer_complete) {
+        BatchAnswer::AllDelivered => None,
+        BatchAnswer::Failed(ids) => {
+            let known: HashSet<&str> = batch.iter().map(|e| e.msg.id.as_str()).collect();
+            let unknown: Vec<&String> = ids
+                .iter()
+                .filter(|id| !known.contains(id.as_str()))
+                .collect();
+            if !unknown.is_empty() {
+                ctx.metrics.batch_unknown_ids.inc_by(unknown.len() as u64);
+                if ctx.logs.allow(Event::DeliveryFailed) {
+                    warn!(queue = %ctx.label, batch = %id, unknown = unknown.len(),
+                        first = %esc(&unknown[0].chars().take(80).collect::<String>()),
+                        "webhook listed ids in `failed` that were not in the batch; ignored");
+                }
+            }
+            Some(ids.into_iter().collect())
+        }
+        BatchAnswer::Unreadable => {
+            if ctx.logs.allow(Event::DeliveryFailed) {
+                warn!(queue = %ctx.label, batch = %id, messages = batch.len(),
+                    "webhook answered 2xx with a `failed` that is not a list of ids; retrying the whole batch");
+            }
+            Some(batch.iter().map(|e| e.msg.id.clone()).collect())
+        }
+    }
+}
+
+/// Step 4: one verdict per message (the ids listed as failed retry with their own backoff,
+/// the others follow the request's status), counted, handed to the acker, its slot released;
+/// one log line for the batch.
+async fn report(
+    ctx: &DeliveryCtx,
+    id: &str,
+    batch: Vec<Entry>,
+    response: &Response,
+    failed: Option<HashSet<String>>,
+    elapsed: Duration,
+) {
+    let attempt = &response.attempt;
+    let n = batch.len();
     let (mut acked, mut retried, mut dropped) = (0usize, 0usize, 0usize);
     for e in batch {
         let decision = match &failed {
@@ -414,28 +442,16 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
                     jitter(),
                 ),
             },
-            _ => ctx.policy.decide(&attempt, e.msg.attempts, jitter()),
+            _ => ctx.policy.decide(attempt, e.msg.attempts, jitter()),
         };
-        let kind = match decision {
-            Decision::Ack => {
-                acked += 1;
-                ctx.metrics.delivered("acked");
-                AckKind::Ack
-            }
-            Decision::Drop => {
-                dropped += 1;
-                ctx.metrics.delivered("dropped");
-                AckKind::Ack
-            }
-            Decision::Retry { delay } => {
-                retried += 1;
-                ctx.metrics.delivered("retried");
-                AckKind::Retry {
-                    delay_seconds: delay_seconds(delay),
-                }
-            }
-        };
-        crate::pipeline::worker::send(&ctx, e.msg, kind).await;
+        match decision {
+            Decision::Ack => acked += 1,
+            Decision::Drop => dropped += 1,
+            Decision::Retry { .. } => retried += 1,
+        }
+        let (outcome, kind) = settle(decision, None);
+        ctx.metrics.delivered(outcome);
+        to_acker(ctx, e.msg, kind).await;
         ctx.limiter.release(e.slot);
     }
     let took_ms = elapsed.as_millis() as u64;
@@ -450,22 +466,6 @@ async fn deliver(ctx: Arc<Ctx>, batch: Vec<Entry>) {
     }
 }
 
-/// Keeps the in-flight gauge right whatever path a batch takes.
-struct InFlight<'a>(&'a Ctx, usize);
-
-impl<'a> InFlight<'a> {
-    fn new(ctx: &'a Ctx, n: usize) -> Self {
-        ctx.metrics.in_flight.add(n as i64);
-        Self(ctx, n)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.metrics.in_flight.sub(self.1 as i64);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,24 +473,24 @@ mod tests {
     #[test]
     fn answers_are_read_conservatively() {
         let p = |b: &[u8]| parse_answer(b, true);
-        assert_eq!(p(b""), Answer::AllDelivered);
-        assert_eq!(p(b"OK"), Answer::AllDelivered);
-        assert_eq!(p(b"[1]"), Answer::AllDelivered);
-        assert_eq!(p(b"{}"), Answer::AllDelivered);
-        assert_eq!(p(br#"{"failed":null}"#), Answer::AllDelivered);
-        assert_eq!(p(br#"{"ok":true}"#), Answer::AllDelivered);
-        assert_eq!(p(br#"{"failed":[]}"#), Answer::Failed(vec![]));
+        assert_eq!(p(b""), BatchAnswer::AllDelivered);
+        assert_eq!(p(b"OK"), BatchAnswer::AllDelivered);
+        assert_eq!(p(b"[1]"), BatchAnswer::AllDelivered);
+        assert_eq!(p(b"{}"), BatchAnswer::AllDelivered);
+        assert_eq!(p(br#"{"failed":null}"#), BatchAnswer::AllDelivered);
+        assert_eq!(p(br#"{"ok":true}"#), BatchAnswer::AllDelivered);
+        assert_eq!(p(br#"{"failed":[]}"#), BatchAnswer::Failed(vec![]));
         assert_eq!(
             p(br#"{"failed":["a","b"],"other":1}"#),
-            Answer::Failed(vec!["a".into(), "b".into()])
+            BatchAnswer::Failed(vec!["a".into(), "b".into()])
         );
-        assert_eq!(p(br#"{"failed":"a"}"#), Answer::Unreadable);
-        assert_eq!(p(br#"{"failed":[1]}"#), Answer::Unreadable);
+        assert_eq!(p(br#"{"failed":"a"}"#), BatchAnswer::Unreadable);
+        assert_eq!(p(br#"{"failed":[1]}"#), BatchAnswer::Unreadable);
         // Broken JSON, or a body cut short, may have listed failures.
-        assert_eq!(p(br#" {"failed":["a",}"#), Answer::Unreadable);
+        assert_eq!(p(br#" {"failed":["a",}"#), BatchAnswer::Unreadable);
         assert_eq!(
             parse_answer(br#"{"failed":["a"]}"#, false),
-            Answer::Unreadable
+            BatchAnswer::Unreadable
         );
     }
 
@@ -581,6 +581,98 @@ mod tests {
         ] {
             let got = config_with(batch, extra).unwrap_err();
             assert!(got.contains(want), "{batch} {extra}: {got}");
+        }
+    }
+
+    fn held(id: &str) -> Message {
+        Message {
+            id: id.into(),
+            lease_id: format!("lease-{id}"),
+            attempts: 1,
+            timestamp_ms: None,
+            content_type: None,
+            body: String::new(),
+            deadline: Instant::now() + Duration::from_secs(600),
+            not_before: None,
+        }
+    }
+
+    /// Decide and report one batch of `ids` on a given answer, as `deliver` does after the
+    /// POST; the verdicts the acker gets, by lease id.
+    async fn verdicts(
+        ctx: &DeliveryCtx,
+        rx: &mut mpsc::Receiver<crate::pipeline::acker::AckItem>,
+        ids: &[&str],
+        status: u16,
+        answer: &[u8],
+    ) -> Vec<(String, AckKind)> {
+        let mut batch = Vec::new();
+        for id in ids {
+            let slot = ctx.limiter.slots().clone().acquire_owned().await.unwrap();
+            batch.push(Entry {
+                msg: held(id),
+                slot,
+                json: Vec::new(),
+            });
+        }
+        let response = Response {
+            attempt: Attempt::Status {
+                status,
+                retry_after: None,
+            },
+            detail: String::new(),
+            answer: answer.to_vec(),
+            answer_complete: true,
+        };
+        let took = Duration::from_millis(10);
+        let failed = decide(ctx, "b1", &batch, &response, took);
+        report(ctx, "b1", batch, &response, failed, took).await;
+        let mut out = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            out.push((item.lease_id, item.kind));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn each_message_of_a_batch_gets_its_verdict_from_the_answer() {
+        let (ctx, mut rx, metrics) = crate::pipeline::ctx::fixture("");
+        let backoff = |k: &AckKind| {
+            matches!(
+                k,
+                AckKind::Retry {
+                    delay_seconds: 2..=4
+                }
+            )
+        };
+        let ids = ["m1", "m2", "m3"];
+        // A 2xx acks all but the ids it lists as failed; an id not in the batch is counted.
+        let got = verdicts(&ctx, &mut rx, &ids, 200, br#"{"failed":["m2","zz"]}"#).await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], ("lease-m1".into(), AckKind::Ack));
+        assert!(got[1].0 == "lease-m2" && backoff(&got[1].1), "{got:?}");
+        assert_eq!(got[2], ("lease-m3".into(), AckKind::Ack));
+        assert_eq!(ctx.metrics.batch_unknown_ids.get(), 1);
+        // A 2xx whose `failed` cannot be read retries the whole batch.
+        let got = verdicts(&ctx, &mut rx, &ids, 200, br#"{"failed":"m1"}"#).await;
+        assert!(got.iter().all(|(_, k)| backoff(k)), "{got:?}");
+        // Any other answer applies to the whole batch: a 5xx retries, a drop status acks.
+        let got = verdicts(&ctx, &mut rx, &ids, 503, b"").await;
+        assert!(
+            got.len() == 3 && got.iter().all(|(_, k)| backoff(k)),
+            "{got:?}"
+        );
+        let got = verdicts(&ctx, &mut rx, &ids, 410, b"").await;
+        assert!(
+            got.len() == 3 && got.iter().all(|(_, k)| *k == AckKind::Ack),
+            "{got:?}"
+        );
+        let text = metrics.render();
+        for (outcome, n) in [("acked", 2), ("retried", 7), ("dropped", 3)] {
+            let line = format!(
+                "cfq_relay_messages_delivered_total{{outcome=\"{outcome}\",queue=\"q1\"}} {n}"
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
         }
     }
 

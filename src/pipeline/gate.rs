@@ -157,10 +157,6 @@ impl Gate {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn state(&self) -> BreakerState {
-        self.lock().state
-    }
-
     /// The receiver asked for room (Retry-After on 429/503): no pulls before `until`.
     pub fn pause(&self, until: Instant) {
         let mut g = self.lock();
@@ -489,7 +485,7 @@ mod tests {
             }
             assert_eq!(g.record(t0, false), None, "round {round}");
         }
-        assert_eq!(g.state(), BreakerState::Closed);
+        assert_eq!(g.lock().state, BreakerState::Closed);
         // An outage: nothing but 503s. A limit's worth in a row counts, as the run it was.
         for i in 1..16 {
             let tr = g.record_back_pressure(t0, 16, false, quiet);

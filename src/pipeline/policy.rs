@@ -1,28 +1,11 @@
 //! Pure decisions: what a webhook attempt's result means for its message (ack, drop or retry
-//! after a delay), the retry backoff, and `Retry-After` parsing. No I/O, so every branch is
-//! table-tested.
+//! after a delay), whether it pauses the whole consumer, and the retry backoff. No I/O, so
+//! every branch is table-tested.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::config::ConsumerConfig;
-
-/// What happened when the relay tried to deliver one message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attempt {
-    /// The webhook answered with this status (and maybe a parsed `Retry-After`).
-    Status {
-        status: u16,
-        retry_after: Option<Duration>,
-    },
-    /// No answer within `webhook.timeout`.
-    Timeout,
-    /// The connection could not be opened (refused, DNS, TLS handshake).
-    Connect,
-    /// The connection broke mid-request or mid-response.
-    Transport,
-    /// The body could not be decoded for its content type (e.g. `v8`), so it was never sent.
-    Undecodable,
-}
+use crate::webhook::Attempt;
 
 /// What to tell Cloudflare about the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +16,25 @@ pub enum Decision {
     Drop,
     /// Hand it back to the queue; it is redelivered after the delay.
     Retry { delay: Duration },
+}
+
+/// Whether the adaptive limit can still take back-pressure by shrinking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Headroom {
+    /// Adaptive and above its floor: the limit shrinks, the consumer goes on.
+    CanShrink,
+    /// At its floor, or fixed (`concurrency_mode = "fixed"`): only a pause slows the relay.
+    AtFloor,
+}
+
+/// The policy's verdict on one webhook request: what to tell Cloudflare about its message,
+/// and whether the whole consumer pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    /// Pause every pull and delivery of the consumer for this long: the receiver asked for
+    /// room (429/503 with `Retry-After`) and the adaptive limit cannot give it by shrinking.
+    pub pause: Option<Duration>,
 }
 
 /// The per-consumer outcome policy.
@@ -90,6 +92,32 @@ impl Policy {
             }
         }
     }
+
+    /// The verdict on a request: [`Policy::decide`] for its message, and the consumer-wide
+    /// pause a 429/503 with `Retry-After` asks for (at most `max_delay`) when the adaptive limit
+    /// has no `headroom` left: the floor under the adaptive limit.
+    pub fn verdict(
+        &self,
+        attempt: &Attempt,
+        attempts: u32,
+        jitter: f64,
+        headroom: Headroom,
+    ) -> Verdict {
+        let pause = match (attempt, headroom) {
+            (
+                Attempt::Status {
+                    status: 429 | 503,
+                    retry_after: Some(after),
+                },
+                Headroom::AtFloor,
+            ) => Some((*after).min(self.max_delay)),
+            _ => None,
+        };
+        Verdict {
+            decision: self.decide(attempt, attempts, jitter),
+            pause,
+        }
+    }
 }
 
 /// Exponential backoff in the message's attempt count: `base * 2^(attempts-1)`, capped at `max`,
@@ -111,34 +139,6 @@ pub const MAX_DELAY_SECONDS: u32 = 43_200;
 pub fn delay_seconds(delay: Duration) -> u32 {
     let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
     secs.min(u64::from(MAX_DELAY_SECONDS)) as u32
-}
-
-/// Parse a `Retry-After` header: delta-seconds or an HTTP date (relative to `now`).
-/// A date in the past means "now" (zero). Garbage yields `None`.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if value.is_empty() {
-        return None;
-    }
-    if value.bytes().all(|b| b.is_ascii_digit()) {
-        return value.parse::<u64>().ok().map(Duration::from_secs);
-    }
-    if let Ok(secs) = value.parse::<f64>()
-        && secs.is_finite()
-        && secs >= 0.0
-    {
-        return Some(Duration::from_secs_f64(secs.min(1e9)));
-    }
-    let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
-/// The `Retry-After` of an answer, parsed (see [`parse_retry_after`]).
-pub fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    headers
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, SystemTime::now()))
 }
 
 /// A random number in `[0, 1)` for jitter.
@@ -228,6 +228,35 @@ mod tests {
     }
 
     #[test]
+    fn only_a_429_or_503_with_retry_after_at_the_floor_pauses_the_consumer() {
+        let p = policy();
+        let after = |s, secs| Attempt::Status {
+            status: s,
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        let pause = |a: &Attempt, h| p.verdict(a, 1, 1.0, h).pause;
+        let secs = |s| Some(Duration::from_secs(s));
+        // (attempt, pause at the floor); with headroom nothing pauses.
+        let table = [
+            (after(429, 30), secs(30)),
+            (after(503, 7), secs(7)),
+            (after(503, 7200), secs(3600)), // capped at max_delay
+            (after(500, 30), None),
+            (after(408, 30), None),
+            (status(429), None), // no Retry-After: the limit and the backoff do it
+            (status(503), None),
+            (Attempt::Timeout, None),
+        ];
+        for (attempt, want) in table {
+            assert_eq!(pause(&attempt, Headroom::AtFloor), want, "{attempt:?}");
+            assert_eq!(pause(&attempt, Headroom::CanShrink), None, "{attempt:?}");
+        }
+        // The message's own decision is the plain policy's.
+        let v = p.verdict(&after(429, 30), 1, 0.0, Headroom::AtFloor);
+        assert_eq!(v.decision, retry(30));
+    }
+
+    #[test]
     fn nothing_dropped_without_configuration() {
         let p = Policy {
             success_statuses: vec![],
@@ -279,29 +308,5 @@ mod tests {
         assert_eq!(delay_seconds(Duration::from_secs(5)), 5);
         assert_eq!(delay_seconds(Duration::from_secs(100_000)), 43_200);
         assert_eq!(delay_seconds(Duration::from_secs(43_201)), 43_200);
-    }
-
-    #[test]
-    fn retry_after_parsing() {
-        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
-        let cases = [
-            ("120", Some(120)),
-            ("0", Some(0)),
-            (" 7 ", Some(7)),
-            ("1.5", Some(1)),
-            ("Sun, 06 Nov 1994 08:50:37 GMT", Some(60)),
-            ("Sun, 06 Nov 1994 08:49:37 GMT", Some(0)),
-            ("Sun, 06 Nov 1994 07:00:00 GMT", Some(0)), // in the past
-            ("Sunday, 06-Nov-94 08:49:47 GMT", Some(10)), // RFC 850 form
-            ("Sun Nov  6 08:49:57 1994", Some(20)),     // asctime form
-            ("", None),
-            ("soon", None),
-            ("-5", None),
-            ("99999999999999999999999", None),
-        ];
-        for (value, want) in cases {
-            let got = parse_retry_after(value, now).map(|d| d.as_secs());
-            assert_eq!(got, want, "{value:?}");
-        }
     }
 }

@@ -6,17 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::cloudflare::retry::{Failures, Rest};
-use crate::cloudflare::{ApiError, Op, PulledMessage};
+use crate::cloudflare::retry::{Failures, Rest, jittered_backoff};
+use crate::cloudflare::{ApiError, PulledMessage};
 use crate::logs::{Event, esc};
-use crate::pipeline::ctx::Ctx;
+use crate::pipeline::ctx::PollCtx;
 use crate::pipeline::gate::Admit;
+use crate::telemetry::{ApiOp, ApiResult, ReleaseReason};
 use crate::webhook::delivery::Message;
 
 /// Pull failures in a row after which the consumer reports not ready.
@@ -26,13 +26,7 @@ const UNREADY_AFTER_FAILURES: u32 = 3;
 /// jitter, the wait at the cap lies between `max/2` and `max`).
 pub fn idle_backoff(max: Duration) -> impl Iterator<Item = Duration> + Send {
     let half = max / 2;
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50).min(half))
-        .with_max_delay(half)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .map(move |d| d.min(max))
+    jittered_backoff(Duration::from_millis(50).min(half), half).map(move |d| d.min(max))
 }
 
 /// How long a trickling queue is left to gather messages between pulls.
@@ -47,12 +41,12 @@ enum Pulled {
 
 /// Run the pull loop until shutdown; returns after every pull in flight has finished and its
 /// messages were dispatched (or handed back).
-pub async fn run(ctx: Arc<Ctx>) {
-    let batch = ctx.config.batch_size as usize;
-    let max_pulls = ctx.config.max_pulls_in_flight;
+pub async fn run(ctx: Arc<PollCtx>) {
+    let batch = ctx.batch_size as usize;
+    let max_pulls = ctx.max_pulls_in_flight;
     let mut pulls: JoinSet<Pulled> = JoinSet::new();
     let mut next_pull_at = Instant::now();
-    let mut idle = idle_backoff(ctx.config.max_idle_backoff);
+    let mut idle = idle_backoff(ctx.max_idle_backoff);
     // A failed pull rests only its own slot unless failures persist (shared with the acker).
     let mut failures = Failures::default();
     // Pull slots resting after a failed call of their own, until these instants.
@@ -62,10 +56,11 @@ pub async fn run(ctx: Arc<Ctx>) {
     let mut trickling = false;
     // Batch mode: pulled messages go to the consumer's batcher, which ends once this sender
     // (and the pulls' clones) are gone, after sending or handing back what it holds.
-    let batches = ctx.config.webhook.batch.as_ref().map(|_| {
-        let (tx, rx) = tokio::sync::mpsc::channel(ctx.config.concurrency.max(1));
-        ctx.workers
-            .spawn(crate::pipeline::batch::batcher(ctx.clone(), rx));
+    let batches = ctx.delivery.batch.as_ref().map(|_| {
+        let (tx, rx) = tokio::sync::mpsc::channel(ctx.concurrency.max(1));
+        ctx.delivery
+            .workers
+            .spawn(crate::pipeline::batch::batcher(ctx.delivery.clone(), rx));
         tx
     });
 
@@ -77,23 +72,23 @@ pub async fn run(ctx: Arc<Ctx>) {
         let next_rest_end = resting.iter().min().copied();
         // Do not pull a handful of messages per round trip: wait until a useful share of a
         // batch is free (pulls are billed operations and each costs a round trip).
-        let min_chunk = (batch.min(ctx.limiter.limit()) / 4).max(1);
+        let min_chunk = (batch.min(ctx.delivery.limiter.limit()) / 4).max(1);
         tokio::select! {
             biased;
-            _ = ctx.shutdown.cancelled() => break,
+            _ = ctx.delivery.shutdown.cancelled() => break,
             Some(done) = pulls.join_next(), if !pulls.is_empty() => {
                 let outcome = match done {
                     Ok(o) => o,
                     Err(e) => {
-                        error!(queue = %ctx.label, error = %e, "pull task failed");
+                        error!(queue = %ctx.label(), error = %e, "pull task failed");
                         continue;
                     }
                 };
-                ctx.logs.flush();
+                ctx.delivery.logs.flush();
                 match outcome {
                     Pulled::Messages { got, asked } => {
-                        debug!(queue = %ctx.label, messages = got, asked, "pulled");
-                        idle = idle_backoff(ctx.config.max_idle_backoff);
+                        debug!(queue = %ctx.label(), messages = got, asked, "pulled");
+                        idle = idle_backoff(ctx.max_idle_backoff);
                         failures.succeeded();
                         ctx.readiness.ready.store(true, Ordering::Relaxed);
                         trickling = got * 2 < asked;
@@ -102,15 +97,15 @@ pub async fn run(ctx: Arc<Ctx>) {
                         }
                     }
                     Pulled::Empty => {
-                        ctx.gate.probe_unused();
+                        ctx.delivery.gate.probe_unused();
                         trickling = true;
                         failures.succeeded();
                         ctx.readiness.ready.store(true, Ordering::Relaxed);
-                        let wait = idle.next().unwrap_or(ctx.config.max_idle_backoff);
+                        let wait = idle.next().unwrap_or(ctx.max_idle_backoff);
                         next_pull_at = next_pull_at.max(Instant::now() + wait);
                     }
                     Pulled::Failed(err) => {
-                        ctx.gate.probe_unused();
+                        ctx.delivery.gate.probe_unused();
                         // A lone failure costs only its own pull slot, which retries after
                         // a short backoff of its own while the other pulls go on. Failures in a
                         // row, a 429 and an authentication error back the whole consumer off.
@@ -124,9 +119,9 @@ pub async fn run(ctx: Arc<Ctx>) {
                             Rest::Own(_) => resting.push(Instant::now() + wait),
                         }
                         if err.is_auth() {
-                            error!(queue = %ctx.label, error = %err, retry_in = ?wait, "pull rejected");
-                        } else if ctx.logs.allow(Event::PullFailed) {
-                            warn!(queue = %ctx.label, error = %err, retry_in = ?wait, "pull failed");
+                            error!(queue = %ctx.label(), error = %err, retry_in = ?wait, "pull rejected");
+                        } else if ctx.delivery.logs.allow(Event::PullFailed) {
+                            warn!(queue = %ctx.label(), error = %err, retry_in = ?wait, "pull failed");
                         }
                     }
                 }
@@ -134,33 +129,33 @@ pub async fn run(ctx: Arc<Ctx>) {
             _ = sleep_until(next_pull_at), if can_launch && Instant::now() < next_pull_at => {}
             _ = sleep_until(next_rest_end.unwrap_or(now)), if next_rest_end.is_some() => {}
             // A limit that shrank below what the wait below asks for must not strand it.
-            _ = ctx.limiter.changed() => {}
-            permit = ctx.limiter.slots().clone().acquire_many_owned(min_chunk as u32),
+            _ = ctx.delivery.limiter.changed() => {}
+            permit = ctx.delivery.limiter.slots().clone().acquire_many_owned(min_chunk as u32),
                 if can_launch && Instant::now() >= next_pull_at =>
             {
                 let Ok(mut permit) = permit else { break };
                 // Top up to a whole batch with whatever else is free right now.
-                let extra = ctx.limiter.slots().available_permits().min(batch - min_chunk);
+                let extra = ctx.delivery.limiter.slots().available_permits().min(batch - min_chunk);
                 if extra > 0
-                    && let Ok(more) = ctx.limiter.slots().clone().try_acquire_many_owned(extra as u32)
+                    && let Ok(more) = ctx.delivery.limiter.slots().clone().try_acquire_many_owned(extra as u32)
                 {
                     permit.merge(more);
                 }
                 // The breaker, a receiver's Retry-After and the rate limit may allow less.
-                let (admit, transition) = ctx.gate.admit(Instant::now(), permit.num_permits());
+                let (admit, transition) = ctx.delivery.gate.admit(Instant::now(), permit.num_permits());
                 if let Some(t) = transition {
-                    crate::pipeline::worker::breaker_changed(&ctx, t);
+                    crate::pipeline::worker::breaker_changed(&ctx.delivery, t);
                 }
                 match admit {
                     Admit::Later(at) => {
                         next_pull_at = next_pull_at.max(at);
-                        ctx.limiter.release(permit);
+                        ctx.delivery.limiter.release(permit);
                     }
                     Admit::Now { max, first_send, pace } => {
                         if permit.num_permits() > max
                             && let Some(extra) = permit.split(permit.num_permits() - max)
                         {
-                            ctx.limiter.release(extra);
+                            ctx.delivery.limiter.release(extra);
                         }
                         let pacing = first_send.zip(pace);
                         pulls.spawn(pull(ctx.clone(), permit, pacing, batches.clone()));
@@ -169,16 +164,16 @@ pub async fn run(ctx: Arc<Ctx>) {
             }
         }
     }
-    info!(queue = %ctx.label, pulls_in_flight = pulls.len(), "stopped pulling");
+    info!(queue = %ctx.label(), pulls_in_flight = pulls.len(), "stopped pulling");
     // Pulls in flight finish; their messages are handed back since shutdown has begun. Once the
     // grace is over, a pull still waiting for its answer is abandoned: whatever it would have
     // leased returns when the leases expire, as after a crash.
     loop {
         tokio::select! {
             done = pulls.join_next() => if done.is_none() { break },
-            _ = ctx.hard_stop.cancelled() => {
+            _ = ctx.delivery.hard_stop.cancelled() => {
                 if !pulls.is_empty() {
-                    warn!(queue = %ctx.label, pulls_in_flight = pulls.len(),
+                    warn!(queue = %ctx.label(), pulls_in_flight = pulls.len(),
                         "shutdown grace over: abandoning pulls still waiting for an answer");
                 }
                 pulls.abort_all();
@@ -191,25 +186,25 @@ pub async fn run(ctx: Arc<Ctx>) {
 
 /// One pull call for `permit.num_permits()` messages; dispatches what it gets.
 async fn pull(
-    ctx: Arc<Ctx>,
+    ctx: Arc<PollCtx>,
     mut permit: OwnedSemaphorePermit,
     pacing: Option<(Instant, Duration)>,
     batches: Option<mpsc::Sender<crate::pipeline::batch::Held>>,
 ) -> Pulled {
     let n = permit.num_permits() as u32;
-    let visibility = ctx.config.visibility_timeout;
+    let visibility = ctx.visibility_timeout;
     let started = Instant::now();
     let result = ctx.client.pull(n, visibility).await;
     let elapsed = started.elapsed().as_secs_f64();
     let result = match result {
         Ok(r) => r,
         Err(e) => {
-            ctx.metrics.api(Op::Pull, e.class(), elapsed);
-            ctx.limiter.release(permit);
+            ctx.metrics.api(ApiOp::Pull, e.class(), elapsed);
+            ctx.delivery.limiter.release(permit);
             return Pulled::Failed(e);
         }
     };
-    ctx.metrics.api(Op::Pull, "ok", elapsed);
+    ctx.metrics.api(ApiOp::Pull, ApiResult::Ok, elapsed);
     let now_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -229,7 +224,7 @@ async fn pull(
 
     let count = result.messages.len();
     if count == 0 {
-        ctx.limiter.release(permit);
+        ctx.delivery.limiter.release(permit);
         return Pulled::Empty;
     }
     ctx.metrics.pulled.inc_by(count as u64);
@@ -246,12 +241,12 @@ async fn pull(
         usable += 1;
         // One slot per message; a server that sent more than asked gets the extra back.
         let Some(slot) = permit.split(1) else {
-            warn!(queue = %ctx.label, id = %esc(&msg.id), "pull returned more messages than asked for; handing the extra back");
-            crate::pipeline::worker::release(&ctx, msg, "lease").await;
+            warn!(queue = %ctx.label(), id = %esc(&msg.id), "pull returned more messages than asked for; handing the extra back");
+            crate::pipeline::worker::release(&ctx.delivery, msg, ReleaseReason::Lease).await;
             continue;
         };
-        if ctx.shutdown.is_cancelled() {
-            crate::pipeline::worker::release(&ctx, msg, "shutdown").await;
+        if ctx.delivery.shutdown.is_cancelled() {
+            crate::pipeline::worker::release(&ctx.delivery, msg, ReleaseReason::Shutdown).await;
             drop(slot);
             continue;
         }
@@ -259,15 +254,19 @@ async fn pull(
             if let Err(mpsc::error::SendError(held)) =
                 tx.send(crate::pipeline::batch::Held { msg, slot }).await
             {
-                crate::pipeline::worker::release(&ctx, held.msg, "shutdown").await;
+                crate::pipeline::worker::release(&ctx.delivery, held.msg, ReleaseReason::Shutdown)
+                    .await;
             }
             continue;
         }
-        ctx.workers
-            .spawn(crate::pipeline::worker::deliver(ctx.clone(), msg, slot));
+        ctx.delivery.workers.spawn(crate::pipeline::worker::deliver(
+            ctx.delivery.clone(),
+            msg,
+            slot,
+        ));
     }
     // Slots asked for but not filled go back (or away, if the limit shrank meanwhile).
-    ctx.limiter.release(permit);
+    ctx.delivery.limiter.release(permit);
     if usable == 0 {
         // Nothing in the answer could be leased (no lease ids): back off as after an empty
         // pull rather than pull again at once.
@@ -279,12 +278,12 @@ async fn pull(
     }
 }
 
-fn to_message(ctx: &Ctx, raw: PulledMessage, deadline: Instant) -> Option<Message> {
+fn to_message(ctx: &PollCtx, raw: PulledMessage, deadline: Instant) -> Option<Message> {
     let content_type = raw.content_type().map(str::to_owned);
     let Some(lease_id) = raw.lease_id.filter(|l| !l.is_empty()) else {
         ctx.metrics.invalid.inc();
-        if ctx.logs.allow(Event::NoLease) {
-            warn!(queue = %ctx.label, id = %esc(raw.id.as_deref().unwrap_or("?")),
+        if ctx.delivery.logs.allow(Event::NoLease) {
+            warn!(queue = %ctx.label(), id = %esc(raw.id.as_deref().unwrap_or("?")),
                 "pulled message has no lease_id: it cannot be acked; skipped (it returns when its lease expires)");
         }
         return None;

@@ -1,5 +1,8 @@
-//! One worker of the pool: takes a held message, checks its lease still leaves time, delivers
-//! it, applies the outcome policy and hands the verdict to the acker.
+//! One worker of the pool: delivers one held message in four named steps — [`admit`] (its
+//! rate-limit turn, the breaker, its lease), [`prepare`] and [`post`] (refuse what cannot
+//! travel, else send it), [`decide`] (the policy's verdict, fed to the adaptive limit and the
+//! breaker) and [`report`] (count, log, and hand the verdict to the acker). The batch path
+//! shares the steps it has in common.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,152 +12,54 @@ use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
 use crate::logs::{Event, esc};
-use crate::ops::metrics::status_class;
 use crate::pipeline::acker::{AckItem, AckKind};
-use crate::pipeline::ctx::Ctx;
-use crate::pipeline::policy::{Attempt, Decision, delay_seconds, jitter};
-use crate::webhook::delivery::{Message, decode_body};
+use crate::pipeline::concurrency::{MIN_LIMIT, Outcome as Control};
+use crate::pipeline::ctx::DeliveryCtx;
+use crate::pipeline::gate::{BreakerState, Transition};
+use crate::pipeline::policy::{Decision, Headroom, delay_seconds, jitter};
+use crate::telemetry::{DeliveryOutcome, ReleaseReason};
+use crate::webhook::Attempt;
+use crate::webhook::delivery::{Message, Payload, decode_body};
 
 /// Deliver one message; `slot` is its place in the pool and is released when this ends.
-pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, mut slot: OwnedSemaphorePermit) {
-    let _in_flight = InFlight::new(&ctx);
-    if let Some(at) = msg.not_before {
-        // The rate limiter's turn for this message (at most one horizon away: the poller
-        // pulled only what fits).
-        tokio::select! {
-            _ = tokio::time::sleep_until(at) => {}
-            _ = ctx.hard_stop.cancelled() => {
-                release(&ctx, msg, "shutdown").await;
-                return;
-            }
+pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, mut slot: OwnedSemaphorePermit) {
+    let _in_flight = InFlight::new(&ctx, 1);
+    match admit(&ctx, &msg).await {
+        Admission::Go => {}
+        Admission::Release(reason) => return release(&ctx, msg, reason).await,
+        Admission::BreakerOpen { delay_seconds } => {
+            return hold_back(&ctx, msg, delay_seconds).await;
         }
     }
-    if ctx.gate.is_open() {
-        // The receiver is failing: give the message back to wait in the queue until the
-        // breaker's next probe instead of spending an attempt on a doomed delivery.
-        let delay = delay_seconds(ctx.gate.open_remaining(Instant::now()));
-        ctx.metrics.released("breaker");
-        send(
-            &ctx,
-            msg,
-            AckKind::Retry {
-                delay_seconds: delay,
-            },
-        )
-        .await;
-        return;
-    }
-    // Start only if the webhook can answer and the ack can land before the lease ends;
-    // otherwise hand the message back now rather than deliver it twice.
-    if Instant::now() + ctx.config.webhook.timeout + ctx.lease_margin > msg.deadline {
-        if ctx.logs.allow(Event::LeaseTooClose) {
-            warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts,
-                "lease too close to its end to deliver; handing the message back");
-        }
-        release(&ctx, msg, "lease").await;
-        return;
-    }
-    // The body moves into the request: no copy of it is made on the way to the socket.
-    let body = std::mem::take(&mut msg.body);
-    let mut took: Option<std::time::Duration> = None;
-    let mut resends = 0u32;
-    // Refused before any request: an id that cannot be a header, an undecodable or oversized
-    // body (crate::webhook::guard).
-    let checked = match crate::webhook::guard::check_id(&msg.id) {
-        Err(r) => Err((r.to_string(), r.outcome())),
-        Ok(()) => match decode_body(msg.content_type.as_deref(), body) {
-            Err(e) => Err((e.to_string(), "undecodable")),
-            Ok(p) => match crate::webhook::guard::check_body(p.bytes.len()) {
-                Err(r) => Err((r.to_string(), r.outcome())),
-                Ok(()) => Ok(p),
-            },
-        },
-    };
-    let (attempt, detail, outcome) = match checked {
-        Err((detail, outcome)) => (Attempt::Undecodable, detail, outcome),
-        Ok(payload) => loop {
-            let started = Instant::now();
-            // The payload is reference-counted: a copy for a second send costs no body copy.
-            let response = tokio::select! {
-                r = ctx.webhook.post(&msg, payload.clone()) => r,
-                _ = ctx.hard_stop.cancelled() => {
-                    warn!(queue = %ctx.label, id = %esc(&msg.id), "shutdown grace over: abandoning the delivery and handing the message back");
-                    release(&ctx, msg, "shutdown").await;
-                    return;
-                }
-            };
-            let elapsed = started.elapsed();
-            ctx.metrics
-                .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
-            if resends < MAX_RESENDS && turned_away_at_capacity(&ctx, elapsed, &response.attempt) {
-                // The receiver did not take it because it is full right now, not because it
-                // is down: send it again in a slot of the shrunk limit, without spending one
-                // of the message's Cloudflare attempts on a retry delay.
-                resends += 1;
-                slot = match retake_slot(&ctx, slot, &msg).await {
-                    Ok(s) => s,
-                    Err(reason) => {
-                        release(&ctx, msg, reason).await;
-                        return;
-                    }
+    let tried = match prepare(&mut msg) {
+        Err(refused) => Tried::Refused(refused),
+        Ok(payload) => {
+            let mut resends = 0u32;
+            loop {
+                // The payload is reference-counted: a copy for a second send costs no body copy.
+                let Some(tried) = post(&ctx, &msg, payload.clone()).await else {
+                    return release(&ctx, msg, ReleaseReason::Shutdown).await;
                 };
-                debug!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, resends,
-                    "webhook at its capacity: sending again in a slot of the shrunk limit");
-                continue;
-            }
-            took = Some(elapsed);
-            observe_age(&ctx, msg.timestamp_ms);
-            break (response.attempt, response.detail, "");
-        },
-    };
-    let decision = ctx.policy.decide(&attempt, msg.attempts, jitter());
-    let limit_before = took.map(|rtt| sample(&ctx, rtt, &attempt));
-    slow_down(&ctx, &attempt);
-    if attempt == Attempt::Undecodable {
-        ctx.gate.probe_unused();
-    } else {
-        let failed = matches!(decision, Decision::Retry { .. });
-        if let Some(t) = judge(&ctx, &attempt, failed, limit_before) {
-            breaker_changed(&ctx, t);
-        }
-    }
-    let kind = match decision {
-        Decision::Ack => {
-            ctx.metrics.delivered("acked");
-            debug!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts,
-                status = http_status(&attempt), duration_ms = took_ms(took), "delivered");
-            AckKind::Ack
-        }
-        Decision::Drop => {
-            ctx.metrics.delivered("dropped");
-            warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, result = ?attempt,
-                status = http_status(&attempt), duration_ms = took_ms(took), response = %esc(&detail),
-                "webhook status is configured to drop: acking without delivery");
-            AckKind::Ack
-        }
-        Decision::Retry { delay } => {
-            let outcome = if outcome.is_empty() {
-                "retried"
-            } else {
-                outcome
-            };
-            ctx.metrics.delivered(outcome);
-            let event = match outcome {
-                "oversized" => Event::Oversized,
-                "invalid_id" => Event::BadId,
-                _ => Event::DeliveryFailed,
-            };
-            if ctx.logs.allow(event) {
-                warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, result = ?attempt,
-                    status = http_status(&attempt), duration_ms = took_ms(took), detail = %esc(&detail),
-                    delay_s = delay_seconds(delay), outcome, "delivery failed; retrying later");
-            }
-            AckKind::Retry {
-                delay_seconds: delay_seconds(delay),
+                if resends < MAX_RESENDS && turned_away_at_capacity(&ctx, &tried) {
+                    // The receiver did not take it because it is full right now, not because
+                    // it is down: send it again in a slot of the shrunk limit, without spending
+                    // one of the message's Cloudflare attempts on a retry delay.
+                    resends += 1;
+                    slot = match retake_slot(&ctx, slot, &msg).await {
+                        Ok(s) => s,
+                        Err(reason) => return release(&ctx, msg, reason).await,
+                    };
+                    debug!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, resends,
+                        "webhook at its capacity: sending again in a slot of the shrunk limit");
+                    continue;
+                }
+                observe_age(&ctx, msg.timestamp_ms);
+                break tried;
             }
         }
     };
-    send(&ctx, msg, kind).await;
+    let decision = decide(&ctx, &tried, msg.attempts);
+    report(&ctx, msg, &tried, decision).await;
     ctx.limiter.release(slot);
 }
 
@@ -170,10 +75,13 @@ const MAX_RESENDS: u32 = 5;
 /// Feeds the answer to the limit and the breaker (as every answer) and says whether the
 /// message is worth sending again at once. A `Retry-After`, the limit at its floor, the
 /// fixed mode, a rate limit or a breaker that counted the answer keep the retry policy's way.
-fn turned_away_at_capacity(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attempt) -> bool {
+fn turned_away_at_capacity(ctx: &DeliveryCtx, tried: &Tried) -> bool {
+    let Tried::Answered { attempt, took, .. } = tried else {
+        return false;
+    };
     // A resend would not wait for the rate limiter's turn: with a rate limit, none.
-    if ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed
-        || ctx.config.webhook.max_requests_per_second.is_some()
+    if ctx.fixed_limit
+        || ctx.rate_limited
         || !matches!(
             attempt,
             Attempt::Status {
@@ -187,13 +95,13 @@ fn turned_away_at_capacity(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attemp
     // Our own requests filled the receiver only if they used the limit: a 503 while a handful
     // is in flight under a large limit is the receiver's own trouble, not its capacity.
     let filled = ctx.limiter.in_use() * 2 >= ctx.limiter.limit();
-    let limit_before = sample(ctx, rtt, attempt);
+    let limit_before = sample(ctx, *took, attempt);
     if let Some(t) = judge(ctx, attempt, true, Some(limit_before)) {
         breaker_changed(ctx, t);
         return false;
     }
     filled
-        && ctx.limiter.request_limit() > crate::pipeline::concurrency::MIN_LIMIT
+        && ctx.limiter.request_limit() > MIN_LIMIT
         && ctx
             .gate
             .at_capacity(Instant::now(), back_pressure_quiet(ctx))
@@ -206,14 +114,14 @@ fn turned_away_at_capacity(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attemp
 /// meet the receiver as full as before (knee bench: some messages were turned away five times
 /// within 100 µs).
 async fn retake_slot(
-    ctx: &Ctx,
+    ctx: &DeliveryCtx,
     slot: OwnedSemaphorePermit,
     msg: &Message,
-) -> Result<OwnedSemaphorePermit, &'static str> {
+) -> Result<OwnedSemaphorePermit, ReleaseReason> {
     ctx.limiter.release(slot);
     let last_start = msg
         .deadline
-        .checked_sub(ctx.config.webhook.timeout + ctx.lease_margin)
+        .checked_sub(ctx.timeout + ctx.lease_margin)
         .unwrap_or(msg.deadline);
     let round_trip = ctx
         .limiter
@@ -225,16 +133,231 @@ async fn retake_slot(
         ctx.limiter.slots().clone().acquire_owned().await
     };
     tokio::select! {
-        permit = retake => permit.map_err(|_| "shutdown"),
-        _ = tokio::time::sleep_until(last_start) => Err("lease"),
-        _ = ctx.shutdown.cancelled() => Err("shutdown"),
+        permit = retake => permit.map_err(|_| ReleaseReason::Shutdown),
+        _ = tokio::time::sleep_until(last_start) => Err(ReleaseReason::Lease),
+        _ = ctx.shutdown.cancelled() => Err(ReleaseReason::Shutdown),
     }
 }
 
-/// What an answer tells the adaptive limit: back-pressure, a latency sample, or nothing.
+/// Whether a held message may be sent now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Admission {
+    Go,
+    /// Hand it back undelivered, with a zero-delay retry.
+    Release(ReleaseReason),
+    /// The breaker is open: hand it back until the breaker's next probe.
+    BreakerOpen {
+        delay_seconds: u32,
+    },
+}
+
+/// Step 1: wait for the message's rate-limit turn (at most one horizon away: the poller pulled
+/// only what fits), then let it through unless the breaker is open or its lease is too close
+/// to its end for the request and the ack.
+pub(super) async fn admit(ctx: &DeliveryCtx, msg: &Message) -> Admission {
+    if let Some(at) = msg.not_before {
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => {}
+            _ = ctx.hard_stop.cancelled() => return Admission::Release(ReleaseReason::Shutdown),
+        }
+    }
+    if ctx.gate.is_open() {
+        return Admission::BreakerOpen {
+            delay_seconds: delay_seconds(ctx.gate.open_remaining(Instant::now())),
+        };
+    }
+    // Start only if the webhook can answer and the ack can land before the lease ends;
+    // otherwise hand the message back now rather than deliver it twice.
+    if Instant::now() + ctx.timeout + ctx.lease_margin > msg.deadline {
+        if ctx.logs.allow(Event::LeaseTooClose) {
+            warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts,
+                "lease too close to its end to deliver; handing the message back");
+        }
+        return Admission::Release(ReleaseReason::Lease);
+    }
+    Admission::Go
+}
+
+/// A message refused before any request: how it is counted and logged, and why.
+#[derive(Debug)]
+pub(super) struct Refused {
+    pub(super) outcome: DeliveryOutcome,
+    pub(super) event: Event,
+    pub(super) detail: String,
+}
+
+/// What came of trying to deliver one message.
+#[derive(Debug)]
+pub(super) enum Tried {
+    /// The webhook was asked; `took` is the request's duration.
+    Answered {
+        attempt: Attempt,
+        took: Duration,
+        detail: String,
+    },
+    Refused(Refused),
+}
+
+impl Tried {
+    fn attempt(&self) -> &Attempt {
+        match self {
+            Tried::Answered { attempt, .. } => attempt,
+            Tried::Refused(_) => &Attempt::Undecodable,
+        }
+    }
+
+    fn took_ms(&self) -> Option<u64> {
+        match self {
+            Tried::Answered { took, .. } => Some(took.as_millis() as u64),
+            Tried::Refused(_) => None,
+        }
+    }
+
+    fn detail(&self) -> &str {
+        match self {
+            Tried::Answered { detail, .. } | Tried::Refused(Refused { detail, .. }) => detail,
+        }
+    }
+}
+
+/// Step 2a: take the body out of `msg` (it moves into the request: no copy of it is made on the
+/// way to the socket) and check that the id can be a header and the body decodes within the
+/// size limit (crate::webhook::guard).
+pub(super) fn prepare(msg: &mut Message) -> Result<Payload, Refused> {
+    if let Err(r) = crate::webhook::guard::check_id(&msg.id) {
+        return Err(Refused {
+            outcome: r.outcome(),
+            event: r.event(),
+            detail: r.to_string(),
+        });
+    }
+    decode_checked(msg)
+}
+
+/// The body of `msg`, taken out, decoded for its content type and within the size limit.
+pub(super) fn decode_checked(msg: &mut Message) -> Result<Payload, Refused> {
+    let body = std::mem::take(&mut msg.body);
+    let payload = decode_body(msg.content_type.as_deref(), body).map_err(|e| Refused {
+        outcome: DeliveryOutcome::Undecodable,
+        event: Event::DeliveryFailed,
+        detail: e.to_string(),
+    })?;
+    crate::webhook::guard::check_body(payload.bytes.len()).map_err(|r| Refused {
+        outcome: r.outcome(),
+        event: r.event(),
+        detail: r.to_string(),
+    })?;
+    Ok(payload)
+}
+
+/// Step 2b: POST it and record the answer; `None` when the shutdown grace ran out first.
+async fn post(ctx: &DeliveryCtx, msg: &Message, payload: Payload) -> Option<Tried> {
+    let started = Instant::now();
+    let response = tokio::select! {
+        r = ctx.webhook.post(msg, payload) => r,
+        _ = ctx.hard_stop.cancelled() => {
+            warn!(queue = %ctx.label, id = %esc(&msg.id), "shutdown grace over: abandoning the delivery and handing the message back");
+            return None;
+        }
+    };
+    let took = started.elapsed();
+    ctx.metrics
+        .webhook(response.attempt.status_class(), took.as_secs_f64());
+    Some(Tried::Answered {
+        attempt: response.attempt,
+        took,
+        detail: response.detail,
+    })
+}
+
+/// Step 3: the policy's verdict on the message. An answer also feeds the adaptive limit, may
+/// pause the consumer (the verdict says so) and counts for the breaker; a refused message
+/// leaves the breaker's probe unused.
+fn decide(ctx: &DeliveryCtx, tried: &Tried, attempts: u32) -> Decision {
+    match tried {
+        Tried::Refused(_) => {
+            ctx.gate.probe_unused();
+            ctx.policy.decide(&Attempt::Undecodable, attempts, jitter())
+        }
+        Tried::Answered { attempt, took, .. } => {
+            let limit_before = sample(ctx, *took, attempt);
+            let verdict = ctx
+                .policy
+                .verdict(attempt, attempts, jitter(), headroom(ctx));
+            pause(ctx, attempt, verdict.pause);
+            let failed = matches!(verdict.decision, Decision::Retry { .. });
+            if let Some(t) = judge(ctx, attempt, failed, Some(limit_before)) {
+                breaker_changed(ctx, t);
+            }
+            verdict.decision
+        }
+    }
+}
+
+/// How a message is counted and what Cloudflare is told, from the policy's decision;
+/// `refused` is the outcome of a message refused before sending (it keeps its own label).
+pub(super) fn settle(
+    decision: Decision,
+    refused: Option<DeliveryOutcome>,
+) -> (DeliveryOutcome, AckKind) {
+    match decision {
+        Decision::Ack => (DeliveryOutcome::Acked, AckKind::Ack),
+        Decision::Drop => (DeliveryOutcome::Dropped, AckKind::Ack),
+        Decision::Retry { delay } => (
+            refused.unwrap_or(DeliveryOutcome::Retried),
+            AckKind::Retry {
+                delay_seconds: delay_seconds(delay),
+            },
+        ),
+    }
+}
+
+/// Step 4: count the message under its outcome, log it, and hand the verdict to the acker.
+async fn report(ctx: &DeliveryCtx, msg: Message, tried: &Tried, decision: Decision) {
+    let refused = match tried {
+        Tried::Refused(r) => Some(r),
+        Tried::Answered { .. } => None,
+    };
+    let (outcome, kind) = settle(decision, refused.map(|r| r.outcome));
+    ctx.metrics.delivered(outcome);
+    let attempt = tried.attempt();
+    let (status, duration_ms) = (attempt.http_status(), tried.took_ms());
+    match decision {
+        Decision::Ack => {
+            debug!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts,
+                status, duration_ms, "delivered");
+        }
+        Decision::Drop => {
+            warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, result = ?attempt,
+                status, duration_ms, response = %esc(tried.detail()),
+                "webhook status is configured to drop: acking without delivery");
+        }
+        Decision::Retry { delay } => {
+            if ctx
+                .logs
+                .allow(refused.map_or(Event::DeliveryFailed, |r| r.event))
+            {
+                warn!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, result = ?attempt,
+                    status, duration_ms, detail = %esc(tried.detail()),
+                    delay_s = delay_seconds(delay), outcome = outcome.as_label(), "delivery failed; retrying later");
+            }
+        }
+    }
+    to_acker(ctx, msg, kind).await;
+}
+
+/// Whether the adaptive limit can still shrink under back-pressure.
+pub(super) fn headroom(ctx: &DeliveryCtx) -> Headroom {
+    if ctx.fixed_limit || ctx.limiter.request_limit() <= MIN_LIMIT {
+        Headroom::AtFloor
+    } else {
+        Headroom::CanShrink
+    }
+}
+
 /// Report one webhook request (a single message or a batch) to the adaptive limit.
 /// Returns the limit in force before this sample.
-pub fn sample(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attempt) -> usize {
+pub(super) fn sample(ctx: &DeliveryCtx, rtt: Duration, attempt: &Attempt) -> usize {
     let before = ctx.limiter.request_limit();
     let limit = ctx.limiter.sample(rtt, control_outcome(attempt));
     ctx.metrics
@@ -246,18 +369,9 @@ pub fn sample(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attempt) -> usize {
     before
 }
 
-/// A 429/503 with `Retry-After`: the message(s) wait at least that long (the policy), and the
-/// adaptive limit shrinks; once it is down to one request, or when the limit is fixed, the
-/// whole consumer pauses: the floor under the adaptive limit.
-pub fn slow_down(ctx: &Ctx, attempt: &Attempt) {
-    if let Attempt::Status {
-        status: 429 | 503,
-        retry_after: Some(after),
-    } = *attempt
-        && (ctx.limiter.request_limit() <= crate::pipeline::concurrency::MIN_LIMIT
-            || ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed)
-    {
-        let pause = after.min(ctx.policy.max_delay);
+/// Apply the pause a verdict asks for: the receiver wants room the adaptive limit cannot give.
+pub(super) fn pause(ctx: &DeliveryCtx, attempt: &Attempt, pause: Option<Duration>) {
+    if let Some(pause) = pause {
         ctx.gate.pause(Instant::now() + pause);
         warn!(queue = %ctx.label, status = ?attempt, pause_s = pause.as_secs(), "webhook asked to slow down: pausing pulls");
     }
@@ -269,22 +383,19 @@ pub fn slow_down(ctx: &Ctx, attempt: &Attempt) {
 /// limit's worth of them in a row, or nothing through for a while (a real outage; see
 /// `Gate::record_back_pressure`). Everything else counts as it always did. `limit_before` is
 /// the limit in force when the request ended (from `sample`).
-pub fn judge(
-    ctx: &Ctx,
+pub(super) fn judge(
+    ctx: &DeliveryCtx,
     attempt: &Attempt,
     failed: bool,
     limit_before: Option<usize>,
-) -> Option<crate::pipeline::gate::Transition> {
+) -> Option<Transition> {
     let now = Instant::now();
-    if failed
-        && ctx.config.concurrency_mode != crate::config::ConcurrencyMode::Fixed
-        && control_outcome(attempt) == crate::pipeline::concurrency::Outcome::Overloaded
-    {
+    if failed && !ctx.fixed_limit && control_outcome(attempt) == Control::Overloaded {
         let limit = ctx.limiter.request_limit();
         return ctx.gate.record_back_pressure(
             now,
             limit_before.unwrap_or(limit).max(limit),
-            limit <= crate::pipeline::concurrency::MIN_LIMIT,
+            limit <= MIN_LIMIT,
             back_pressure_quiet(ctx),
         );
     }
@@ -293,30 +404,30 @@ pub fn judge(
 
 /// With no delivery through for this long, back-pressure is all the receiver answers: 1 s, or 4
 /// RTT baselines if longer.
-fn back_pressure_quiet(ctx: &Ctx) -> std::time::Duration {
+fn back_pressure_quiet(ctx: &DeliveryCtx) -> Duration {
     ctx.limiter
         .baseline()
         .map_or(BACK_PRESSURE_QUIET, |b| (b * 4).max(BACK_PRESSURE_QUIET))
 }
 
 /// With no delivery through for this long, back-pressure answers count against the breaker.
-const BACK_PRESSURE_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+const BACK_PRESSURE_QUIET: Duration = Duration::from_secs(1);
 
-fn control_outcome(attempt: &Attempt) -> crate::pipeline::concurrency::Outcome {
-    use crate::pipeline::concurrency::Outcome;
+/// What an answer tells the adaptive limit: back-pressure, a latency sample, or nothing.
+fn control_outcome(attempt: &Attempt) -> Control {
     match attempt {
         Attempt::Status {
             status: 408 | 429 | 503,
             ..
         }
-        | Attempt::Timeout => Outcome::Overloaded,
-        Attempt::Status { .. } => Outcome::Answered,
-        _ => Outcome::Ignored,
+        | Attempt::Timeout => Control::Overloaded,
+        Attempt::Status { .. } => Control::Answered,
+        _ => Control::Ignored,
     }
 }
 
 /// Record a message's end-to-end age (now − publish time) when its webhook answered.
-pub fn observe_age(ctx: &Ctx, timestamp_ms: Option<u64>) {
+pub(super) fn observe_age(ctx: &DeliveryCtx, timestamp_ms: Option<u64>) {
     if let Some(ts) = timestamp_ms {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -329,12 +440,11 @@ pub fn observe_age(ctx: &Ctx, timestamp_ms: Option<u64>) {
 }
 
 /// Log and export a change of the circuit breaker's state.
-pub fn breaker_changed(ctx: &Ctx, t: crate::pipeline::gate::Transition) {
-    use crate::pipeline::gate::BreakerState;
+pub(super) fn breaker_changed(ctx: &DeliveryCtx, t: Transition) {
     ctx.metrics.breaker_state.set(t.to as i64);
     match t.to {
         BreakerState::Open => warn!(queue = %ctx.label, from = ?t.from,
-            open_for_s = ctx.config.breaker.open_for.as_secs(),
+            open_for_s = ctx.breaker_open_for.as_secs(),
             "circuit breaker open: webhook keeps failing; pulls stop, messages wait in the queue"),
         BreakerState::HalfOpen => tracing::info!(queue = %ctx.label,
             "circuit breaker half-open: probing the webhook with one delivery"),
@@ -343,26 +453,21 @@ pub fn breaker_changed(ctx: &Ctx, t: crate::pipeline::gate::Transition) {
     }
 }
 
-fn took_ms(took: Option<std::time::Duration>) -> Option<u64> {
-    took.map(|d| d.as_millis() as u64)
-}
-
-/// The HTTP status of an answer, for log fields (absent when there was no answer).
-fn http_status(attempt: &Attempt) -> Option<u16> {
-    match attempt {
-        Attempt::Status { status, .. } => Some(*status),
-        _ => None,
-    }
-}
-
 /// Hand a held message back with a zero-delay retry, without delivering it.
-pub async fn release(ctx: &Ctx, msg: Message, reason: &'static str) {
+pub(super) async fn release(ctx: &DeliveryCtx, msg: Message, reason: ReleaseReason) {
     ctx.metrics.released(reason);
-    send(ctx, msg, AckKind::Retry { delay_seconds: 0 }).await;
+    to_acker(ctx, msg, AckKind::Retry { delay_seconds: 0 }).await;
+}
+
+/// The breaker is open: the receiver is failing, so give the message back to wait in the queue
+/// until the breaker's next probe instead of spending an attempt on a doomed delivery.
+pub(super) async fn hold_back(ctx: &DeliveryCtx, msg: Message, delay_seconds: u32) {
+    ctx.metrics.released(ReleaseReason::Breaker);
+    to_acker(ctx, msg, AckKind::Retry { delay_seconds }).await;
 }
 
 /// Hand one verdict to the acker.
-pub async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
+pub(super) async fn to_acker(ctx: &DeliveryCtx, msg: Message, kind: AckKind) {
     let item = AckItem {
         lease_id: msg.lease_id,
         kind,
@@ -374,18 +479,275 @@ pub async fn send(ctx: &Ctx, msg: Message, kind: AckKind) {
     }
 }
 
-/// Keeps the in-flight gauge right whatever path a delivery takes.
-struct InFlight<'a>(&'a Ctx);
+/// Keeps the in-flight gauge right whatever path a delivery (of `n` messages) takes.
+pub(super) struct InFlight<'a>(&'a DeliveryCtx, usize);
 
 impl<'a> InFlight<'a> {
-    fn new(ctx: &'a Ctx) -> Self {
-        ctx.metrics.in_flight.inc();
-        Self(ctx)
+    pub(super) fn new(ctx: &'a DeliveryCtx, n: usize) -> Self {
+        ctx.metrics.in_flight.add(n as i64);
+        Self(ctx, n)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.metrics.in_flight.dec();
+        self.0.metrics.in_flight.sub(self.1 as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The worker's steps with fakes: a real context whose webhook is never asked (the answers
+    //! are given), the acker's channel read directly. No request leaves the process.
+
+    use super::*;
+    use crate::pipeline::ctx::fixture;
+    use crate::pipeline::gate::Admit;
+    use crate::telemetry::Metrics;
+
+    fn message(id: &str, content_type: Option<&str>, body: String) -> Message {
+        Message {
+            id: id.into(),
+            lease_id: format!("lease-{id}"),
+            attempts: 1,
+            timestamp_ms: None,
+            content_type: content_type.map(str::to_owned),
+            body,
+            deadline: Instant::now() + Duration::from_secs(600),
+            not_before: None,
+        }
+    }
+
+    fn answered(status: u16, retry_after: Option<u64>) -> Tried {
+        Tried::Answered {
+            attempt: Attempt::Status {
+                status,
+                retry_after: retry_after.map(Duration::from_secs),
+            },
+            took: Duration::from_millis(20),
+            detail: String::new(),
+        }
+    }
+
+    fn count(metrics: &Metrics, outcome: DeliveryOutcome) -> u64 {
+        let line = format!(
+            "cfq_relay_messages_delivered_total{{outcome=\"{}\",queue=\"q1\"}} ",
+            outcome.as_label()
+        );
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(|v| v.parse().unwrap()))
+            .unwrap_or(0)
+    }
+
+    /// The backoff of a first attempt with base 4 s: 2–4 s with jitter, in whole seconds.
+    fn first_backoff(kind: AckKind) -> bool {
+        matches!(
+            kind,
+            AckKind::Retry {
+                delay_seconds: 2..=4
+            }
+        )
+    }
+
+    #[tokio::test]
+    async fn each_answer_maps_to_its_outcome_and_ack() {
+        let (ctx, mut rx, metrics) = fixture("");
+        // (answer, outcome counted, check of what the acker is told)
+        type Check = fn(AckKind) -> bool;
+        let cases: [(Tried, DeliveryOutcome, Check); 6] = [
+            (answered(200, None), DeliveryOutcome::Acked, |k| {
+                k == AckKind::Ack
+            }),
+            (answered(204, Some(30)), DeliveryOutcome::Acked, |k| {
+                k == AckKind::Ack
+            }),
+            (answered(500, None), DeliveryOutcome::Retried, first_backoff),
+            // The receiver's Retry-After is the message's delay.
+            (answered(429, Some(30)), DeliveryOutcome::Retried, |k| {
+                k == AckKind::Retry { delay_seconds: 30 }
+            }),
+            (answered(503, Some(7200)), DeliveryOutcome::Retried, |k| {
+                k == AckKind::Retry {
+                    delay_seconds: 3600,
+                }
+            }),
+            // A configured drop status: acked without delivery.
+            (answered(410, None), DeliveryOutcome::Dropped, |k| {
+                k == AckKind::Ack
+            }),
+        ];
+        for (i, (tried, outcome, want)) in cases.into_iter().enumerate() {
+            let before = count(&metrics, outcome);
+            let msg = message(&format!("m{i}"), None, String::new());
+            let decision = decide(&ctx, &tried, msg.attempts);
+            report(&ctx, msg, &tried, decision).await;
+            let item = rx.try_recv().expect("one verdict per message");
+            assert_eq!(item.lease_id, format!("lease-m{i}"));
+            assert!(want(item.kind), "{tried:?}: {:?}", item.kind);
+            assert_eq!(count(&metrics, outcome), before + 1, "{tried:?}");
+        }
+        assert!(rx.try_recv().is_err(), "exactly one verdict per message");
+    }
+
+    #[tokio::test]
+    async fn refused_messages_are_retried_under_their_own_outcome_without_a_request() {
+        let (ctx, mut rx, metrics) = fixture("");
+        let oversized = "x".repeat(crate::cloudflare::MAX_MESSAGE_BYTES + 1);
+        let cases = [
+            (
+                message("bad\nid", None, "hi".into()),
+                DeliveryOutcome::InvalidId,
+            ),
+            (
+                message("v8", Some("v8"), "AAAA".into()),
+                DeliveryOutcome::Undecodable,
+            ),
+            (
+                message("b64", Some("bytes"), "not base64!".into()),
+                DeliveryOutcome::Undecodable,
+            ),
+            (
+                message("big", Some("text"), oversized),
+                DeliveryOutcome::Oversized,
+            ),
+        ];
+        for (msg, outcome) in cases {
+            let id = msg.id.clone();
+            let before = count(&metrics, outcome);
+            let slot = ctx.limiter.slots().clone().acquire_owned().await.unwrap();
+            deliver(ctx.clone(), msg, slot).await;
+            let item = rx.try_recv().expect("a verdict");
+            assert!(first_backoff(item.kind), "{id:?}: {:?}", item.kind);
+            assert_eq!(count(&metrics, outcome), before + 1, "{id:?}");
+        }
+        // Nothing was sent: no answer of any class, no other outcome.
+        let text = metrics.render();
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("cfq_relay_webhook_responses_total{") && !l.ends_with(" 0")),
+            "{text}"
+        );
+        assert_eq!(count(&metrics, DeliveryOutcome::Retried), 0);
+        assert_eq!(ctx.metrics.in_flight.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn prepare_takes_the_body_and_refuses_what_cannot_travel() {
+        let mut ok = message("m1", Some("bytes"), "aGk=".into());
+        let payload = prepare(&mut ok).unwrap();
+        assert_eq!(&payload.bytes[..], b"hi");
+        assert!(ok.body.is_empty(), "the body moved into the payload");
+        let refused = |mut m: Message| prepare(&mut m).unwrap_err().outcome;
+        assert_eq!(
+            refused(message("a\r\nb", None, "x".into())),
+            DeliveryOutcome::InvalidId
+        );
+        assert_eq!(
+            refused(message("m", Some("v8"), "x".into())),
+            DeliveryOutcome::Undecodable
+        );
+        let big = "x".repeat(crate::cloudflare::MAX_MESSAGE_BYTES + 1);
+        assert_eq!(
+            refused(message("m", Some("text"), big)),
+            DeliveryOutcome::Oversized
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_whose_lease_is_too_close_goes_back_at_once() {
+        let (ctx, mut rx, metrics) = fixture("");
+        let mut msg = message("m1", None, "x".into());
+        // The webhook timeout and the lease margin no longer fit.
+        msg.deadline = Instant::now() + Duration::from_secs(1);
+        let slot = ctx.limiter.slots().clone().acquire_owned().await.unwrap();
+        deliver(ctx.clone(), msg, slot).await;
+        let item = rx.try_recv().unwrap();
+        assert_eq!(item.kind, AckKind::Retry { delay_seconds: 0 });
+        assert!(
+            metrics
+                .render()
+                .contains("cfq_relay_messages_released_total{queue=\"q1\",reason=\"lease\"} 1")
+        );
+        for outcome in DeliveryOutcome::ALL {
+            assert_eq!(count(&metrics, outcome), 0, "{outcome:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_holds_messages_back_until_its_probe() {
+        let (ctx, mut rx, metrics) =
+            fixture("[consumers.breaker]\nconsecutive_failures = 1\nopen_for = \"30s\"");
+        let opened = judge(&ctx, &Attempt::Connect, true, None).expect("opened");
+        assert_eq!(opened.to, BreakerState::Open);
+        let slot = ctx.limiter.slots().clone().acquire_owned().await.unwrap();
+        deliver(ctx.clone(), message("m1", None, "x".into()), slot).await;
+        let item = rx.try_recv().unwrap();
+        assert!(
+            matches!(
+                item.kind,
+                AckKind::Retry {
+                    delay_seconds: 29..=30
+                }
+            ),
+            "{:?}",
+            item.kind
+        );
+        assert!(
+            metrics
+                .render()
+                .contains("cfq_relay_messages_released_total{queue=\"q1\",reason=\"breaker\"} 1")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_429_with_retry_after_pauses_the_consumer_only_when_the_limit_cannot_shrink() {
+        let now = Instant::now();
+        let paused = |ctx: &DeliveryCtx| matches!(ctx.gate.admit(Instant::now(), 1).0, Admit::Later(at) if at >= now + Duration::from_secs(29));
+        // Fixed limit: the pause is the only way to slow down.
+        let (fixed, _rx, _m) = fixture("concurrency_mode = \"fixed\"");
+        decide(&fixed, &answered(429, Some(30)), 1);
+        assert!(paused(&fixed));
+        // Adaptive, above its floor: the limit shrinks, the consumer goes on.
+        let (adaptive, _rx, _m) = fixture("concurrency = 64");
+        let before = adaptive.limiter.request_limit();
+        decide(&adaptive, &answered(429, Some(30)), 1);
+        assert!(!paused(&adaptive));
+        assert!(adaptive.limiter.request_limit() <= before);
+        // A 500 with Retry-After never pauses, even at a fixed limit.
+        let (fixed, _rx, _m) = fixture("concurrency_mode = \"fixed\"");
+        decide(&fixed, &answered(500, Some(30)), 1);
+        assert!(!paused(&fixed));
+    }
+
+    #[test]
+    fn settle_keeps_a_refusal_s_outcome_only_when_it_retries() {
+        let retry = Decision::Retry {
+            delay: Duration::from_millis(2500),
+        };
+        assert_eq!(
+            settle(retry, None),
+            (
+                DeliveryOutcome::Retried,
+                AckKind::Retry { delay_seconds: 3 }
+            )
+        );
+        assert_eq!(
+            settle(retry, Some(DeliveryOutcome::Oversized)),
+            (
+                DeliveryOutcome::Oversized,
+                AckKind::Retry { delay_seconds: 3 }
+            )
+        );
+        assert_eq!(
+            settle(Decision::Ack, None),
+            (DeliveryOutcome::Acked, AckKind::Ack)
+        );
+        assert_eq!(
+            settle(Decision::Drop, None),
+            (DeliveryOutcome::Dropped, AckKind::Ack)
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! One delivery: decode a message body by its `CF-Content-Type` and POST it, byte for byte, to
-//! the webhook; classify what happened as a [`policy::Attempt`].
+//! the webhook; classify what happened as a [`Attempt`].
 
 use std::time::{Duration, SystemTime};
 
@@ -16,7 +16,8 @@ use reqwest::header::AUTHORIZATION;
 
 use crate::config::secrets::{self, Secret};
 use crate::config::{ConfigError, ConsumerConfig, WebhookConfig};
-use crate::pipeline::policy::{Attempt, retry_after_header};
+use crate::retry_after::retry_after_header;
+use crate::webhook::Attempt;
 use crate::webhook::signing::{self, Signer};
 
 /// Header carrying the Cloudflare message id (stable across redeliveries).

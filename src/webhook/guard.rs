@@ -9,6 +9,7 @@ use reqwest::header::HeaderValue;
 
 use crate::cloudflare::MAX_MESSAGE_BYTES;
 use crate::logs::Event;
+use crate::telemetry::DeliveryOutcome;
 
 /// Why a message is refused before delivery.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,11 +25,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The `outcome` metric label.
-    pub fn outcome(&self) -> &'static str {
+    /// The message's outcome.
+    pub fn outcome(&self) -> DeliveryOutcome {
         match self {
-            Refusal::Oversized { .. } => "oversized",
-            Refusal::BadId => "invalid_id",
+            Refusal::Oversized { .. } => DeliveryOutcome::Oversized,
+            Refusal::BadId => DeliveryOutcome::InvalidId,
         }
     }
 
@@ -71,7 +72,7 @@ mod tests {
         assert_eq!(check_body(MAX_MESSAGE_BYTES), Ok(()));
         assert_eq!(
             check_body(MAX_MESSAGE_BYTES + 1).map_err(|r| r.outcome()),
-            Err("oversized")
+            Err(DeliveryOutcome::Oversized)
         );
     }
 }

@@ -1,28 +1,24 @@
 //! Every Prometheus metric of the relay, registered once in a per-process registry, and the
-//! per-consumer handles the hot path uses (label lookups happen at start-up, not per message).
+//! per-consumer handles the hot path uses (label lookups happen at start-up, not per message;
+//! labelled series are arrays indexed by the typed label values of [`super::labels`]).
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::telemetry::labels::{ApiOp, ApiResult, DeliveryOutcome, ReleaseReason, StatusClass};
+
 const PREFIX: &str = "cfq_relay";
 
 /// Outcomes of a delivery (the `outcome` label).
-pub const OUTCOMES: [&str; 6] = [
-    "acked",
-    "retried",
-    "dropped",
-    "undecodable",
-    "oversized",
-    "invalid_id",
-];
+pub const OUTCOMES: [&str; DeliveryOutcome::ALL.len()] = DeliveryOutcome::LABELS;
 /// Status classes of a webhook answer (the `status_class` label).
-pub const STATUS_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "error"];
+pub const STATUS_CLASSES: [&str; StatusClass::ALL.len()] = StatusClass::LABELS;
 /// Results of an API call (the `result` label).
-pub const API_RESULTS: [&str; 6] = ["ok", "429", "4xx", "5xx", "malformed", "transport_error"];
+pub const API_RESULTS: [&str; ApiResult::ALL.len()] = ApiResult::LABELS;
 /// Why a held message was handed back without delivery (the `reason` label).
-pub const RELEASE_REASONS: [&str; 3] = ["lease", "shutdown", "breaker"];
+pub const RELEASE_REASONS: [&str; ReleaseReason::ALL.len()] = ReleaseReason::LABELS;
 
 /// The process-wide metric families.
 #[derive(Clone)]
@@ -124,7 +120,7 @@ impl Metrics {
             deliveries: reg!(IntCounterVec::new(
                 Opts::new(
                     name("messages_delivered_total"),
-                    "Messages handled, by outcome: acked (webhook 2xx), retried, dropped by policy, undecodable."
+                    "Messages handled, by outcome: acked (webhook 2xx), retried, dropped by policy, or refused before sending and retried (undecodable, oversized, invalid_id)."
                 ),
                 &["queue", "outcome"]
             )),
@@ -156,7 +152,7 @@ impl Metrics {
             released: reg!(IntCounterVec::new(
                 Opts::new(
                     name("messages_released_total"),
-                    "Held messages handed back with a zero-delay retry without delivery, by reason."
+                    "Held messages handed back without a delivery attempt, by reason: lease and shutdown with a zero-delay retry, breaker delayed until the breaker's next probe."
                 ),
                 &["queue", "reason"]
             )),
@@ -265,17 +261,11 @@ impl Metrics {
         self.concurrency
             .with_label_values(&q)
             .set(i64::try_from(concurrency).unwrap_or(i64::MAX));
-        let by = |v: &IntCounterVec, second: &[&str]| -> Vec<IntCounter> {
-            second
-                .iter()
-                .map(|s| v.with_label_values(&[queue, s]))
-                .collect()
-        };
-        let api = |op: &str| -> Vec<IntCounter> {
-            API_RESULTS
-                .iter()
-                .map(|r| self.api_requests.with_label_values(&[queue, op, r]))
-                .collect()
+        let api = |op: ApiOp| {
+            ApiResult::ALL.map(|r| {
+                self.api_requests
+                    .with_label_values(&[queue, op.as_label(), r.as_label()])
+            })
         };
         ConsumerMetrics {
             backlog_messages: self.backlog_messages.with_label_values(&q),
@@ -283,21 +273,25 @@ impl Metrics {
             oldest_age: self.oldest_age.with_label_values(&q),
             pulled: self.pulled.with_label_values(&q),
             invalid: self.invalid.with_label_values(&q),
-            deliveries: by(&self.deliveries, &OUTCOMES),
+            deliveries: DeliveryOutcome::ALL
+                .map(|o| self.deliveries.with_label_values(&[queue, o.as_label()])),
             acks_sent: self.acks_sent.with_label_values(&q),
             retries_sent: self.retries_sent.with_label_values(&q),
             ack_warnings: self.ack_warnings.with_label_values(&q),
             leases_expired: self.leases_expired.with_label_values(&q),
-            released: by(&self.released, &RELEASE_REASONS),
-            webhook_duration: STATUS_CLASSES
-                .iter()
-                .map(|c| self.webhook_duration.with_label_values(&[queue, c]))
-                .collect(),
-            webhook_responses: by(&self.webhook_responses, &STATUS_CLASSES),
-            pull_duration: self.api_duration.with_label_values(&[queue, "pull"]),
-            ack_duration: self.api_duration.with_label_values(&[queue, "ack"]),
-            pull_results: api("pull"),
-            ack_results: api("ack"),
+            released: ReleaseReason::ALL
+                .map(|r| self.released.with_label_values(&[queue, r.as_label()])),
+            webhook_duration: StatusClass::ALL.map(|c| {
+                self.webhook_duration
+                    .with_label_values(&[queue, c.as_label()])
+            }),
+            webhook_responses: StatusClass::ALL.map(|c| {
+                self.webhook_responses
+                    .with_label_values(&[queue, c.as_label()])
+            }),
+            api_duration: ApiOp::ALL
+                .map(|op| self.api_duration.with_label_values(&[queue, op.as_label()])),
+            api_results: ApiOp::ALL.map(api),
             message_age: self.message_age.with_label_values(&q),
             in_flight: self.in_flight.with_label_values(&q),
             concurrency_limit: self.concurrency_limit.with_label_values(&q),
@@ -343,7 +337,7 @@ impl Metrics {
             let _ = self.webhook_duration.remove_label_values(&[queue, c]);
             let _ = self.webhook_responses.remove_label_values(&[queue, c]);
         }
-        for op in ["pull", "ack"] {
+        for op in ApiOp::LABELS {
             let _ = self.api_duration.remove_label_values(&[queue, op]);
             for r in API_RESULTS {
                 let _ = self.api_requests.remove_label_values(&[queue, op, r]);
@@ -374,18 +368,18 @@ pub struct ConsumerMetrics {
     pub oldest_age: Gauge,
     pub pulled: IntCounter,
     pub invalid: IntCounter,
-    deliveries: Vec<IntCounter>,
+    deliveries: [IntCounter; DeliveryOutcome::ALL.len()],
     pub acks_sent: IntCounter,
     pub retries_sent: IntCounter,
     pub ack_warnings: IntCounter,
     pub leases_expired: IntCounter,
-    released: Vec<IntCounter>,
-    webhook_duration: Vec<Histogram>,
-    webhook_responses: Vec<IntCounter>,
-    pull_duration: Histogram,
-    ack_duration: Histogram,
-    pull_results: Vec<IntCounter>,
-    ack_results: Vec<IntCounter>,
+    released: [IntCounter; ReleaseReason::ALL.len()],
+    webhook_duration: [Histogram; StatusClass::ALL.len()],
+    webhook_responses: [IntCounter; StatusClass::ALL.len()],
+    /// By [`ApiOp`].
+    api_duration: [Histogram; ApiOp::ALL.len()],
+    /// By [`ApiOp`], then [`ApiResult`].
+    api_results: [[IntCounter; ApiResult::ALL.len()]; ApiOp::ALL.len()],
     pub message_age: Histogram,
     pub in_flight: IntGauge,
     pub concurrency_limit: IntGauge,
@@ -396,64 +390,33 @@ pub struct ConsumerMetrics {
     pub batch_unknown_ids: IntCounter,
 }
 
-fn index(set: &[&str], value: &str) -> usize {
-    set.iter()
-        .position(|s| *s == value)
-        .unwrap_or(set.len() - 1)
-}
-
 impl ConsumerMetrics {
-    /// Count one handled message by outcome (one of [`OUTCOMES`]).
-    pub fn delivered(&self, outcome: &str) {
-        self.deliveries[index(&OUTCOMES, outcome)].inc();
+    /// Count one handled message by outcome.
+    pub fn delivered(&self, outcome: DeliveryOutcome) {
+        self.deliveries[outcome.index()].inc();
     }
 
-    /// Count a message handed back unprocessed (one of [`RELEASE_REASONS`]).
-    pub fn released(&self, reason: &str) {
-        self.released[index(&RELEASE_REASONS, reason)].inc();
+    /// Count a message handed back without a delivery attempt.
+    pub fn released(&self, reason: ReleaseReason) {
+        self.released[reason.index()].inc();
     }
 
-    /// Record one webhook answer (status class one of [`STATUS_CLASSES`]).
-    pub fn webhook(&self, class: &str, seconds: f64) {
-        let i = index(&STATUS_CLASSES, class);
-        self.webhook_duration[i].observe(seconds);
-        self.webhook_responses[i].inc();
+    /// Record one webhook answer.
+    pub fn webhook(&self, class: StatusClass, seconds: f64) {
+        self.webhook_duration[class.index()].observe(seconds);
+        self.webhook_responses[class.index()].inc();
     }
 
-    /// Record one API call (`result` one of [`API_RESULTS`]).
-    pub fn api(&self, op: crate::cloudflare::Op, result: &str, seconds: f64) {
-        let i = index(&API_RESULTS, result);
-        match op {
-            crate::cloudflare::Op::Pull => {
-                self.pull_duration.observe(seconds);
-                self.pull_results[i].inc();
-            }
-            crate::cloudflare::Op::Ack => {
-                self.ack_duration.observe(seconds);
-                self.ack_results[i].inc();
-            }
-        }
+    /// Record one API call.
+    pub fn api(&self, op: ApiOp, result: ApiResult, seconds: f64) {
+        self.api_duration[op.index()].observe(seconds);
+        self.api_results[op.index()][result.index()].inc();
     }
 
-    /// The value of a delivery outcome counter (used by the demo summary and tests).
-    pub fn delivered_count(&self, outcome: &str) -> u64 {
-        self.deliveries[index(&OUTCOMES, outcome)].get()
-    }
-}
-
-/// The status class label of a webhook answer.
-pub fn status_class(attempt: &crate::pipeline::policy::Attempt) -> &'static str {
-    use crate::pipeline::policy::Attempt;
-    match attempt {
-        Attempt::Status { status, .. } => match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        },
-        Attempt::Timeout => "timeout",
-        Attempt::Connect | Attempt::Transport | Attempt::Undecodable => "error",
+    /// The value of a delivery outcome counter.
+    #[cfg(test)]
+    pub fn delivered_count(&self, outcome: DeliveryOutcome) -> u64 {
+        self.deliveries[outcome.index()].get()
     }
 }
 
@@ -466,8 +429,8 @@ mod tests {
         let m = Metrics::new();
         let gone = m.consumer("gone", 4);
         let _kept = m.consumer("kept", 4);
-        gone.delivered("acked");
-        gone.webhook("5xx", 0.5);
+        gone.delivered(DeliveryOutcome::Acked);
+        gone.webhook(StatusClass::ServerError, 0.5);
         m.forget_consumer("gone");
         let text = m.render();
         assert!(
@@ -477,8 +440,8 @@ mod tests {
         assert!(text.contains("cfq_relay_concurrency{queue=\"kept\"} 4"));
         // Registering the label again gives fresh, working series.
         let again = m.consumer("gone", 2);
-        again.delivered("acked");
-        assert_eq!(again.delivered_count("acked"), 1);
+        again.delivered(DeliveryOutcome::Acked);
+        assert_eq!(again.delivered_count(DeliveryOutcome::Acked), 1);
         assert!(
             m.render()
                 .contains("cfq_relay_concurrency{queue=\"gone\"} 2")
@@ -489,9 +452,9 @@ mod tests {
     fn families_render_with_prefix_and_help() {
         let m = Metrics::new();
         let c = m.consumer("orders", 8);
-        c.delivered("acked");
-        c.webhook("2xx", 0.01);
-        c.api(crate::cloudflare::Op::Pull, "ok", 0.02);
+        c.delivered(DeliveryOutcome::Acked);
+        c.webhook(StatusClass::Success, 0.01);
+        c.api(ApiOp::Pull, ApiResult::Ok, 0.02);
         let text = m.render();
         assert!(text.contains("cfq_relay_build_info{version=\""));
         assert!(
@@ -503,7 +466,7 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("cfq_relay_"), "{line}");
         }
-        assert_eq!(c.delivered_count("acked"), 1);
+        assert_eq!(c.delivered_count(DeliveryOutcome::Acked), 1);
     }
 
     #[test]
