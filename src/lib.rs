@@ -66,7 +66,7 @@ pub use config::Config;
 pub use supervisor::{ReloadSummary, Reloader};
 
 use crate::ops::metrics::Metrics;
-use crate::ops::supervisor::Supervisor;
+use crate::ops::supervisor::{Resources, Supervisor};
 
 /// A started relay.
 pub struct Running {
@@ -126,15 +126,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let admin_addr = listener.local_addr()?;
     // Builds and starts every consumer; reloads later change the set the admin server sees.
     let readiness: admin::ConsumerSet = Arc::new(RwLock::new(Vec::new()));
-    let supervisor = Supervisor::new(
-        config,
-        token,
+    let resources = Resources {
         api_http,
         webhook_http,
-        metrics.clone(),
+        metrics: metrics.clone(),
         shutdown,
-        readiness.clone(),
-    )?;
+        readiness: readiness.clone(),
+    };
+    let supervisor = Supervisor::new(config, token, resources)?;
     let shutting_down = Arc::new(AtomicBool::new(false));
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(admin::serve(
