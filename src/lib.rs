@@ -16,10 +16,11 @@
 //! | 3 | [`pipeline`] | one consumer: poller, worker, batch, policy, gate, concurrency, acker |
 //! | 4 | [`ops`] | the supervisor, the admin server and the metrics |
 //!
-//! The binary (`src/main.rs`) parses arguments and wires these together; its tool commands
-//! (`emulate`, `receive`, `demo`, in `src/cli/`) use the workspace crate `cfq-emulator`
-//! (`crates/emulator`: the local Cloudflare API and the webhook sink), which the library never
-//! imports.
+//! The binary sits on top: `src/main.rs` parses the arguments and dispatches to the command
+//! bodies in `src/cli/` (`run` with its signals and SIGHUP reloads, `check-config`,
+//! `healthcheck`, logging set-up); its tool commands (`emulate`, `receive`, `demo`) use the
+//! workspace crate `cfq-emulator` (`crates/emulator`: the local Cloudflare API and the webhook
+//! sink), which the library never imports.
 //!
 //! # Data flow of one consumer
 //!
