@@ -6,11 +6,10 @@ use std::process::ExitCode;
 
 use cfq_relay::{Config, Reloader};
 use sd_notify::NotifyState;
-use tokio_util::sync::CancellationToken;
 
 use super::check::{config_error, load_checked, readable_by_others};
 use super::logging::init_logging;
-use super::signals::{notify, watch_signals};
+use super::signals::{notify, with_signals};
 
 /// Run the relay on the file at `path` until a signal stops it (exit 0 after draining).
 pub fn run(path: PathBuf) -> ExitCode {
@@ -22,9 +21,7 @@ pub fn run(path: PathBuf) -> ExitCode {
     for warning in readable_by_others(&config, &path) {
         tracing::warn!("{warning}");
     }
-    super::runtime(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
+    super::runtime(with_signals(|shutdown| async move {
         // SIGHUP's default action ends the process: take it over before anything runs.
         let hangups = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP])?;
         log_startup(&config);
@@ -33,7 +30,7 @@ pub fn run(path: PathBuf) -> ExitCode {
         notify(&[NotifyState::Ready, NotifyState::Status("running")]);
         tokio::spawn(reload_on_hangup(hangups, path, running.reloader()));
         running.wait().await
-    })
+    }))
 }
 
 /// One short line for the process (each consumer logs its own when it starts); the whole

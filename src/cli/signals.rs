@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 /// Status of the process after a second SIGTERM/SIGINT during the drain.
 const EXIT_SECOND_SIGNAL: i32 = 130;
 
-/// A shutdown token that SIGTERM or Ctrl-C cancels, handed to `command`.
+/// A shutdown token that SIGTERM or Ctrl-C cancels (the handlers installed first), handed to
+/// `command`.
 pub async fn with_signals<F: Future<Output = anyhow::Result<()>>>(
     command: impl FnOnce(CancellationToken) -> F,
 ) -> anyhow::Result<()> {
@@ -23,7 +24,7 @@ pub async fn with_signals<F: Future<Output = anyhow::Result<()>>>(
 ///
 /// The handlers are installed before this returns (only the waiting is spawned), so a signal
 /// that arrives right after start drains instead of killing the process.
-pub fn watch_signals(shutdown: CancellationToken) -> impl Future<Output = ()> {
+fn watch_signals(shutdown: CancellationToken) -> impl Future<Output = ()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT]);
     async move {
