@@ -250,3 +250,17 @@ fn main() -> ExitCode {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap's own consistency checks of the definitions (duplicate flags, bad defaults, …),
+    /// which otherwise fire only when the faulty command is parsed.
+    #[test]
+    fn arguments_are_consistent() {
+        Cli::command().debug_assert();
+    }
+}

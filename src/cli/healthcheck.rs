@@ -33,19 +33,24 @@ pub fn healthcheck(
     super::runtime(ask(addr, ready, timeout))
 }
 
-/// GET /healthz (or /readyz) on the admin server; `Ok` only for a 200.
-async fn ask(addr: SocketAddr, ready: bool, timeout: Duration) -> anyhow::Result<()> {
-    // A server bound to every address is asked on loopback.
+/// The URL asked of an admin server listening on `addr`: one bound to every address is asked
+/// on loopback.
+fn probe_url(addr: SocketAddr, ready: bool) -> String {
     let ip = match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
-    let url = format!(
+    format!(
         "http://{}/{}",
         SocketAddr::new(ip, addr.port()),
         if ready { "readyz" } else { "healthz" }
-    );
+    )
+}
+
+/// GET /healthz (or /readyz) on the admin server; `Ok` only for a 200.
+async fn ask(addr: SocketAddr, ready: bool, timeout: Duration) -> anyhow::Result<()> {
+    let url = probe_url(addr, ready);
     let client = reqwest::Client::builder()
         .timeout(timeout)
         .no_proxy()
@@ -62,5 +67,19 @@ async fn ask(addr: SocketAddr, ready: bool, timeout: Duration) -> anyhow::Result
         Ok(())
     } else {
         anyhow::bail!("healthcheck: {url}: {status}: {}", body.trim())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_addresses_are_asked_on_loopback() {
+        let url = |a: &str, ready| probe_url(a.parse().unwrap(), ready);
+        assert_eq!(url("0.0.0.0:9464", false), "http://127.0.0.1:9464/healthz");
+        assert_eq!(url("[::]:9464", true), "http://[::1]:9464/readyz");
+        assert_eq!(url("10.1.2.3:80", false), "http://10.1.2.3:80/healthz");
+        assert_eq!(DEFAULT_ADMIN.to_string(), "127.0.0.1:9464");
     }
 }
