@@ -19,8 +19,9 @@
 //! A module imports only from its own layer or the ones below: `python3 .ci/module_graph.py src`
 //! reads this table and fails on an upward edge or a cycle (CI runs it). The modules are
 //! private; the items the binary, the tests and the bench use are re-exported below under flat
-//! paths. The binary (`src/main.rs`) parses arguments and wires these together; its tool
-//! commands (`emulate`, `receive`, `demo`, in `src/cli/`) use the workspace crate
+//! paths. The binary sits on top: `src/main.rs` parses the arguments and dispatches to the command
+//! bodies in `src/cli/` (`run` with its signals and SIGHUP reloads, `check-config`,
+//! `healthcheck`, logging set-up); its tool commands (`emulate`, `receive`, `demo`) use the workspace crate
 //! `cfq-emulator` (`crates/emulator`: the local Cloudflare API and the webhook sink), which the
 //! library never imports.
 //!
@@ -72,7 +73,7 @@ use tracing::info;
 pub use config::Config;
 pub use supervisor::{ReloadSummary, Reloader};
 
-use crate::ops::supervisor::Supervisor;
+use crate::ops::supervisor::{Resources, Supervisor};
 use crate::telemetry::Metrics;
 
 /// A started relay.
@@ -133,15 +134,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let admin_addr = listener.local_addr()?;
     // Builds and starts every consumer; reloads later change the set the admin server sees.
     let readiness: admin::ConsumerSet = Arc::new(RwLock::new(Vec::new()));
-    let supervisor = Supervisor::new(
-        config,
-        token,
+    let resources = Resources {
         api_http,
         webhook_http,
-        metrics.clone(),
+        metrics: metrics.clone(),
         shutdown,
-        readiness.clone(),
-    )?;
+        readiness: readiness.clone(),
+    };
+    let supervisor = Supervisor::new(config, token, resources)?;
     let shutting_down = Arc::new(AtomicBool::new(false));
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(admin::serve(

@@ -1,22 +1,14 @@
-//! The `cfq-relay` command: CLI, logging set-up, signals, reloads and exit codes, and the
-//! tools' subcommands (`emulate`, `receive`, `demo`); the relay itself is the library's.
+//! The `cfq-relay` command: its arguments (clap) and a dispatch to the command bodies in
+//! [`cli`]; the process's allocator. Nothing else happens here.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
-use futures_util::StreamExt;
-use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
-
 use cfq_emulator::EmulatorOptions;
 use cfq_emulator::sink::SinkOptions;
-use cfq_relay::config::{ConfigError, LogFormat, check_log_filter};
-use cfq_relay::{Config, Reloader};
-use sd_notify::NotifyState;
+use clap::{Parser, Subcommand};
 
 mod cli;
 
@@ -37,9 +29,6 @@ pub static malloc_conf: Option<&'static std::ffi::c_char> =
     // SAFETY: jemalloc declares `const char *malloc_conf` (weak) and only reads it; this is a
     // pointer to a NUL-terminated string that lives as long as the program.
     Some(unsafe { &*c"dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr() });
-
-/// Exit code for a bad configuration (systemd: RestartPreventExitStatus=2).
-const EXIT_CONFIG: u8 = 2;
 
 /// After `run --help`: what an operator needs besides the flags.
 const RUN_AFTER_HELP: &str = "\
@@ -202,62 +191,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::CheckConfig { config, online } => match load_checked(&config) {
-            Ok(c) => {
-                for warning in readable_by_others(&c, &config) {
-                    eprintln!("cfq-relay: warning: {warning}");
-                }
-                if online {
-                    return check_online(&c);
-                }
-                println!("{}", c.summary());
-                ExitCode::SUCCESS
-            }
-            Err(e) => config_error(&e),
-        },
-        Command::Run { config: path } => {
-            let config = match load_checked(&path) {
-                Ok(c) => c,
-                Err(e) => return config_error(&e),
-            };
-            init_logging(&config.log.level, config.log.format);
-            for warning in readable_by_others(&config, &path) {
-                tracing::warn!("{warning}");
-            }
-            runtime(async move {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(watch_signals(shutdown.clone()));
-                // SIGHUP's default action ends the process: take it over before anything runs.
-                let hangups = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP])?;
-                log_startup(&config);
-                let running = cfq_relay::start(config, shutdown).await?;
-                // systemd (Type=notify): started means admin bound and consumers running.
-                notify(&[NotifyState::Ready, NotifyState::Status("running")]);
-                tokio::spawn(reload_on_hangup(hangups, path, running.reloader()));
-                running.wait().await
-            })
-        }
+    match Cli::parse().command {
+        Command::Run { config } => cli::run(config),
+        Command::CheckConfig { config, online } => cli::check_config(&config, online),
         Command::Healthcheck {
             config,
             addr,
             ready,
             timeout,
-        } => {
-            let addr = match (addr, config) {
-                (Some(a), _) => a,
-                (None, Some(path)) => match Config::load_admin_listen(&path) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        eprintln!("cfq-relay: healthcheck: configuration error: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                },
-                (None, None) => SocketAddr::from(([127, 0, 0, 1], 9464)),
-            };
-            runtime(healthcheck(addr, ready, timeout))
-        }
+        } => cli::healthcheck(config.as_deref(), addr, ready, timeout),
         Command::Emulate {
             listen,
             token,
@@ -267,9 +209,9 @@ fn main() -> ExitCode {
             error_ratio,
             queues,
             account_id,
-        } => {
-            init_logging("info", LogFormat::Text);
-            let opts = EmulatorOptions {
+        } => cli::emulate(
+            listen,
+            EmulatorOptions {
                 token,
                 max_retries,
                 latency: Duration::from_millis(latency_ms),
@@ -278,287 +220,47 @@ fn main() -> ExitCode {
                 account_id: Some(account_id),
                 queues,
                 create_queues_on_use: false,
-            };
-            runtime(with_signals(|shutdown| {
-                cli::emulate(listen, opts, shutdown)
-            }))
-        }
+            },
+        ),
         Command::Receive {
             listen,
             delay_ms,
             print,
             capacity,
             delay_per_in_flight_us,
-        } => {
-            init_logging("info", LogFormat::Text);
-            let opts = SinkOptions {
+        } => cli::receive(
+            listen,
+            SinkOptions {
                 delay: Duration::from_millis(delay_ms),
                 print,
                 capacity,
                 delay_per_in_flight: Duration::from_micros(delay_per_in_flight_us),
                 record: false,
-            };
-            runtime(with_signals(|shutdown| {
-                cli::receive(listen, opts, shutdown)
-            }))
-        }
+            },
+        ),
         Command::Demo {
             messages,
             fail_every,
             batch,
-        } => {
-            init_logging("error", LogFormat::Text);
-            runtime(cli::demo(cli::demo::DemoOptions {
-                messages_per_type: messages,
-                fail_every,
-                batch: batch.map(usize::from),
-                ..Default::default()
-            }))
-        }
+        } => cli::demo(cli::DemoOptions {
+            messages_per_type: messages,
+            fail_every,
+            batch: batch.map(usize::from),
+            ..Default::default()
+        }),
     }
 }
 
-/// `check-config --online`: the summary, then one line per failing consumer (exit 1).
-fn check_online(config: &Config) -> ExitCode {
-    let token = match config.resolve_token() {
-        Ok(t) => t,
-        Err(e) => return config_error(&e),
-    };
-    let problems = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(cfq_relay::online::check(config, &token)))
-    {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("cfq-relay: check-config --online: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    println!("{}", config.summary());
-    if problems.is_empty() {
-        println!("online: the token works; every queue exists and has an HTTP pull consumer");
-        return ExitCode::SUCCESS;
-    }
-    for p in &problems {
-        eprintln!("cfq-relay: check-config --online: {p}");
-    }
-    ExitCode::FAILURE
-}
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
 
-/// What `run` and `check-config` both check: the file with its overrides, every secret, and
-/// `RUST_LOG` (which replaces `log.level`, so a typo in it would silence the daemon as well).
-fn load_checked(path: &Path) -> Result<Config, ConfigError> {
-    let config = Config::load(path)?;
-    cfq_relay::supervisor::check_secrets(&config)?;
-    if let Some(filter) = rust_log() {
-        check_log_filter(EnvFilter::DEFAULT_ENV, &filter)?;
-    }
-    Ok(config)
-}
+    use super::Cli;
 
-/// One short line for the process (each consumer logs its own when it starts); the whole
-/// effective configuration (file + environment, secrets redacted by its `Debug`) only at DEBUG.
-fn log_startup(config: &Config) {
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        consumers = config.consumers.len(),
-        "cfq-relay starting"
-    );
-    tracing::debug!(config = ?config, "effective configuration");
-}
-
-fn config_error(e: &ConfigError) -> ExitCode {
-    eprintln!("cfq-relay: configuration error: {e}");
-    if let Some(detail) = e.detail() {
-        eprintln!("{detail}");
-    }
-    ExitCode::from(EXIT_CONFIG)
-}
-
-/// Secrets readable by every local account: said at start, not refused (the operator decides).
-fn readable_by_others(config: &Config, path: &Path) -> Vec<String> {
-    config
-        .readable_by_others(path)
-        .into_iter()
-        .map(|(key, file)| {
-            format!(
-                "{key} ({}) is readable by other users; it holds a secret: chmod o-r it",
-                file.display()
-            )
-        })
-        .collect()
-}
-
-/// A shutdown token that SIGTERM or Ctrl-C cancels, handed to a tool command (`cli`).
-async fn with_signals<F: std::future::Future<Output = anyhow::Result<()>>>(
-    command: impl FnOnce(CancellationToken) -> F,
-) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
-    command(shutdown).await
-}
-
-fn runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cfq-relay: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(fut) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // `{:#}` prints the context chain on one line, without a backtrace.
-            eprintln!("cfq-relay: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `RUST_LOG`, unless unset or blank (`RUST_LOG= cfq-relay …` means "not set").
-fn rust_log() -> Option<String> {
-    std::env::var(EnvFilter::DEFAULT_ENV)
-        .ok()
-        .filter(|f| !f.trim().is_empty())
-}
-
-/// `RUST_LOG` wins over the configured level.
-fn init_logging(level: &str, format: LogFormat) {
-    let filter = rust_log()
-        .map_or_else(|| EnvFilter::try_new(level), EnvFilter::try_new)
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: not in journald, files or a container's log.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-/// First SIGTERM/SIGINT: graceful stop. Second: exit at once.
-///
-/// The handlers are installed before this returns (only the waiting is spawned), so a signal
-/// that arrives right after start drains instead of killing the process.
-fn watch_signals(shutdown: CancellationToken) -> impl std::future::Future<Output = ()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT]);
-    async move {
-        match signals {
-            Ok(signals) => drain_on_signals(signals, shutdown).await,
-            Err(e) => tracing::error!(error = %e, "cannot install signal handlers"),
-        }
-    }
-}
-
-async fn drain_on_signals(mut signals: signal_hook_tokio::Signals, shutdown: CancellationToken) {
-    let mut seen = 0;
-    while let Some(sig) = signals.next().await {
-        seen += 1;
-        if seen == 1 {
-            notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
-            tracing::info!(
-                signal = sig,
-                "signal received: draining (send it again to exit at once)"
-            );
-            shutdown.cancel();
-        } else {
-            tracing::warn!(signal = sig, "second signal: exiting at once");
-            std::process::exit(130);
-        }
-    }
-}
-
-/// Tell systemd (when run with `Type=notify`) about a state change; a no-op without
-/// `NOTIFY_SOCKET`.
-fn notify(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "cannot notify the service manager");
-    }
-}
-
-/// SIGHUP: re-read and validate the file, apply it if valid; otherwise keep running on the
-/// previous configuration and say why.
-async fn reload_on_hangup(
-    mut hangups: signal_hook_tokio::Signals,
-    path: PathBuf,
-    reloader: Reloader,
-) {
-    while hangups.next().await.is_some() {
-        tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-        let mut states = vec![NotifyState::Reloading];
-        // systemd wants the time of the reload request with RELOADING=1.
-        if let Ok(now) = NotifyState::monotonic_usec_now() {
-            states.push(now);
-        }
-        notify(&states);
-        match reload(&path, &reloader).await {
-            Ok(summary) => {
-                tracing::info!(%summary, "configuration reloaded");
-                if !summary.needs_restart.is_empty() {
-                    tracing::warn!(
-                        sections = %summary.needs_restart.join(", "),
-                        "these settings changed but apply only after a restart; the running values stay"
-                    );
-                }
-            }
-            Err(e) => tracing::error!(
-                error = %format!("{e:#}"),
-                "configuration reload failed: still running on the previous configuration"
-            ),
-        }
-        notify(&[NotifyState::Ready, NotifyState::Status("running")]);
-    }
-}
-
-async fn reload(path: &Path, reloader: &Reloader) -> anyhow::Result<cfq_relay::ReloadSummary> {
-    let config = Config::load(path).map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
-    cfq_relay::supervisor::check_secrets(&config)
-        .map_err(|e| anyhow::anyhow!("configuration error: {e}"))?;
-    reloader.reload(config).await
-}
-
-/// GET /healthz (or /readyz) on the admin server; `Ok` only for a 200.
-async fn healthcheck(addr: SocketAddr, ready: bool, timeout: Duration) -> anyhow::Result<()> {
-    // A server bound to every address is asked on loopback.
-    let ip = match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    let url = format!(
-        "http://{}/{}",
-        SocketAddr::new(ip, addr.port()),
-        if ready { "readyz" } else { "healthz" }
-    );
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .no_proxy()
-        .build()?;
-    let resp = client
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("healthcheck: {url}"))?;
-    let status = resp.status();
-    let body = resp.text().await.unwrap_or_default();
-    if status == reqwest::StatusCode::OK {
-        println!("{url}: {}", body.trim());
-        Ok(())
-    } else {
-        anyhow::bail!("healthcheck: {url}: {status}: {}", body.trim())
+    /// clap's own consistency checks of the definitions (duplicate flags, bad defaults, …),
+    /// which otherwise fire only when the faulty command is parsed.
+    #[test]
+    fn arguments_are_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -1,56 +1,51 @@
-//! The binary's tool commands, outside the library: `emulate` (the local Cloudflare Queues
-//! API), `receive` (the local webhook sink) and `demo` (both plus the relay, in one process).
-//! Each runs until its shutdown token is cancelled (SIGTERM, Ctrl-C) or its work is done.
+//! The binary's command bodies, outside the library: one module a command (`run`,
+//! `check-config`, `healthcheck`, the tools `emulate`/`receive`/`demo`), the process-wide
+//! pieces they share (logging, signals) and the runtime each async command runs on.
+//!
+//! `src/main.rs` parses the arguments and calls one of the functions re-exported here; each
+//! returns the process's exit code.
 
-pub mod demo;
+mod check;
+mod demo;
+mod healthcheck;
+mod logging;
+mod run;
+mod signals;
+mod tools;
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::process::ExitCode;
 
-use cfq_emulator::sink::{Sink, SinkOptions};
-use cfq_emulator::{Emulator, EmulatorOptions};
-use tokio_util::sync::CancellationToken;
+pub use check::check_config;
+pub use demo::DemoOptions;
+pub use healthcheck::healthcheck;
+pub use run::run;
+pub use tools::{demo, emulate, receive};
 
-/// `cfq-relay emulate`: serve the emulator on `listen` with `opts` (strict: one account, the
-/// queues of `opts.queues`), print where, until `shutdown`.
-pub async fn emulate(
-    listen: SocketAddr,
-    opts: EmulatorOptions,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let account_id = opts.account_id.clone().unwrap_or_default();
-    let queues = opts.queues.clone();
-    let emulator = Emulator::new(opts);
-    let addr = emulator.start(listen, shutdown.clone()).await?;
-    println!(
-        "Cloudflare Queues emulator: api_base_url = \"{}\", account_id = \"{account_id}\"",
-        Emulator::base_url(addr)
-    );
-    if queues.is_empty() {
-        println!("no queue yet: add `--queue NAME`, or create one with POST …/queues");
-    }
-    for name in &queues {
-        let id = emulator.queue_id(name).unwrap_or_default();
-        println!("queue {name:?}: queue_id = \"{id}\" (the name works too)");
-    }
-    shutdown.cancelled().await;
-    Ok(())
+/// Run a command that succeeds or fails on a multi-thread runtime: exit 0, or its error on one
+/// line and exit 1.
+fn runtime(command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    block_on(async { command.await.map(|()| ExitCode::SUCCESS) })
 }
 
-/// `cfq-relay receive`: serve the webhook sink on `listen`, print its URL, until `shutdown`.
-pub async fn receive(
-    listen: SocketAddr,
-    opts: SinkOptions,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let sink = Sink::start(listen, opts, shutdown.clone()).await?;
-    println!("webhook receiver: url = \"{}\"", sink.url());
-    shutdown.cancelled().await;
-    Ok(())
-}
-
-/// `cfq-relay demo`: run it and print its summary line.
-pub async fn demo(opts: demo::DemoOptions) -> anyhow::Result<()> {
-    let summary = demo::run(opts).await?;
-    println!("{}", summary.line());
-    Ok(())
+/// Run a command that chooses its exit code; an error is printed on one line, exit 1.
+fn block_on(command: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cfq-relay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(command) {
+        Ok(code) => code,
+        Err(e) => {
+            // `{:#}` prints the context chain on one line, without a backtrace.
+            eprintln!("cfq-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -135,49 +135,45 @@ struct Prepared {
     ready: Arc<Readiness>,
 }
 
+/// What every consumer is built with, whatever the configuration: the process's HTTP clients,
+/// metrics, shutdown token and the consumer set the admin server reports on. A reload keeps
+/// them.
+pub(crate) struct Resources {
+    pub api_http: reqwest::Client,
+    pub webhook_http: reqwest::Client,
+    pub metrics: Metrics,
+    /// The process's shutdown; each consumer stops on a child of it.
+    pub shutdown: CancellationToken,
+    pub readiness: ConsumerSet,
+}
+
 /// Owner of the consumer tasks.
 pub(crate) struct Supervisor {
     /// The configuration in effect (its `admin` and `log` are those of the start: they are
     /// not reloaded).
     config: Config,
     token: SecretString,
-    api_http: reqwest::Client,
-    webhook_http: reqwest::Client,
-    metrics: Metrics,
-    shutdown: CancellationToken,
+    res: Resources,
     timing: watch::Sender<Timing>,
     /// Live consumers by label.
     slots: HashMap<String, LiveConsumer>,
     /// Every consumer task, draining ones included; each returns (label, generation).
     tasks: JoinSet<(String, u64)>,
     next_generation: u64,
-    readiness: ConsumerSet,
 }
 
 impl Supervisor {
     /// Build every consumer of `config` (all or none) and start them; [`Supervisor::run`] then
     /// serves reloads and the shutdown.
-    pub fn new(
-        config: Config,
-        token: SecretString,
-        api_http: reqwest::Client,
-        webhook_http: reqwest::Client,
-        metrics: Metrics,
-        shutdown: CancellationToken,
-        readiness: ConsumerSet,
-    ) -> anyhow::Result<Self> {
+    pub fn new(config: Config, token: SecretString, res: Resources) -> anyhow::Result<Self> {
         let mut this = Self {
             timing: watch::Sender::new(Timing::of(&config)),
             config,
             token,
-            api_http,
-            webhook_http,
-            metrics,
-            shutdown,
+            res,
             slots: HashMap::new(),
             tasks: JoinSet::new(),
             next_generation: 0,
-            readiness,
         };
         let prepared = this
             .config
@@ -204,7 +200,7 @@ impl Supervisor {
         let files = files_fingerprint(c);
         let cf = &config.cloudflare;
         let client = QueueClient::new(
-            self.api_http.clone(),
+            self.res.api_http.clone(),
             &cf.api_base_url,
             &cf.account_id,
             &c.queue_id,
@@ -213,15 +209,15 @@ impl Supervisor {
         )
         .with_context(|| format!("consumer {label}"))?;
         let webhook =
-            Webhook::new(&self.webhook_http, c).with_context(|| format!("consumer {label}"))?;
+            Webhook::new(&self.res.webhook_http, c).with_context(|| format!("consumer {label}"))?;
         let ready = Arc::new(Readiness::default());
-        let stop = self.shutdown.child_token();
+        let stop = self.res.shutdown.child_token();
         let hard_stop = CancellationToken::new();
         let consumer = Consumer::new(
             c.clone(),
             client,
             webhook,
-            self.metrics.consumer(&label, c.concurrency),
+            self.res.metrics.consumer(&label, c.concurrency),
             ready.clone(),
             stop.clone(),
             hard_stop.clone(),
@@ -280,6 +276,7 @@ impl Supervisor {
             })
             .collect();
         *self
+            .res
             .readiness
             .write()
             .unwrap_or_else(PoisonError::into_inner) = live;
@@ -327,11 +324,11 @@ impl Supervisor {
                 Err(e) => {
                     // Building registered metric series: put them back as they were.
                     for label in &summary.added {
-                        self.metrics.forget_consumer(label);
+                        self.res.metrics.forget_consumer(label);
                     }
                     for label in &summary.changed {
                         if let Some(slot) = self.slots.get(label) {
-                            self.metrics.consumer(label, slot.config.concurrency);
+                            self.res.metrics.consumer(label, slot.config.concurrency);
                         }
                     }
                     return Err(e);
@@ -375,7 +372,7 @@ impl Supervisor {
             }
             // Replaced by a newer consumer of the same label: its series live on.
             Some(_) => {}
-            None => self.metrics.forget_consumer(label),
+            None => self.res.metrics.forget_consumer(label),
         }
     }
 
@@ -391,7 +388,7 @@ impl Supervisor {
                 // Shutdown first: consumers stop on the same token, and an idle one may end
                 // before this loop looks; that is the drain, not "stopped without a request".
                 biased;
-                _ = self.shutdown.cancelled() => break,
+                _ = self.res.shutdown.cancelled() => break,
                 Some(req) = reloads.recv() => {
                     let result = self.reload(req.config);
                     let _ = req.reply.send(result);
