@@ -12,7 +12,7 @@
 //! | 0 | [`logs`] | log hygiene: one-line escaping and the per-consumer log limiter |
 //! | 1 | [`config`] | the configuration: serde structs, defaults, validation, secrets (pure data) |
 //! | 2 | [`cloudflare`] | the Queues HTTP pull API client, its retry schedules, the online check |
-//! | 2 | [`webhook`] | the webhook client: guard, delivery, signing |
+//! | 2 | [`webhook`] | the webhook client: guard, delivery, signing, transport |
 //! | 3 | [`pipeline`] | one consumer: poller, worker, batch, policy, gate, concurrency, acker |
 //! | 4 | [`ops`] | the supervisor, the admin server and the metrics |
 //! | tools | [`emulator`], [`receiver`], [`demo`] | the local Cloudflare API, the webhook sink and the demo (never used by the pipeline) |
@@ -68,6 +68,7 @@ pub use supervisor::{ReloadSummary, Reloader};
 
 use crate::ops::metrics::Metrics;
 use crate::ops::supervisor::Supervisor;
+use crate::webhook::client::WebhookPool;
 
 /// A started relay.
 pub struct Running {
@@ -117,9 +118,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
         .context("building the API HTTP client")?;
-    let webhook_http = delivery::client_builder()
-        .build()
-        .context("building the webhook HTTP client")?;
+    let webhook_http = WebhookPool::new().context("building the webhook HTTP client")?;
 
     let listener = TcpListener::bind(config.admin.listen)
         .await

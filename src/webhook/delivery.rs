@@ -6,17 +6,16 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use tokio::time::Instant;
 
-use anyhow::Context;
 use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
 use reqwest::header::AUTHORIZATION;
 
 use crate::config::secrets::{self, Secret};
 use crate::config::{ConfigError, ConsumerConfig, WebhookConfig};
 use crate::pipeline::policy::{Attempt, retry_after_header};
+use crate::webhook::client::{SendFailure, WebhookClient, WebhookPool};
 use crate::webhook::signing::{self, Signer};
 
 /// Header carrying the Cloudflare message id (stable across redeliveries).
@@ -173,7 +172,8 @@ pub struct Response {
 /// The webhook of one consumer: URL, fixed headers, timeout, shared client.
 #[derive(Clone)]
 pub struct Webhook {
-    client: reqwest::Client,
+    client: WebhookClient,
+    /// For `Debug` (redacted); the client holds it parsed as a URI.
     url: reqwest::Url,
     headers: HeaderMap,
     timeout: Duration,
@@ -276,56 +276,8 @@ impl WebhookAuth {
     }
 }
 
-/// The settings every webhook client shares: no redirects (a 3xx is a failure, never a hop to
-/// another host), bounded connect time, kept-alive connections.
-pub fn client_builder() -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .tcp_nodelay(true)
-}
-
-/// The client for one webhook: `shared` unless the webhook has its own CA bundle or client
-/// certificate, or speaks cleartext HTTP/2, which need a client of their own.
-pub fn client_for(shared: &reqwest::Client, w: &WebhookConfig) -> anyhow::Result<reqwest::Client> {
-    if w.ca_file.is_none() && w.client_cert_file.is_none() && !w.http2_prior_knowledge {
-        return Ok(shared.clone());
-    }
-    let mut builder = client_builder();
-    if w.http2_prior_knowledge {
-        builder = builder.http2_prior_knowledge();
-    }
-    if let Some(ca) = &w.ca_file {
-        let pem = std::fs::read(ca)
-            .with_context(|| format!("reading webhook.ca_file {}", ca.display()))?;
-        for cert in reqwest::Certificate::from_pem_bundle(&pem)
-            .with_context(|| format!("webhook.ca_file {} is not a PEM bundle", ca.display()))?
-        {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    if let (Some(cert), Some(key)) = (&w.client_cert_file, &w.client_key_file) {
-        let mut pem = std::fs::read(cert)
-            .with_context(|| format!("reading webhook.client_cert_file {}", cert.display()))?;
-        pem.push(b'\n');
-        pem.extend(
-            std::fs::read(key)
-                .with_context(|| format!("reading webhook.client_key_file {}", key.display()))?,
-        );
-        // The error would not echo the key, but keep the message generic all the same.
-        let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
-            anyhow::anyhow!(
-                "webhook.client_cert_file / client_key_file are not a PEM certificate and key"
-            )
-        })?;
-        builder = builder.identity(identity);
-    }
-    builder.build().context("building the webhook HTTP client")
-}
-
 impl Webhook {
-    pub fn new(shared: &reqwest::Client, c: &ConsumerConfig) -> anyhow::Result<Self> {
+    pub fn new(pool: &WebhookPool, c: &ConsumerConfig) -> anyhow::Result<Self> {
         let url = reqwest::Url::parse(&c.webhook.url)?;
         let auth = WebhookAuth::resolve(&c.webhook, "webhook")?;
         let mut headers = HeaderMap::new();
@@ -345,7 +297,7 @@ impl Webhook {
             headers.insert(AUTHORIZATION, a);
         }
         Ok(Self {
-            client: client_for(shared, &c.webhook)?,
+            client: WebhookClient::new(pool, &c.webhook, &url)?,
             url,
             headers,
             timeout: c.webhook.timeout,
@@ -466,85 +418,59 @@ impl Webhook {
 
     /// Send a POST with these headers and body; classify the answer.
     async fn execute(&self, headers: HeaderMap, body: Bytes) -> Response {
-        let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
-        *request.headers_mut() = headers;
-        *request.timeout_mut() = Some(self.timeout);
-        *request.body_mut() = Some(body.into());
-        let sent = self.client.execute(request).await;
-        let resp = match sent {
+        // The timeout covers the whole exchange, the (bounded) read of the answer included: it
+        // is read so the connection can be reused and a failure logged with an excerpt.
+        let deadline = Instant::now() + self.timeout;
+        let reply = match self
+            .client
+            .post(headers, body, deadline, MAX_RESPONSE_BODY)
+            .await
+        {
             Ok(r) => r,
-            Err(e) => return classify_error(e),
-        };
-        let status = resp.status().as_u16();
-        let retry_after = retry_after_header(resp.headers());
-        // Read (a bounded part of) the answer so the connection can be reused and a failure
-        // can be logged with an excerpt. The request timeout covers this read too.
-        let mut body = Vec::new();
-        let mut stream = resp.bytes_stream();
-        let mut broken = None;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(chunk) => {
-                    let room = MAX_RESPONSE_BODY.saturating_sub(body.len());
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if body.len() >= MAX_RESPONSE_BODY {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    broken = Some(e);
-                    break;
-                }
+            Err(failure) => {
+                let (attempt, detail) = match failure {
+                    SendFailure::Timeout(d) => (Attempt::Timeout, d),
+                    SendFailure::Connect(d) => (Attempt::Connect, d),
+                    SendFailure::Transport(d) => (Attempt::Transport, d),
+                };
+                return Response {
+                    attempt,
+                    detail,
+                    answer: Vec::new(),
+                    answer_complete: false,
+                };
             }
-        }
+        };
+        let status = reply.status;
+        let attempt = Attempt::Status {
+            status,
+            retry_after: retry_after_header(&reply.headers),
+        };
         let success = (200..300).contains(&status);
-        let complete = broken.is_none() && body.len() < MAX_RESPONSE_BODY;
-        if let Some(e) = broken
+        let complete = reply.broken.is_none() && reply.body.len() < MAX_RESPONSE_BODY;
+        if let Some(e) = reply.broken
             && !success
         {
             // A failure status whose body broke off: the status already says "retry".
             return Response {
-                attempt: Attempt::Status {
-                    status,
-                    retry_after,
-                },
-                detail: crate::cloudflare::error_chain(&e.without_url()),
+                attempt,
+                detail: e,
                 answer: Vec::new(),
                 answer_complete: false,
             };
         }
         // A 2xx counts even if the rest of its body broke off: the receiver said it has it.
         Response {
-            attempt: Attempt::Status {
-                status,
-                retry_after,
-            },
+            attempt,
             detail: if success {
                 String::new()
             } else {
                 // One line: the answer's newlines must not split the log line.
-                crate::cloudflare::one_line(&crate::cloudflare::excerpt(&body))
+                crate::cloudflare::one_line(&crate::cloudflare::excerpt(&reply.body))
             },
-            answer: if success { body } else { Vec::new() },
+            answer: if success { reply.body } else { Vec::new() },
             answer_complete: complete,
         }
-    }
-}
-
-fn classify_error(e: reqwest::Error) -> Response {
-    let attempt = if e.is_timeout() {
-        Attempt::Timeout
-    } else if e.is_connect() {
-        Attempt::Connect
-    } else {
-        Attempt::Transport
-    };
-    Response {
-        attempt,
-        // Without the URL: its query string may carry a credential.
-        detail: crate::cloudflare::error_chain(&e.without_url()),
-        answer: Vec::new(),
-        answer_complete: false,
     }
 }
 

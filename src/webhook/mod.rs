@@ -3,10 +3,12 @@
 //!
 //! - [`guard`]: what a pulled message must satisfy before it is sent (id, body size).
 //! - [`delivery`]: decode the body, POST it with its headers and auth, classify the answer.
+//! - [`client`]: the HTTP transport: a pooled hyper client, the URL parsed once.
 //! - [`signing`]: Standard Webhooks signatures over the request body.
 //!
 //! It depends on the config and the Cloudflare wire types below it, never on the pipeline.
 
+pub mod client;
 pub mod delivery;
 pub mod guard;
 pub mod signing;
