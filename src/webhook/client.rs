@@ -212,9 +212,8 @@ fn proxied(s: &Settings) -> anyhow::Result<reqwest::Client> {
         builder = builder.http2_prior_knowledge();
     }
     for root in &s.roots {
-        builder = builder.add_root_certificate(
-            reqwest::Certificate::from_der(root).context("webhook.ca_file")?,
-        );
+        builder = builder
+            .add_root_certificate(reqwest::Certificate::from_der(root).context("webhook.ca_file")?);
     }
     if let Some(pem) = &s.identity {
         builder = builder.identity(reqwest::Identity::from_pem(pem).map_err(|_| bad_identity())?);
@@ -222,12 +221,7 @@ fn proxied(s: &Settings) -> anyhow::Result<reqwest::Client> {
     builder.build().context("building the webhook HTTP client")
 }
 
-/// Whether the proxy environment variables route `uri` through a proxy (as reqwest decides).
-fn is_proxied(uri: &Uri) -> bool {
-    hyper_util::client::proxy::matcher::Matcher::from_system()
-        .intercept(uri)
-        .is_some()
-}
+use hyper_util::client::proxy::matcher::Matcher;
 
 /// The answer to one POST: its head, the first `limit` bytes of its body, and why the body
 /// ended early if it did.
@@ -256,10 +250,20 @@ impl WebhookClient {
     /// The client for the webhook `w` at `url`: the shared pool unless the webhook has its own
     /// CA bundle or client certificate, speaks cleartext HTTP/2, or goes through a proxy.
     pub fn new(pool: &WebhookPool, w: &WebhookConfig, url: &reqwest::Url) -> anyhow::Result<Self> {
+        // The proxy environment variables, read as reqwest reads them.
+        Self::with_proxies(pool, w, url, &Matcher::from_system())
+    }
+
+    fn with_proxies(
+        pool: &WebhookPool,
+        w: &WebhookConfig,
+        url: &reqwest::Url,
+        proxies: &Matcher,
+    ) -> anyhow::Result<Self> {
         // The URL crate's form is ASCII (IDNA host, percent-encoded path): a valid URI.
         let uri = Uri::try_from(url.as_str()).context("webhook.url is not a valid URI")?;
         let settings = Settings::of(w)?;
-        let transport = if is_proxied(&uri) {
+        let transport = if proxies.intercept(&uri).is_some() {
             Transport::Proxied {
                 client: proxied(&settings)?,
                 url: url.clone(),
@@ -293,13 +297,12 @@ impl WebhookClient {
                 *request.method_mut() = Method::POST;
                 *request.uri_mut() = uri.clone();
                 *request.headers_mut() = headers;
-                let response = match tokio::time::timeout_at(deadline, client.request(request))
-                    .await
-                {
-                    Err(_) => return Err(timed_out()),
-                    Ok(Err(e)) => return Err(classify(&e, e.is_connect())),
-                    Ok(Ok(r)) => r,
-                };
+                let response =
+                    match tokio::time::timeout_at(deadline, client.request(request)).await {
+                        Err(_) => return Err(timed_out()),
+                        Ok(Err(e)) => return Err(classify(&e, e.is_connect())),
+                        Ok(Ok(r)) => r,
+                    };
                 Ok(read_reply(response, deadline, limit).await)
             }
             Transport::Proxied { client, url } => {
@@ -383,5 +386,114 @@ where
         headers: head.headers,
         body: bytes,
         broken,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A receiver on 127.0.0.1 that records each request's HTTP version and answers `answer`
+    /// bytes (h1 and h2c, as the relay's own receiver).
+    async fn receiver(answer: usize) -> (String, Arc<Mutex<Vec<http::Version>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |req: axum::extract::Request| {
+                let log = log.clone();
+                async move {
+                    log.lock().unwrap().push(req.version());
+                    vec![b'x'; answer]
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/hook"), seen)
+    }
+
+    fn webhook(url: &str, http2_prior_knowledge: bool) -> (WebhookConfig, reqwest::Url) {
+        let w = WebhookConfig {
+            url: url.to_owned(),
+            http2_prior_knowledge,
+            ..WebhookConfig::default()
+        };
+        (w, reqwest::Url::parse(url).unwrap())
+    }
+
+    async fn post(client: &WebhookClient, limit: usize) -> Result<Reply, SendFailure> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        client
+            .post(HeaderMap::new(), Bytes::from_static(b"{}"), deadline, limit)
+            .await
+    }
+
+    #[tokio::test]
+    async fn http1_by_default_h2c_with_prior_knowledge() {
+        let (url, seen) = receiver(2).await;
+        let pool = WebhookPool::new().unwrap();
+        for h2 in [false, true] {
+            let (w, u) = webhook(&url, h2);
+            let client =
+                WebhookClient::with_proxies(&pool, &w, &u, &Matcher::builder().build()).unwrap();
+            let reply = post(&client, 1024).await.unwrap();
+            assert_eq!((reply.status, reply.body.as_slice()), (200, &b"xx"[..]));
+        }
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [http::Version::HTTP_11, http::Version::HTTP_2]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_answer_is_read_up_to_the_limit() {
+        let (url, _) = receiver(300 * 1024).await;
+        let (w, u) = webhook(&url, false);
+        let client = WebhookClient::new(&WebhookPool::new().unwrap(), &w, &u).unwrap();
+        let reply = post(&client, 64 * 1024).await.unwrap();
+        assert_eq!(reply.body.len(), 64 * 1024);
+        assert!(reply.broken.is_none());
+    }
+
+    #[tokio::test]
+    async fn no_answer_in_time_is_a_timeout_and_a_closed_port_a_connect_failure() {
+        // Accepts and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", silent.local_addr().unwrap());
+        let (w, u) = webhook(&url, false);
+        let client = WebhookClient::new(&WebhookPool::new().unwrap(), &w, &u).unwrap();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let r = client
+            .post(HeaderMap::new(), Bytes::new(), deadline, 1024)
+            .await;
+        assert!(matches!(r, Err(SendFailure::Timeout(_))), "{r:?}");
+        drop(silent);
+        let r = post(&client, 1024).await;
+        assert!(matches!(r, Err(SendFailure::Connect(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_proxy_from_the_environment_gets_the_proxy_capable_client() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let pool = WebhookPool::new().unwrap();
+        let proxies = Matcher::builder()
+            .https("http://proxy.internal:3128")
+            .no("localhost")
+            .build();
+        let kind = |url: &str| {
+            let (w, u) = webhook(url, false);
+            let c = WebhookClient::with_proxies(&pool, &w, &u, &proxies).unwrap();
+            format!("{c:?}")
+        };
+        assert!(kind("https://hooks.example/in").contains("proxied"));
+        assert!(kind("https://localhost/in").contains("direct"));
+        assert!(kind("http://hooks.example/in").contains("direct"));
     }
 }
