@@ -130,13 +130,13 @@ pub struct AckResult {
 }
 
 /// An item of the `acks` array.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct AckEntry<'a> {
     pub lease_id: &'a str,
 }
 
 /// An item of the `retries` array.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct RetryEntry<'a> {
     pub lease_id: &'a str,
     pub delay_seconds: u32,
@@ -148,10 +148,65 @@ struct PullRequest {
     visibility_timeout_ms: u64,
 }
 
-#[derive(Serialize)]
+/// The body of an ack call, written straight to bytes by [`AckRequest::encode`].
 struct AckRequest<'a> {
     acks: &'a [AckEntry<'a>],
     retries: &'a [RetryEntry<'a>],
+}
+
+impl AckRequest<'_> {
+    /// `{"acks":[{"lease_id":…}],"retries":[{"lease_id":…,"delay_seconds":…}]}` in one buffer
+    /// sized up front; a lease id is copied as it is when it needs no escaping (Cloudflare's
+    /// never do), else escaped by serde_json.
+    fn encode(&self) -> Vec<u8> {
+        let size = 32
+            + self
+                .acks
+                .iter()
+                .map(|a| a.lease_id.len() + 16)
+                .sum::<usize>()
+            + self
+                .retries
+                .iter()
+                .map(|r| r.lease_id.len() + 40)
+                .sum::<usize>();
+        let mut out = Vec::with_capacity(size);
+        out.extend_from_slice(br#"{"acks":["#);
+        for (i, a) in self.acks.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#"{"lease_id":"#);
+            json_string(&mut out, a.lease_id);
+            out.push(b'}');
+        }
+        out.extend_from_slice(br#"],"retries":["#);
+        for (i, r) in self.retries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#"{"lease_id":"#);
+            json_string(&mut out, r.lease_id);
+            out.extend_from_slice(br#","delay_seconds":"#);
+            out.extend_from_slice(r.delay_seconds.to_string().as_bytes());
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+}
+
+/// `s` as a JSON string.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // What serde_json escapes: control characters, `"` and `\`.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
 }
 
 /// Which API call failed; also the `op` metric label.
@@ -365,7 +420,8 @@ impl QueueClient {
             batch_size,
             visibility_timeout_ms: visibility_timeout.as_millis() as u64,
         };
-        self.call(&self.pull_url, &req, pull_answer_limit(batch_size))
+        let body = serde_json::to_vec(&req).map_err(|e| ApiError::Transport(e.to_string()))?;
+        self.call(&self.pull_url, body, pull_answer_limit(batch_size))
             .await
     }
 
@@ -375,21 +431,16 @@ impl QueueClient {
         acks: &[AckEntry<'_>],
         retries: &[RetryEntry<'_>],
     ) -> Result<AckResult, ApiError> {
-        self.call(
-            &self.ack_url,
-            &AckRequest { acks, retries },
-            ACK_ANSWER_LIMIT,
-        )
-        .await
+        let body = AckRequest { acks, retries }.encode();
+        self.call(&self.ack_url, body, ACK_ANSWER_LIMIT).await
     }
 
     async fn call<T: serde::de::DeserializeOwned + Default>(
         &self,
         url: &reqwest::Url,
-        body: &impl Serialize,
+        body: Vec<u8>,
         limit: usize,
     ) -> Result<T, ApiError> {
-        let body = serde_json::to_vec(body).map_err(|e| ApiError::Transport(e.to_string()))?;
         let resp = self
             .http
             .post(url.clone())
@@ -1133,14 +1184,47 @@ mod tests {
             lease_id: "b",
             delay_seconds: 30,
         }];
-        let json = serde_json::to_string(&AckRequest {
+        let json = AckRequest {
             acks: &acks,
             retries: &retries,
-        })
-        .unwrap();
+        }
+        .encode();
         assert_eq!(
-            json,
+            String::from_utf8(json).unwrap(),
             r#"{"acks":[{"lease_id":"a"}],"retries":[{"lease_id":"b","delay_seconds":30}]}"#
+        );
+        // Several items, and lease ids that need escaping: the same JSON serde_json would write.
+        let odd = [
+            "plain",
+            "quo\"te",
+            "back\\slash",
+            "ctl\u{1}\n",
+            "ünï\u{7f}",
+            "",
+        ];
+        let acks: Vec<_> = odd.iter().map(|l| AckEntry { lease_id: l }).collect();
+        let retries: Vec<_> = odd
+            .iter()
+            .zip(0u32..)
+            .map(|(l, d)| RetryEntry {
+                lease_id: l,
+                delay_seconds: d * 1000,
+            })
+            .collect();
+        let json = AckRequest {
+            acks: &acks,
+            retries: &retries,
+        }
+        .encode();
+        let expected = serde_json::json!({
+            "acks": odd.iter().map(|l| serde_json::json!({"lease_id": l})).collect::<Vec<_>>(),
+            "retries": odd.iter().zip(0u32..).map(|(l, d)| {
+                serde_json::json!({"lease_id": l, "delay_seconds": d * 1000})
+            }).collect::<Vec<_>>(),
+        });
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&json).unwrap(),
+            expected
         );
         let json = serde_json::to_string(&PullRequest {
             batch_size: 100,

@@ -50,6 +50,27 @@ fn cf_content_type(ct: &str) -> Option<HeaderValue> {
     })
 }
 
+/// The `cfq-attempt` values of the first attempts, made once: most deliveries are one of these.
+static ATTEMPTS: [HeaderValue; 10] = [
+    HeaderValue::from_static("0"),
+    HeaderValue::from_static("1"),
+    HeaderValue::from_static("2"),
+    HeaderValue::from_static("3"),
+    HeaderValue::from_static("4"),
+    HeaderValue::from_static("5"),
+    HeaderValue::from_static("6"),
+    HeaderValue::from_static("7"),
+    HeaderValue::from_static("8"),
+    HeaderValue::from_static("9"),
+];
+
+fn attempt_value(attempts: u32) -> HeaderValue {
+    match ATTEMPTS.get(attempts as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(attempts),
+    }
+}
+
 /// How much of a webhook answer is read (for connection reuse and log excerpts); the rest is
 /// discarded unread, so a huge or endless answer costs nothing.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -391,7 +412,7 @@ impl Webhook {
         if let Ok(v) = HeaderValue::from_str(&msg.id) {
             headers.insert(NAME_MESSAGE_ID, v);
         }
-        headers.insert(NAME_ATTEMPT, HeaderValue::from(msg.attempts));
+        headers.insert(NAME_ATTEMPT, attempt_value(msg.attempts));
         if let Some(ts) = msg.timestamp_ms {
             headers.insert(NAME_TIMESTAMP, HeaderValue::from(ts));
         }
@@ -580,6 +601,13 @@ mod tests {
         }
         for case in &cases {
             assert_eq!(base64_decode(case), lenient(case), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn attempt_values_are_the_numbers() {
+        for n in [0, 1, 9, 10, 11, 4_294_967_295] {
+            assert_eq!(attempt_value(n).to_str().unwrap(), n.to_string());
         }
     }
 
