@@ -59,9 +59,9 @@ pub struct WebhookClient {
 
 #[derive(Clone)]
 enum Transport {
-    /// hyper-util's client, straight to the receiver.
+    /// hyper-util's client (400-odd bytes: boxed), straight to the receiver.
     Direct {
-        client: Client<Connector, Full<Bytes>>,
+        client: Box<Client<Connector, Full<Bytes>>>,
         uri: Uri,
     },
     /// Through a proxy from the environment: reqwest, which speaks to proxies.
@@ -270,12 +270,12 @@ impl WebhookClient {
             }
         } else if settings.is_default() {
             Transport::Direct {
-                client: pool.0.clone(),
+                client: Box::new(pool.0.clone()),
                 uri,
             }
         } else {
             Transport::Direct {
-                client: direct(&settings)?,
+                client: Box::new(direct(&settings)?),
                 uri,
             }
         };
