@@ -2,6 +2,7 @@
 //! that turns every failure (status, 429, HTML page, `success: false`, transport) into an
 //! [`ApiError`] the callers can log, count and back off on.
 
+mod ack_body;
 pub mod online;
 pub mod retry;
 
@@ -146,67 +147,6 @@ pub struct RetryEntry<'a> {
 struct PullRequest {
     batch_size: u32,
     visibility_timeout_ms: u64,
-}
-
-/// The body of an ack call, written straight to bytes by [`AckRequest::encode`].
-struct AckRequest<'a> {
-    acks: &'a [AckEntry<'a>],
-    retries: &'a [RetryEntry<'a>],
-}
-
-impl AckRequest<'_> {
-    /// `{"acks":[{"lease_id":…}],"retries":[{"lease_id":…,"delay_seconds":…}]}` in one buffer
-    /// sized up front; a lease id is copied as it is when it needs no escaping (Cloudflare's
-    /// never do), else escaped by serde_json.
-    fn encode(&self) -> Vec<u8> {
-        let size = 32
-            + self
-                .acks
-                .iter()
-                .map(|a| a.lease_id.len() + 16)
-                .sum::<usize>()
-            + self
-                .retries
-                .iter()
-                .map(|r| r.lease_id.len() + 40)
-                .sum::<usize>();
-        let mut out = Vec::with_capacity(size);
-        out.extend_from_slice(br#"{"acks":["#);
-        for (i, a) in self.acks.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(br#"{"lease_id":"#);
-            json_string(&mut out, a.lease_id);
-            out.push(b'}');
-        }
-        out.extend_from_slice(br#"],"retries":["#);
-        for (i, r) in self.retries.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(br#"{"lease_id":"#);
-            json_string(&mut out, r.lease_id);
-            out.extend_from_slice(br#","delay_seconds":"#);
-            out.extend_from_slice(r.delay_seconds.to_string().as_bytes());
-            out.push(b'}');
-        }
-        out.extend_from_slice(b"]}");
-        out
-    }
-}
-
-/// `s` as a JSON string.
-fn json_string(out: &mut Vec<u8>, s: &str) {
-    // What serde_json escapes: control characters, `"` and `\`.
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        // Writing to a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, s);
-    }
 }
 
 /// Which API call failed; also the `op` metric label.
@@ -431,7 +371,7 @@ impl QueueClient {
         acks: &[AckEntry<'_>],
         retries: &[RetryEntry<'_>],
     ) -> Result<AckResult, ApiError> {
-        let body = AckRequest { acks, retries }.encode();
+        let body = ack_body::encode(acks, retries);
         self.call(&self.ack_url, body, ACK_ANSWER_LIMIT).await
     }
 
@@ -569,6 +509,47 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// visitor.
 macro_rules! forward_to_none {
     () => {
+        skipped_to_none!();
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map
+                .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    };
+}
+
+/// The visitor methods for every JSON value but an object, for a field that wants an object:
+/// each one is read to its end and becomes `None`.
+macro_rules! non_objects_to_none {
+    () => {
+        skipped_to_none!();
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        numbers_to_none!();
+    };
+}
+
+/// Numbers become `None`.
+macro_rules! numbers_to_none {
+    () => {
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    };
+}
+
+/// Booleans, nulls and arrays (read to their end) become `None`: what no lenient field wants.
+macro_rules! skipped_to_none {
+    () => {
         fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
             Ok(None)
         }
@@ -580,13 +561,6 @@ macro_rules! forward_to_none {
         }
         fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            while map
-                .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
-                .is_some()
-            {}
             Ok(None)
         }
     };
@@ -634,15 +608,7 @@ impl<'de> de::Visitor<'de> for LenientString {
     fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
         Ok(Some(v))
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+    numbers_to_none!();
     forward_to_none!();
 }
 
@@ -705,28 +671,7 @@ impl<'de> Deserialize<'de> for MaybeMessage {
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 MessageVisitor.visit_map(map).map(Some)
             }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(None)
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-                Ok(None)
-            }
+            non_objects_to_none!();
         }
         d.deserialize_any(V).map(MaybeMessage)
     }
@@ -764,7 +709,7 @@ impl<'de> de::Visitor<'de> for MessageVisitor {
         lenient!(Option<MessageMetadata>, lenient_metadata);
 
         let mut m = PulledMessage::default();
-        while let Some(key) = map.next_key::<MessageKey>()? {
+        while let Some(Key(key)) = map.next_key::<Key<MessageKey>>()? {
             match key {
                 MessageKey::Id => m.id = map.next_value::<Field<_>>()?.0,
                 MessageKey::Body => m.body = map.next_value::<Field<_>>()?.0,
@@ -792,7 +737,7 @@ fn lenient_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MessageMet
         }
         fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut meta = MessageMetadata::default();
-            while let Some(ContentTypeKey(is_content_type)) = map.next_key()? {
+            while let Some(Key(ContentTypeKey(is_content_type))) = map.next_key()? {
                 if is_content_type {
                     meta.content_type = map.next_value_seed(LenientSeed)?;
                 } else {
@@ -801,51 +746,36 @@ fn lenient_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MessageMet
             }
             Ok(Some(meta))
         }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
+        non_objects_to_none!();
     }
     d.deserialize_any(V)
 }
 
-/// A metadata key: whether it is `CF-Content-Type` (in any case), matched without allocating.
+/// A metadata key: whether it is `CF-Content-Type` (in any case).
 struct ContentTypeKey(bool);
 
-impl<'de> Deserialize<'de> for ContentTypeKey {
+impl From<&str> for ContentTypeKey {
+    fn from(key: &str) -> Self {
+        ContentTypeKey(key.eq_ignore_ascii_case("CF-Content-Type"))
+    }
+}
+
+/// An object key, read without allocating and turned into a `T` (e.g. [`MessageKey`]).
+struct Key<T>(T);
+
+impl<'de, T: for<'a> From<&'a str>> Deserialize<'de> for Key<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = ContentTypeKey;
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<T: for<'a> From<&'a str>> de::Visitor<'_> for V<T> {
+            type Value = Key<T>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a metadata key")
+                f.write_str("a field name")
             }
-            fn visit_str<E>(self, v: &str) -> Result<ContentTypeKey, E> {
-                Ok(ContentTypeKey(v.eq_ignore_ascii_case("CF-Content-Type")))
+            fn visit_str<E>(self, v: &str) -> Result<Key<T>, E> {
+                Ok(Key(T::from(v)))
             }
         }
-        d.deserialize_identifier(V)
+        d.deserialize_identifier(V(std::marker::PhantomData))
     }
 }
 
@@ -870,27 +800,17 @@ enum MessageKey {
     Other,
 }
 
-impl<'de> Deserialize<'de> for MessageKey {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = MessageKey;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<MessageKey, E> {
-                Ok(match v {
-                    "id" => MessageKey::Id,
-                    "body" => MessageKey::Body,
-                    "attempts" => MessageKey::Attempts,
-                    "lease_id" => MessageKey::LeaseId,
-                    "metadata" => MessageKey::Metadata,
-                    "timestamp_ms" => MessageKey::TimestampMs,
-                    _ => MessageKey::Other,
-                })
-            }
+impl From<&str> for MessageKey {
+    fn from(key: &str) -> Self {
+        match key {
+            "id" => MessageKey::Id,
+            "body" => MessageKey::Body,
+            "attempts" => MessageKey::Attempts,
+            "lease_id" => MessageKey::LeaseId,
+            "metadata" => MessageKey::Metadata,
+            "timestamp_ms" => MessageKey::TimestampMs,
+            _ => MessageKey::Other,
         }
-        d.deserialize_identifier(V)
     }
 }
 
@@ -1179,53 +1099,6 @@ mod tests {
 
     #[test]
     fn request_bodies_match_the_api() {
-        let acks = [AckEntry { lease_id: "a" }];
-        let retries = [RetryEntry {
-            lease_id: "b",
-            delay_seconds: 30,
-        }];
-        let json = AckRequest {
-            acks: &acks,
-            retries: &retries,
-        }
-        .encode();
-        assert_eq!(
-            String::from_utf8(json).unwrap(),
-            r#"{"acks":[{"lease_id":"a"}],"retries":[{"lease_id":"b","delay_seconds":30}]}"#
-        );
-        // Several items, and lease ids that need escaping: the same JSON serde_json would write.
-        let odd = [
-            "plain",
-            "quo\"te",
-            "back\\slash",
-            "ctl\u{1}\n",
-            "ünï\u{7f}",
-            "",
-        ];
-        let acks: Vec<_> = odd.iter().map(|l| AckEntry { lease_id: l }).collect();
-        let retries: Vec<_> = odd
-            .iter()
-            .zip(0u32..)
-            .map(|(l, d)| RetryEntry {
-                lease_id: l,
-                delay_seconds: d * 1000,
-            })
-            .collect();
-        let json = AckRequest {
-            acks: &acks,
-            retries: &retries,
-        }
-        .encode();
-        let expected = serde_json::json!({
-            "acks": odd.iter().map(|l| serde_json::json!({"lease_id": l})).collect::<Vec<_>>(),
-            "retries": odd.iter().zip(0u32..).map(|(l, d)| {
-                serde_json::json!({"lease_id": l, "delay_seconds": d * 1000})
-            }).collect::<Vec<_>>(),
-        });
-        assert_eq!(
-            serde_json::from_slice::<serde_json::Value>(&json).unwrap(),
-            expected
-        );
         let json = serde_json::to_string(&PullRequest {
             batch_size: 100,
             visibility_timeout_ms: 60_000,
