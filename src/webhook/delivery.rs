@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use tokio::time::Instant;
 
 use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
@@ -306,6 +306,8 @@ impl Webhook {
             USER_AGENT,
             HeaderValue::from_static(concat!("cfq-relay/", env!("CARGO_PKG_VERSION"))),
         );
+        // What reqwest sent by default, kept for receivers that look at it.
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
         headers.insert(HEADER_QUEUE_ID, HeaderValue::from_str(&c.queue_id)?);
         for (name, value) in &c.webhook.headers {
             let mut value = HeaderValue::from_str(value)
@@ -602,6 +604,21 @@ mod tests {
         for case in &cases {
             assert_eq!(base64_decode(case), lenient(case), "{case:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn accept_is_sent_unless_configured() {
+        let pool = WebhookPool::new().unwrap();
+        let hook = |extra: &str| {
+            let c: ConsumerConfig = toml::from_str(&format!(
+                "queue_id = \"q\"\n[webhook]\nurl = \"http://127.0.0.1:9/hook\"\n{extra}"
+            ))
+            .unwrap();
+            Webhook::new(&pool, &c).unwrap()
+        };
+        assert_eq!(hook("").headers[ACCEPT], "*/*");
+        let custom = hook("headers = { Accept = \"application/json\" }");
+        assert_eq!(custom.headers[ACCEPT], "application/json");
     }
 
     #[test]
