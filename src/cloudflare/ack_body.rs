@@ -12,26 +12,27 @@ pub(super) fn encode(acks: &[AckEntry<'_>], retries: &[RetryEntry<'_>]) -> Vec<u
     let mut out = Vec::with_capacity(size);
     out.extend_from_slice(br#"{"acks":["#);
     for (i, a) in acks.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(br#"{"lease_id":"#);
-        json_string(&mut out, a.lease_id);
+        open_item(&mut out, i, a.lease_id);
         out.push(b'}');
     }
     out.extend_from_slice(br#"],"retries":["#);
     for (i, r) in retries.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(br#"{"lease_id":"#);
-        json_string(&mut out, r.lease_id);
+        open_item(&mut out, i, r.lease_id);
         out.extend_from_slice(br#","delay_seconds":"#);
         out.extend_from_slice(r.delay_seconds.to_string().as_bytes());
         out.push(b'}');
     }
     out.extend_from_slice(b"]}");
     out
+}
+
+/// `,{"lease_id":"…"` (no comma before the first item).
+fn open_item(out: &mut Vec<u8>, index: usize, lease_id: &str) {
+    if index > 0 {
+        out.push(b',');
+    }
+    out.extend_from_slice(br#"{"lease_id":"#);
+    json_string(out, lease_id);
 }
 
 /// `s` as a JSON string.
