@@ -12,7 +12,7 @@
 //! | 1 | [`config`] | the configuration: serde structs, defaults, validation, secrets (pure data) |
 //! | 1 | `telemetry` | the typed metric labels (outcome, release reason, status class, API result) and the registry |
 //! | 2 | [`cloudflare`] | the Queues HTTP pull API client, its wire types, its retry schedules, the online check |
-//! | 2 | `webhook` | the webhook client: guard, delivery, signing, the attempt's classification |
+//! | 2 | `webhook` | the webhook client: guard, delivery, signing, transport, the attempt's classification |
 //! | 3 | `pipeline` | one consumer: poller, worker, batch, policy, gate, concurrency, acker |
 //! | 4 | `ops` | the supervisor and the admin server |
 //!
@@ -75,6 +75,7 @@ pub use supervisor::{ReloadSummary, Reloader};
 
 use crate::ops::supervisor::{Resources, Supervisor};
 use crate::telemetry::Metrics;
+use crate::webhook::client::WebhookPool;
 
 /// A started relay.
 pub struct Running {
@@ -124,9 +125,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
         .context("building the API HTTP client")?;
-    let webhook_http = delivery::client_builder()
-        .build()
-        .context("building the webhook HTTP client")?;
+    let webhook_http = WebhookPool::new().context("building the webhook HTTP client")?;
 
     let listener = TcpListener::bind(config.admin.listen)
         .await

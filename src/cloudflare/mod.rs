@@ -2,6 +2,7 @@
 //! that turns every failure (status, 429, HTML page, `success: false`, transport) into an
 //! [`ApiError`] the callers can log, count and back off on.
 
+mod ack_body;
 pub mod online;
 pub mod retry;
 mod wire;
@@ -16,21 +17,21 @@ use crate::retry_after::retry_after_header;
 use crate::telemetry::ApiResult;
 
 pub use wire::{
-    AckResult, ApiEnvelope, ApiMessage, BacklogMetrics, PullMetadata, PullResult, PulledMessage,
-    short_lease,
+    AckResult, ApiEnvelope, ApiMessage, BacklogMetrics, MessageMetadata, PullMetadata, PullResult,
+    PulledMessage, short_lease,
 };
 
 /// Largest excerpt of an unexpected answer body kept for logs.
 const EXCERPT: usize = 200;
 
 /// An item of the `acks` array.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct AckEntry<'a> {
     pub lease_id: &'a str,
 }
 
 /// An item of the `retries` array.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct RetryEntry<'a> {
     pub lease_id: &'a str,
     pub delay_seconds: u32,
@@ -40,12 +41,6 @@ pub struct RetryEntry<'a> {
 struct PullRequest {
     batch_size: u32,
     visibility_timeout_ms: u64,
-}
-
-#[derive(Serialize)]
-struct AckRequest<'a> {
-    acks: &'a [AckEntry<'a>],
-    retries: &'a [RetryEntry<'a>],
 }
 
 /// Cloudflare's limit of one message body (128 KB).
@@ -243,7 +238,8 @@ impl QueueClient {
             batch_size,
             visibility_timeout_ms: visibility_timeout.as_millis() as u64,
         };
-        self.call(&self.pull_url, &req, pull_answer_limit(batch_size))
+        let body = serde_json::to_vec(&req).map_err(|e| ApiError::Transport(e.to_string()))?;
+        self.call(&self.pull_url, body, pull_answer_limit(batch_size))
             .await
     }
 
@@ -253,21 +249,16 @@ impl QueueClient {
         acks: &[AckEntry<'_>],
         retries: &[RetryEntry<'_>],
     ) -> Result<AckResult, ApiError> {
-        self.call(
-            &self.ack_url,
-            &AckRequest { acks, retries },
-            ACK_ANSWER_LIMIT,
-        )
-        .await
+        let body = ack_body::encode(acks, retries);
+        self.call(&self.ack_url, body, ACK_ANSWER_LIMIT).await
     }
 
     async fn call<T: serde::de::DeserializeOwned + Default>(
         &self,
         url: &reqwest::Url,
-        body: &impl Serialize,
+        body: Vec<u8>,
         limit: usize,
     ) -> Result<T, ApiError> {
-        let body = serde_json::to_vec(body).map_err(|e| ApiError::Transport(e.to_string()))?;
         let resp = self
             .http
             .post(url.clone())
@@ -482,20 +473,6 @@ mod tests {
 
     #[test]
     fn request_bodies_match_the_api() {
-        let acks = [AckEntry { lease_id: "a" }];
-        let retries = [RetryEntry {
-            lease_id: "b",
-            delay_seconds: 30,
-        }];
-        let json = serde_json::to_string(&AckRequest {
-            acks: &acks,
-            retries: &retries,
-        })
-        .unwrap();
-        assert_eq!(
-            json,
-            r#"{"acks":[{"lease_id":"a"}],"retries":[{"lease_id":"b","delay_seconds":30}]}"#
-        );
         let json = serde_json::to_string(&PullRequest {
             batch_size: 100,
             visibility_timeout_ms: 60_000,

@@ -1,8 +1,6 @@
 //! What the Cloudflare Queues API answers: the envelope, the pull and ack results, and their
 //! lenient decoding (a field of the wrong type is absent, never an error), read in one pass.
 
-use std::collections::HashMap;
-
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
@@ -65,19 +63,29 @@ pub struct PulledMessage {
     pub body: Option<String>,
     pub attempts: Option<u64>,
     pub lease_id: Option<String>,
-    pub metadata: Option<HashMap<String, serde_json::Value>>,
+    /// `None` when absent or not an object.
+    pub metadata: Option<MessageMetadata>,
     pub timestamp_ms: Option<u64>,
 }
 
 impl PulledMessage {
     /// The `CF-Content-Type` metadata value, if it is a string.
     pub fn content_type(&self) -> Option<&str> {
-        self.metadata
-            .as_ref()?
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("CF-Content-Type"))
-            .and_then(|(_, v)| v.as_str())
+        self.metadata.as_ref()?.content_type.as_deref()
     }
+
+    /// The same, taken out of the message (no copy).
+    pub fn take_content_type(&mut self) -> Option<String> {
+        self.metadata.as_mut()?.content_type.take()
+    }
+}
+
+/// What the relay reads of a message's `metadata` object (read in the same pass, without a
+/// map of it): the content type.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MessageMetadata {
+    /// The `CF-Content-Type` value (the key in any case), if it is a string.
+    pub content_type: Option<String>,
 }
 
 impl PullResult {
@@ -268,10 +276,10 @@ impl<'de> de::Visitor<'de> for MessageVisitor {
         }
         lenient!(Option<String>, lenient_string);
         lenient!(Option<u64>, lenient_u64);
-        lenient!(Option<HashMap<String, serde_json::Value>>, lenient_object);
+        lenient!(Option<MessageMetadata>, lenient_metadata);
 
         let mut m = PulledMessage::default();
-        while let Some(key) = map.next_key::<MessageKey>()? {
+        while let Some(Key(key)) = map.next_key::<Key<MessageKey>>()? {
             match key {
                 MessageKey::Id => m.id = map.next_value::<Field<_>>()?.0,
                 MessageKey::Body => m.body = map.next_value::<Field<_>>()?.0,
@@ -299,27 +307,80 @@ enum MessageKey {
     Other,
 }
 
-impl<'de> Deserialize<'de> for MessageKey {
+impl From<&str> for MessageKey {
+    fn from(key: &str) -> Self {
+        match key {
+            "id" => MessageKey::Id,
+            "body" => MessageKey::Body,
+            "attempts" => MessageKey::Attempts,
+            "lease_id" => MessageKey::LeaseId,
+            "metadata" => MessageKey::Metadata,
+            "timestamp_ms" => MessageKey::TimestampMs,
+            _ => MessageKey::Other,
+        }
+    }
+}
+
+/// A message's `metadata`: an object (its `CF-Content-Type` string kept, everything else
+/// skipped), else `None`.
+fn lenient_metadata<'de, D: Deserializer<'de>>(d: D) -> Result<Option<MessageMetadata>, D::Error> {
+    struct V;
+    impl<'de> de::Visitor<'de> for V {
+        type Value = Option<MessageMetadata>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a metadata object")
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut meta = MessageMetadata::default();
+            while let Some(Key(ContentTypeKey(is_content_type))) = map.next_key()? {
+                if is_content_type {
+                    meta.content_type = map.next_value_seed(LenientSeed)?;
+                } else {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+            Ok(Some(meta))
+        }
+        skip!(None; str, u64, i64, f64, bool, unit, none, seq);
+    }
+    d.deserialize_any(V)
+}
+
+/// A metadata key: whether it is `CF-Content-Type` (in any case).
+struct ContentTypeKey(bool);
+
+impl From<&str> for ContentTypeKey {
+    fn from(key: &str) -> Self {
+        ContentTypeKey(key.eq_ignore_ascii_case("CF-Content-Type"))
+    }
+}
+
+/// An object key, read without allocating and turned into a `T` (e.g. [`MessageKey`]).
+struct Key<T>(T);
+
+impl<'de, T: for<'a> From<&'a str>> Deserialize<'de> for Key<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = MessageKey;
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<T: for<'a> From<&'a str>> de::Visitor<'_> for V<T> {
+            type Value = Key<T>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a field name")
             }
-            fn visit_str<E>(self, v: &str) -> Result<MessageKey, E> {
-                Ok(match v {
-                    "id" => MessageKey::Id,
-                    "body" => MessageKey::Body,
-                    "attempts" => MessageKey::Attempts,
-                    "lease_id" => MessageKey::LeaseId,
-                    "metadata" => MessageKey::Metadata,
-                    "timestamp_ms" => MessageKey::TimestampMs,
-                    _ => MessageKey::Other,
-                })
+            fn visit_str<E>(self, v: &str) -> Result<Key<T>, E> {
+                Ok(Key(T::from(v)))
             }
         }
-        d.deserialize_identifier(V)
+        d.deserialize_identifier(V(std::marker::PhantomData))
+    }
+}
+
+/// [`lenient_string`] as a seed, for `next_value_seed`.
+struct LenientSeed;
+
+impl<'de> de::DeserializeSeed<'de> for LenientSeed {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        lenient_string(d)
     }
 }
 
@@ -406,6 +467,36 @@ mod tests {
         assert_eq!(b.backlog_count, Some(8));
         assert_eq!(b.backlog_bytes, Some(100));
         assert_eq!(b.oldest_message_timestamp_ms, Some(1_699_999_999_000));
+    }
+
+    #[test]
+    fn metadata_keeps_only_the_content_type() {
+        let types = pull(
+            r#"{"result":{"messages":[
+              {"id":"a","metadata":{"other":{"deep":[1,{"x":null}]},"cf-content-type":"json","n":1}},
+              {"id":"b","metadata":{"CF-Content-Type":7,"CF-Content-Typ":"text"}},
+              {"id":"c","metadata":{"CF-Content-\u0054ype":"bytes"}},
+              {"id":"d","metadata":"text"},
+              {"id":"e","metadata":[{"CF-Content-Type":"text"}]},
+              {"id":"f","metadata":{}}]}}"#,
+        )
+        .unwrap()
+        .messages
+        .into_iter()
+        .map(|m| (m.content_type().map(str::to_owned), m.metadata.is_some()))
+        .collect::<Vec<_>>();
+        let some = |t: &str| (Some(t.to_owned()), true);
+        assert_eq!(
+            types,
+            [
+                some("json"),
+                (None, true),
+                some("bytes"),
+                (None, false),
+                (None, false),
+                (None, true)
+            ]
+        );
     }
 
     #[test]

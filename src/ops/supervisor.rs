@@ -140,7 +140,7 @@ struct Prepared {
 /// them.
 pub(crate) struct Resources {
     pub api_http: reqwest::Client,
-    pub webhook_http: reqwest::Client,
+    pub webhook_http: crate::webhook::client::WebhookPool,
     pub metrics: Metrics,
     /// The process's shutdown; each consumer stops on a child of it.
     pub shutdown: CancellationToken,

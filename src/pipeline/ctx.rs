@@ -175,7 +175,7 @@ pub(super) fn fixture(
         Duration::from_secs(1),
     )
     .unwrap();
-    let webhook = Webhook::new(&http, c).unwrap();
+    let webhook = Webhook::new(&crate::webhook::client::WebhookPool::new().unwrap(), c).unwrap();
     let metrics = crate::telemetry::Metrics::new();
     let (tx, rx) = mpsc::channel(16);
     let poll = PollCtx::new(

@@ -278,8 +278,8 @@ async fn pull(
     }
 }
 
-fn to_message(ctx: &PollCtx, raw: PulledMessage, deadline: Instant) -> Option<Message> {
-    let content_type = raw.content_type().map(str::to_owned);
+fn to_message(ctx: &PollCtx, mut raw: PulledMessage, deadline: Instant) -> Option<Message> {
+    let content_type = raw.take_content_type();
     let Some(lease_id) = raw.lease_id.filter(|l| !l.is_empty()) else {
         ctx.metrics.invalid.inc();
         if ctx.delivery.logs.allow(Event::NoLease) {

@@ -6,11 +6,9 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use tokio::time::Instant;
 
-use anyhow::Context;
 use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
 use reqwest::header::AUTHORIZATION;
 
@@ -18,6 +16,7 @@ use crate::config::secrets::{self, Secret};
 use crate::config::{ConfigError, ConsumerConfig, WebhookConfig};
 use crate::retry_after::retry_after_header;
 use crate::webhook::Attempt;
+use crate::webhook::client::{SendFailure, WebhookClient, WebhookPool};
 use crate::webhook::signing::{self, Signer};
 
 /// Header carrying the Cloudflare message id (stable across redeliveries).
@@ -50,6 +49,27 @@ fn cf_content_type(ct: &str) -> Option<HeaderValue> {
         "v8" => HeaderValue::from_static("v8"),
         other => return HeaderValue::from_str(other).ok(),
     })
+}
+
+/// The `cfq-attempt` values of the first attempts, made once: most deliveries are one of these.
+static ATTEMPTS: [HeaderValue; 10] = [
+    HeaderValue::from_static("0"),
+    HeaderValue::from_static("1"),
+    HeaderValue::from_static("2"),
+    HeaderValue::from_static("3"),
+    HeaderValue::from_static("4"),
+    HeaderValue::from_static("5"),
+    HeaderValue::from_static("6"),
+    HeaderValue::from_static("7"),
+    HeaderValue::from_static("8"),
+    HeaderValue::from_static("9"),
+];
+
+fn attempt_value(attempts: u32) -> HeaderValue {
+    match ATTEMPTS.get(attempts as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(attempts),
+    }
 }
 
 /// How much of a webhook answer is read (for connection reuse and log excerpts); the rest is
@@ -161,7 +181,8 @@ pub struct Response {
 /// The webhook of one consumer: URL, fixed headers, timeout, shared client.
 #[derive(Clone)]
 pub struct Webhook {
-    client: reqwest::Client,
+    client: WebhookClient,
+    /// For `Debug` (redacted); the client holds it parsed as a URI.
     url: reqwest::Url,
     headers: HeaderMap,
     timeout: Duration,
@@ -264,56 +285,8 @@ impl WebhookAuth {
     }
 }
 
-/// The settings every webhook client shares: no redirects (a 3xx is a failure, never a hop to
-/// another host), bounded connect time, kept-alive connections.
-pub fn client_builder() -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .tcp_nodelay(true)
-}
-
-/// The client for one webhook: `shared` unless the webhook has its own CA bundle or client
-/// certificate, or speaks cleartext HTTP/2, which need a client of their own.
-pub fn client_for(shared: &reqwest::Client, w: &WebhookConfig) -> anyhow::Result<reqwest::Client> {
-    if w.ca_file.is_none() && w.client_cert_file.is_none() && !w.http2_prior_knowledge {
-        return Ok(shared.clone());
-    }
-    let mut builder = client_builder();
-    if w.http2_prior_knowledge {
-        builder = builder.http2_prior_knowledge();
-    }
-    if let Some(ca) = &w.ca_file {
-        let pem = std::fs::read(ca)
-            .with_context(|| format!("reading webhook.ca_file {}", ca.display()))?;
-        for cert in reqwest::Certificate::from_pem_bundle(&pem)
-            .with_context(|| format!("webhook.ca_file {} is not a PEM bundle", ca.display()))?
-        {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    if let (Some(cert), Some(key)) = (&w.client_cert_file, &w.client_key_file) {
-        let mut pem = std::fs::read(cert)
-            .with_context(|| format!("reading webhook.client_cert_file {}", cert.display()))?;
-        pem.push(b'\n');
-        pem.extend(
-            std::fs::read(key)
-                .with_context(|| format!("reading webhook.client_key_file {}", key.display()))?,
-        );
-        // The error would not echo the key, but keep the message generic all the same.
-        let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
-            anyhow::anyhow!(
-                "webhook.client_cert_file / client_key_file are not a PEM certificate and key"
-            )
-        })?;
-        builder = builder.identity(identity);
-    }
-    builder.build().context("building the webhook HTTP client")
-}
-
 impl Webhook {
-    pub fn new(shared: &reqwest::Client, c: &ConsumerConfig) -> anyhow::Result<Self> {
+    pub fn new(pool: &WebhookPool, c: &ConsumerConfig) -> anyhow::Result<Self> {
         let url = reqwest::Url::parse(&c.webhook.url)?;
         let auth = WebhookAuth::resolve(&c.webhook, "webhook")?;
         let mut headers = HeaderMap::new();
@@ -321,6 +294,8 @@ impl Webhook {
             USER_AGENT,
             HeaderValue::from_static(concat!("cfq-relay/", env!("CARGO_PKG_VERSION"))),
         );
+        // What reqwest sent by default, kept for receivers that look at it.
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
         headers.insert(HEADER_QUEUE_ID, HeaderValue::from_str(&c.queue_id)?);
         for (name, value) in &c.webhook.headers {
             let mut value = HeaderValue::from_str(value)
@@ -333,7 +308,7 @@ impl Webhook {
             headers.insert(AUTHORIZATION, a);
         }
         Ok(Self {
-            client: client_for(shared, &c.webhook)?,
+            client: WebhookClient::new(pool, &c.webhook, &url)?,
             url,
             headers,
             timeout: c.webhook.timeout,
@@ -427,7 +402,7 @@ impl Webhook {
         if let Ok(v) = HeaderValue::from_str(&msg.id) {
             headers.insert(NAME_MESSAGE_ID, v);
         }
-        headers.insert(NAME_ATTEMPT, HeaderValue::from(msg.attempts));
+        headers.insert(NAME_ATTEMPT, attempt_value(msg.attempts));
         if let Some(ts) = msg.timestamp_ms {
             headers.insert(NAME_TIMESTAMP, HeaderValue::from(ts));
         }
@@ -454,85 +429,59 @@ impl Webhook {
 
     /// Send a POST with these headers and body; classify the answer.
     async fn execute(&self, headers: HeaderMap, body: Bytes) -> Response {
-        let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
-        *request.headers_mut() = headers;
-        *request.timeout_mut() = Some(self.timeout);
-        *request.body_mut() = Some(body.into());
-        let sent = self.client.execute(request).await;
-        let resp = match sent {
+        // The timeout covers the whole exchange, the (bounded) read of the answer included: it
+        // is read so the connection can be reused and a failure logged with an excerpt.
+        let deadline = Instant::now() + self.timeout;
+        let reply = match self
+            .client
+            .post(headers, body, deadline, MAX_RESPONSE_BODY)
+            .await
+        {
             Ok(r) => r,
-            Err(e) => return classify_error(e),
-        };
-        let status = resp.status().as_u16();
-        let retry_after = retry_after_header(resp.headers());
-        // Read (a bounded part of) the answer so the connection can be reused and a failure
-        // can be logged with an excerpt. The request timeout covers this read too.
-        let mut body = Vec::new();
-        let mut stream = resp.bytes_stream();
-        let mut broken = None;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(chunk) => {
-                    let room = MAX_RESPONSE_BODY.saturating_sub(body.len());
-                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-                    if body.len() >= MAX_RESPONSE_BODY {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    broken = Some(e);
-                    break;
-                }
+            Err(failure) => {
+                let (attempt, detail) = match failure {
+                    SendFailure::Timeout(d) => (Attempt::Timeout, d),
+                    SendFailure::Connect(d) => (Attempt::Connect, d),
+                    SendFailure::Transport(d) => (Attempt::Transport, d),
+                };
+                return Response {
+                    attempt,
+                    detail,
+                    answer: Vec::new(),
+                    answer_complete: false,
+                };
             }
-        }
+        };
+        let status = reply.status;
+        let attempt = Attempt::Status {
+            status,
+            retry_after: retry_after_header(&reply.headers),
+        };
         let success = (200..300).contains(&status);
-        let complete = broken.is_none() && body.len() < MAX_RESPONSE_BODY;
-        if let Some(e) = broken
+        let complete = reply.broken.is_none() && reply.body.len() < MAX_RESPONSE_BODY;
+        if let Some(e) = reply.broken
             && !success
         {
             // A failure status whose body broke off: the status already says "retry".
             return Response {
-                attempt: Attempt::Status {
-                    status,
-                    retry_after,
-                },
-                detail: crate::cloudflare::error_chain(&e.without_url()),
+                attempt,
+                detail: e,
                 answer: Vec::new(),
                 answer_complete: false,
             };
         }
         // A 2xx counts even if the rest of its body broke off: the receiver said it has it.
         Response {
-            attempt: Attempt::Status {
-                status,
-                retry_after,
-            },
+            attempt,
             detail: if success {
                 String::new()
             } else {
                 // One line: the answer's newlines must not split the log line.
-                crate::cloudflare::one_line(&crate::cloudflare::excerpt(&body))
+                crate::cloudflare::one_line(&crate::cloudflare::excerpt(&reply.body))
             },
-            answer: if success { body } else { Vec::new() },
+            answer: if success { reply.body } else { Vec::new() },
             answer_complete: complete,
         }
-    }
-}
-
-fn classify_error(e: reqwest::Error) -> Response {
-    let attempt = if e.is_timeout() {
-        Attempt::Timeout
-    } else if e.is_connect() {
-        Attempt::Connect
-    } else {
-        Attempt::Transport
-    };
-    Response {
-        attempt,
-        // Without the URL: its query string may carry a credential.
-        detail: crate::cloudflare::error_chain(&e.without_url()),
-        answer: Vec::new(),
-        answer_complete: false,
     }
 }
 
@@ -647,6 +596,28 @@ mod tests {
             ] {
                 assert_eq!(base64_decode(&encoded), Some(raw.clone()), "{encoded:?}");
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn accept_is_sent_unless_configured() {
+        let pool = WebhookPool::new().unwrap();
+        let hook = |extra: &str| {
+            let c: ConsumerConfig = toml::from_str(&format!(
+                "queue_id = \"q\"\n[webhook]\nurl = \"http://127.0.0.1:9/hook\"\n{extra}"
+            ))
+            .unwrap();
+            Webhook::new(&pool, &c).unwrap()
+        };
+        assert_eq!(hook("").headers[ACCEPT], "*/*");
+        let custom = hook("headers = { Accept = \"application/json\" }");
+        assert_eq!(custom.headers[ACCEPT], "application/json");
+    }
+
+    #[test]
+    fn attempt_values_are_the_numbers() {
+        for n in [0, 1, 9, 10, 11, 4_294_967_295] {
+            assert_eq!(attempt_value(n).to_str().unwrap(), n.to_string());
         }
     }
 
