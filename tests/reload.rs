@@ -309,31 +309,63 @@ async fn a_bad_reload_changes_nothing() {
     stop.cancel();
 }
 
+/// The new `[cloudflare]` section points at another API (a second emulator): the restarted
+/// consumers pull there, and the old ones stop pulling from the first. A consumer kept running
+/// on its old client would go on pulling (and acking) on the first emulator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_cloudflare_section_restarts_every_consumer() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (old_emu, old_api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (new_emu, new_api) = emulator(EmulatorOptions::default(), &stop).await;
     let hook = Receiver::start(|_, _| Answer::ok()).await;
     let relay_stop = CancellationToken::new();
     let url = hook.url();
     let consumers = |h| [C("qa", h, 4, ""), C("qb", h, 4, "")];
-    let relay = cfq_relay::start(config(&api, "2s", &consumers(&url)), relay_stop.clone())
+    let relay = cfq_relay::start(config(&old_api, "2s", &consumers(&url)), relay_stop.clone())
         .await
         .unwrap();
-    let text = config_text(&api, "2s", &consumers(&url))
-        .replace("[admin]", "api_timeout = \"20s\"\n[admin]");
+    wait_until(Duration::from_secs(10), "both consumers pulling", || {
+        old_emu.stats("qa").pull_calls > 0 && old_emu.stats("qb").pull_calls > 0
+    })
+    .await;
+    let text = config_text(&new_api, "2s", &consumers(&url));
     let summary = relay
         .reload(Config::from_toml(&text).unwrap())
         .await
         .unwrap();
     assert_eq!(summary.changed, names(&["qa", "qb"]));
     assert!(summary.unchanged.is_empty());
-    publish(&emu, "qa", 5);
-    publish(&emu, "qb", 5);
+    publish(&new_emu, "qa", 5);
+    publish(&new_emu, "qb", 5);
     wait_until(Duration::from_secs(10), "acked after the restart", || {
-        emu.stats("qa").acked == 5 && emu.stats("qb").acked == 5
+        new_emu.stats("qa").acked == 5 && new_emu.stats("qb").acked == 5
     })
     .await;
+    // The old consumers have drained by now (their successors start only then): from here on
+    // the first emulator sees no pull while the new consumers go on polling the second.
+    let old_pulls = |q| old_emu.stats(q).pull_calls;
+    let before = (old_pulls("qa"), old_pulls("qb"));
+    let polled = (
+        new_emu.stats("qa").pull_calls,
+        new_emu.stats("qb").pull_calls,
+    );
+    publish(&old_emu, "qa", 3);
+    publish(&old_emu, "qb", 3);
+    wait_until(Duration::from_secs(10), "five more polls of each queue", || {
+        new_emu.stats("qa").pull_calls >= polled.0 + 5
+            && new_emu.stats("qb").pull_calls >= polled.1 + 5
+    })
+    .await;
+    assert_eq!(
+        (old_pulls("qa"), old_pulls("qb")),
+        before,
+        "an old consumer still pulls from the previous API"
+    );
+    assert_eq!(
+        (old_emu.stats("qa").deliveries, old_emu.stats("qb").deliveries),
+        (0, 0),
+        "an old consumer delivered from the previous API"
+    );
     relay_stop.cancel();
     relay.wait().await.unwrap();
     stop.cancel();
