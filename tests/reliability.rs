@@ -768,7 +768,9 @@ async fn ack_outage_past_the_lease_gives_up_counts_and_redelivers() {
     stop.cancel();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On tokio's paused clock (it jumps ahead whenever every task waits), so the whole 30 s floor
+/// is watched in an instant: no second pull before it, and one after it (not a dead consumer).
+#[tokio::test(start_paused = true)]
 async fn auth_failure_is_retried_slowly_not_in_a_loop() {
     let stop = CancellationToken::new();
     let emu = Emulator::new(EmulatorOptions {
@@ -800,18 +802,30 @@ async fn auth_failure_is_retried_slowly_not_in_a_loop() {
         rejected() == 1.0
     })
     .await;
-    // Observe a window: a crash loop or a tight retry would show more calls.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // `wait_until` looks every 10 ms: the rejection came at most that long before `first`.
+    let first = Instant::now();
+    let floor = Duration::from_secs(30) - Duration::from_millis(20);
+    tokio::time::sleep_until(first + floor).await;
     assert_eq!(rejected(), 1.0, "retried sooner than 30 s");
     let readyz = format!("http://{}/readyz", relay.admin_addr());
     assert_eq!(http_status(&readyz).await, 503);
+    wait_until(Duration::from_secs(60), "the second pull, after the floor", || {
+        rejected() == 2.0
+    })
+    .await;
+    let gap = first.elapsed();
+    assert!(
+        gap >= floor && gap <= Duration::from_secs(31),
+        "second pull {gap:?} after the first"
+    );
     let t0 = Instant::now();
     relay_stop.cancel();
     relay.wait().await.unwrap();
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     assert_eq!(emu.stats("q1").deliveries, 0);
     println!(
-        "RESULT auth failure (403): 1 pull in 2s, not ready, stopped in {:.2}s, 3 messages untouched",
+        "RESULT auth failure (403): the second pull {:.1}s after the first, not ready, stopped in {:.2}s, 3 messages untouched",
+        gap.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
     stop.cancel();
@@ -929,6 +943,18 @@ async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
         assert_eq!((b.deliveries, b.acks), (*deliveries, 1), "{kind}: {b:?}");
     }
     assert_eq!(elsewhere.count(), 0, "a redirect is never followed");
+    // Both huge answers (the 200 and the 500) were written and recorded: a loop over no
+    // entries would assert nothing.
+    wait_until(Duration::from_secs(10), "both huge answers recorded", || {
+        raw.huge.lock().unwrap().len() >= 2
+    })
+    .await;
+    assert_eq!(
+        raw.huge.lock().unwrap().len(),
+        2,
+        "huge answers recorded: {:?}",
+        raw.huge.lock().unwrap()
+    );
     for (written, client_closed) in raw.huge.lock().unwrap().iter() {
         assert!(*client_closed, "the relay closed the huge answer");
         assert!(
