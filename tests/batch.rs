@@ -3,8 +3,7 @@
 //! answers per-message results. Every test checks the emulator's books as well as what the
 //! webhook saw.
 
-mod common;
-mod reliability_kit;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,8 +14,8 @@ use base64::engine::general_purpose::STANDARD;
 use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::secrets::Secret;
 use cfq_relay::signing::Signer;
-use common::{Answer, Received, Receiver, config, emulator, wait_until};
-use reliability_kit::{EndState, metric, publish};
+use support::{Answer, Hook, Received, config, emulator, wait_until};
+use support::{EndState, metric, publish};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +46,7 @@ fn ids(r: &Received) -> Vec<String> {
 }
 
 /// Every message id the webhook was sent, with how many times.
-fn sent_counts(hook: &Receiver) -> HashMap<String, usize> {
+fn sent_counts(hook: &Hook) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for r in hook.received() {
         for id in ids(&r) {
@@ -94,7 +93,7 @@ async fn every_content_type_arrives_byte_exact_inside_signed_batches() {
             &stop,
         )
         .await;
-        let hook = Receiver::start(|_, _| Answer::ok()).await;
+        let hook = Hook::start(|_, _| Answer::ok()).await;
         let bytes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
         let cases: Vec<(Option<ContentType>, Vec<u8>)> = vec![
             (
@@ -194,7 +193,7 @@ async fn only_the_ids_listed_as_failed_come_back() {
     let listed = failed.clone();
     // The first batch reports 3 of its messages failed, plus an id it never had; every
     // later request succeeds.
-    let hook = Receiver::start(move |r, i| {
+    let hook = Hook::start(move |r, i| {
         if i == 0 {
             let mut f: Vec<String> = ids(r)
                 .into_iter()
@@ -262,7 +261,7 @@ async fn unknown_ids_alone_change_nothing_and_malformed_results_retry_the_batch(
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     publish(&emu, "q1", "m", 5);
-    let hook = Receiver::start(|_, i| match i {
+    let hook = Hook::start(|_, i| match i {
         0 => Answer::ok().with_body(r#"{"failed": ["ghost-1", "ghost-2"]}"#),
         _ => Answer::ok(),
     })
@@ -290,7 +289,7 @@ async fn unknown_ids_alone_change_nothing_and_malformed_results_retry_the_batch(
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     publish(&emu, "q1", "m", 4);
-    let hook = Receiver::start(|_, i| match i {
+    let hook = Hook::start(|_, i| match i {
         0 => Answer::ok().with_body(r#"{"failed": "everything"}"#),
         _ => Answer::ok(),
     })
@@ -308,7 +307,7 @@ async fn a_batch_refused_whole_is_redelivered_whole() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     publish(&emu, "q1", "m", 10);
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i == 0 {
             Answer::status(503).with_body("down for maintenance")
         } else {
@@ -356,7 +355,7 @@ async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
     // webhook timeout (1 s) + ack margin (300 ms) is left when the messages arrive.
     emu.inject_fault(Op::Pull, Fault::Delay(Duration::from_secs(2)));
     publish(&emu, "q1", "m", 6);
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let mut cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "5s"))]);
     cfg.shutdown.grace_period = Duration::from_secs(2);
     // 10 messages held (one request of 10 at a time): the first pull asks for all of them.
@@ -416,7 +415,7 @@ async fn shutdown_sends_a_partial_batch_at_once() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     publish(&emu, "q1", "m", 5);
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     // A batch of 5 out of 100 would wait 10 s for company.
     let cfg = config(&api, &[("q1", &hook.url(), "", &batch(100, "10s"))]);
     let relay_stop = CancellationToken::new();
@@ -444,7 +443,7 @@ async fn a_grace_period_that_runs_out_hands_the_batch_back() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     publish(&emu, "q1", "m", 4);
-    let hook = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_secs(8))).await;
+    let hook = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(8))).await;
     let mut cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "50ms"))]);
     cfg.shutdown.grace_period = Duration::from_millis(500);
     cfg.consumers[0].webhook.timeout = Duration::from_secs(10);
@@ -475,7 +474,7 @@ async fn the_rate_limit_counts_messages_and_batches_fill_up() {
     publish(&emu, "q1", "m", 60);
     let sizes = Arc::new(Mutex::new(Vec::new()));
     let s = sizes.clone();
-    let hook = Receiver::start(move |r, _| {
+    let hook = Hook::start(move |r, _| {
         s.lock().unwrap().push((ids(r).len(), r.at));
         Answer::ok()
     })
@@ -520,7 +519,7 @@ async fn the_breaker_counts_one_outcome_per_request() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     publish(&emu, "q1", "m", 30);
     // The receiver is down for its first 2 requests, then recovers.
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i < 2 {
             Answer::status(500)
         } else {
@@ -578,7 +577,7 @@ async fn retry_after_on_a_batch_delays_every_message_and_pauses_pulls() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     publish(&emu, "q1", "m", 6);
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i == 0 {
             Answer::status(429).with_header("retry-after", "2")
         } else {
@@ -632,7 +631,7 @@ async fn max_bytes_caps_the_body_and_a_larger_message_travels_alone() {
             Duration::ZERO,
         )
         .unwrap();
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let cfg = config(
         &api,
         &[(

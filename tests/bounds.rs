@@ -9,9 +9,7 @@
 //! Cloudflare API inside the test serves the answers the emulator would never give. Each
 //! scenario prints a `FIGURES` line: `cargo test --test bounds -- --nocapture`.
 
-mod child_kit;
-mod common;
-mod reliability_kit;
+mod support;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,10 +20,10 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cfq_relay::emulator::EmulatorOptions;
-use child_kit::{Relay, admin_addr, fd_count, vm_hwm_kib};
-use common::{ACCOUNT, Answer, Receiver, TOKEN, emulator, wait_until};
-use reliability_kit::{EndState, metric, publish};
 use serde_json::{Value, json};
+use support::{ACCOUNT, Answer, Hook, TOKEN, emulator, wait_until};
+use support::{EndState, metric, publish};
+use support::{Relay, admin_addr, fd_count, vm_hwm_kib};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -172,7 +170,7 @@ async fn an_outage_under_a_minimal_config_dead_letters_nothing() {
     let down = Arc::new(AtomicBool::new(true));
     let ok = Arc::new(AtomicUsize::new(0));
     let (d, o) = (down.clone(), ok.clone());
-    let hook = Receiver::start(move |_, _| {
+    let hook = Hook::start(move |_, _| {
         if d.load(Ordering::SeqCst) {
             Answer::status(503)
         } else {
@@ -249,7 +247,7 @@ async fn lease_less_answers_back_off_like_empty_pulls() {
         |_| 200,
     )
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let stop = CancellationToken::new();
     let config =
         cfq_relay::Config::from_toml(&minimal_config(&api.base_url, &hook.url(), "")).unwrap();
@@ -298,7 +296,7 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
         |_| 200,
     )
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let config = minimal_config(
         &api.base_url,
         &hook.url(),
@@ -394,7 +392,7 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
         |_| 200,
     )
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let relay = Relay::spawn(
         "huge",
         &minimal_config(&api.base_url, &hook.url(), ""),
@@ -458,7 +456,7 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
 async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     publish(&emu, "q1", "before", 100);
     let relay = Relay::spawn(
         "admin-fds",
@@ -520,7 +518,7 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
 async fn log_lines_stay_bounded_under_a_failing_webhook() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, n| {
+    let hook = Hook::start(|_, n| {
         if n % 10 < 3 {
             Answer::status(500)
         } else {
@@ -590,7 +588,7 @@ async fn an_ack_batch_with_one_refused_item_lands_the_other_99() {
         },
     )
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let stop = CancellationToken::new();
     let text = minimal_config(&api.base_url, &hook.url(), "")
         // One pull of 100 and one ack call of 100: a fixed pool, not the adaptive limit's start.
@@ -653,7 +651,7 @@ async fn config_and_reload_errors_never_print_a_secret() {
              [[consumers]]\nqueue_id = \"q1\"\n[consumers.webhook]\nurl = \"http://127.0.0.1:9/hook\"\n{}\n",
             webhook_line.replace("SECRET", SECRET)
         );
-        let out = child_kit::check_config(&format!("secret-{i}"), &text);
+        let out = support::check_config(&format!("secret-{i}"), &text);
         assert_eq!(out.status.code(), Some(2), "{out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(want), "want {want:?} in {stderr}");
@@ -663,7 +661,7 @@ async fn config_and_reload_errors_never_print_a_secret() {
     // A reload of a file with a syntax error on the token line logs no secret either.
     let stop = CancellationToken::new();
     let (_emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let good = minimal_config(&api, &hook.url(), "");
     let relay = Relay::spawn("reload-secret", &good, None);
     admin_addr(&relay).await;

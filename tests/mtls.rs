@@ -1,7 +1,7 @@
 //! A private HTTPS receiver that requires a client certificate: the relay reaches it only with
 //! the configured CA bundle and client certificate (mutual TLS).
 
-mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,11 +12,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::post;
 use cfq_relay::emulator::{ContentType, EmulatorOptions};
-use common::{config, emulator, wait_until};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
+use support::{config, emulator, wait_until};
 use tokio_util::sync::CancellationToken;
 
 struct Pki {

@@ -3,7 +3,7 @@
 //! through start-up, API failures and shutdown; and the log output of the real binary (JSON
 //! lines, the default text format, `RUST_LOG`, the redacted startup config).
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,9 +18,9 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use cfq_relay::emulator::{ContentType, EmulatorOptions, Fault, Op};
 use cfq_relay::metrics::{API_RESULTS, OUTCOMES, RELEASE_REASONS, STATUS_CLASSES};
-use common::{ACCOUNT, Answer, Receiver, TOKEN, config, emulator, wait_until};
 use prometheus_parse::{LineInfo, Value};
 use serde_json::Value as Json;
+use support::{ACCOUNT, Answer, Hook, TOKEN, config, emulator, wait_until};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -218,7 +218,7 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     // The first two requests fail (retried after ~1 s); every other one succeeds.
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i < 2 {
             Answer::status(503)
         } else {
@@ -753,7 +753,7 @@ fn assert_no_secrets(lines: &[String]) {
 async fn json_logs_are_one_object_per_line_with_fields() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i == 0 {
             Answer::status(503)
         } else {
@@ -881,7 +881,7 @@ async fn json_logs_are_one_object_per_line_with_fields() {
 async fn text_logs_are_the_default_and_rust_log_wins() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let id = emu
         .publish("q1", Some(ContentType::Text), b"hello", Duration::ZERO)
         .unwrap();

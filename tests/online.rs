@@ -2,18 +2,18 @@
 //! `cfq-relay emulate` runs it (one account, queues only when created): one test per failure,
 //! each a line naming the consumer, and never a pull.
 
-mod common;
+mod support;
 
 use std::path::PathBuf;
 
 use cfq_relay::emulator::{Emulator, EmulatorOptions};
-use common::{ACCOUNT, TOKEN};
+use support::{ACCOUNT, TOKEN};
 use tokio_util::sync::CancellationToken;
 
 /// The emulator as `emulate --queue orders --queue audit` runs it; `bare` exists too, created
 /// through the API without a consumer.
 async fn emulator(stop: &CancellationToken) -> (Emulator, String) {
-    let (emu, api) = common::emulator(
+    let (emu, api) = support::emulator(
         EmulatorOptions {
             account_id: Some(ACCOUNT.into()),
             queues: vec!["orders".into(), "audit".into()],

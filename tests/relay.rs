@@ -1,20 +1,20 @@
 //! End-to-end: the real relay (`cfq_relay::start`) against the bundled emulator and a real
 //! webhook receiver on 127.0.0.1:0.
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use cfq_relay::emulator::{ContentType, EmulatorOptions};
-use common::{Answer, Receiver, config, emulator, wait_until};
+use support::{Answer, Hook, config, emulator, wait_until};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn every_content_type_arrives_byte_exact_with_headers() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
 
     let bytes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
     let cases: Vec<(Option<ContentType>, Vec<u8>, &str)> = vec![
@@ -114,7 +114,7 @@ async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
         &stop,
     )
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     emu.publish(
         "q1",
         Some(ContentType::V8),
@@ -150,7 +150,7 @@ async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acke
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     // 503 with no Retry-After, then a connection-level failure stand-in (500), then 200.
-    let hook = Receiver::start(|_, i| match i {
+    let hook = Hook::start(|_, i| match i {
         0 => Answer::status(503),
         1 => Answer::status(500),
         _ => Answer::ok(),
@@ -208,7 +208,7 @@ async fn never_acked_without_a_2xx() {
     )
     .await;
     // Every failure mode but success.
-    let hook = Receiver::start(|_, i| Answer::status([500, 404, 400, 429, 302, 408][i % 6])).await;
+    let hook = Hook::start(|_, i| Answer::status([500, 404, 400, 429, 302, 408][i % 6])).await;
     for i in 0..20 {
         emu.publish(
             "q1",
@@ -243,8 +243,8 @@ async fn never_acked_without_a_2xx() {
 async fn two_consumers_in_one_process() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let a = Receiver::start(|_, _| Answer::ok()).await;
-    let b = Receiver::start(|_, _| Answer::ok()).await;
+    let a = Hook::start(|_, _| Answer::ok()).await;
+    let b = Hook::start(|_, _| Answer::ok()).await;
     for i in 0..300 {
         emu.publish(
             "qa",
@@ -302,7 +302,7 @@ async fn two_consumers_in_one_process() {
 async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_millis(100))).await;
+    let hook = Hook::start(|_, _| Answer::ok().delayed(Duration::from_millis(100))).await;
     for i in 0..120 {
         emu.publish(
             "q1",
@@ -344,7 +344,7 @@ async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
 async fn webhook_retry_after_sets_the_retry_delay() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i == 0 {
             Answer::status(429).with_header("retry-after", "3")
         } else {

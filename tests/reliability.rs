@@ -6,8 +6,7 @@
 //!
 //! The signal, `kill -9`, replica and secret scenarios run the real binary: `reliability_bin.rs`.
 
-mod common;
-mod reliability_kit;
+mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -23,8 +22,8 @@ use cfq_relay::Config;
 use cfq_relay::cloudflare::ApiError;
 use cfq_relay::emulator::{Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::retry::retry_wait;
-use common::{Answer, Receiver, config, emulator, wait_until};
-use reliability_kit::{EndState, Tally, metric, publish};
+use support::{Answer, Hook, config, emulator, wait_until};
+use support::{EndState, Tally, metric, publish};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -46,10 +45,10 @@ async fn http_status(url: &str) -> u16 {
 }
 
 /// A webhook that answers 200 (after `delay`) and tallies the answers.
-async fn ok_hook(delay: Duration) -> (Receiver, Tally) {
+async fn ok_hook(delay: Duration) -> (Hook, Tally) {
     let tally = Tally::default();
     let t = tally.clone();
-    let hook = Receiver::start(move |r, _| {
+    let hook = Hook::start(move |r, _| {
         t.record(r.header("cfq-message-id").unwrap_or("?"));
         Answer::ok().delayed(delay)
     })
@@ -135,7 +134,7 @@ async fn graceful_stop_finishes_in_flight_deliveries_and_stops_pulling_at_once()
 async fn grace_over_abandons_deliveries_and_hands_their_messages_back() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hang = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
+    let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
     let cfg = relay_config(&api, &hang.url(), |c| {
         c.shutdown.grace_period = Duration::from_secs(1);
@@ -607,7 +606,7 @@ async fn ack_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>) {
     // Every third message fails its first delivery, so retries ride in the failing ack calls.
     let tally = Tally::default();
     let t = tally.clone();
-    let hook = Receiver::start(move |r, _| {
+    let hook = Hook::start(move |r, _| {
         let body = String::from_utf8_lossy(&r.body).to_string();
         let n: usize = body
             .rsplit('-')
@@ -809,9 +808,11 @@ async fn auth_failure_is_retried_slowly_not_in_a_loop() {
     assert_eq!(rejected(), 1.0, "retried sooner than 30 s");
     let readyz = format!("http://{}/readyz", relay.admin_addr());
     assert_eq!(http_status(&readyz).await, 503);
-    wait_until(Duration::from_secs(60), "the second pull, after the floor", || {
-        rejected() == 2.0
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the second pull, after the floor",
+        || rejected() == 2.0,
+    )
     .await;
     let gap = first.elapsed();
     assert!(
@@ -865,7 +866,7 @@ fn api_retry_waits_honour_retry_after_floor_auth_and_cap() {
 async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let elsewhere = Receiver::start(|_, _| Answer::ok()).await;
+    let elsewhere = Hook::start(|_, _| Answer::ok()).await;
     let raw = RawHook::start(elsewhere.addr).await;
     let refused = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -899,8 +900,8 @@ async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
          [consumers.webhook]\nurl = \"http://{refused}/hook\"\ntimeout = \"3s\"\n\
          [consumers.retry]\nbase_delay = \"0s\"\n\
          [consumers.breaker]\nenabled = false\n",
-        common::ACCOUNT,
-        common::TOKEN,
+        support::ACCOUNT,
+        support::TOKEN,
         raw.addr,
     );
     let cfg = Config::from_toml(&text).unwrap();
@@ -945,9 +946,11 @@ async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
     assert_eq!(elsewhere.count(), 0, "a redirect is never followed");
     // Both huge answers (the 200 and the 500) were written and recorded: a loop over no
     // entries would assert nothing.
-    wait_until(Duration::from_secs(10), "both huge answers recorded", || {
-        raw.huge.lock().unwrap().len() >= 2
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "both huge answers recorded",
+        || raw.huge.lock().unwrap().len() >= 2,
+    )
     .await;
     assert_eq!(
         raw.huge.lock().unwrap().len(),

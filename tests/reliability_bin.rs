@@ -4,8 +4,7 @@
 //! and the webhook receiver run inside the test; the relay is `cfq-relay run` in a child process.
 //! Each scenario prints a `RESULT` line (`cargo test --test reliability_bin -- --nocapture`).
 
-mod common;
-mod reliability_kit;
+mod support;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -15,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cfq_relay::emulator::{EmulatorOptions, Fault, Op};
-use common::{ACCOUNT, Answer, Receiver, TOKEN, emulator, wait_until};
-use reliability_kit::{EndState, Tally, metric, publish};
+use support::{ACCOUNT, Answer, Hook, TOKEN, emulator, wait_until};
+use support::{EndState, Tally, metric, publish};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -226,10 +225,10 @@ impl Cfg {
 }
 
 /// A webhook receiver answering 200 after `delay`, tallying the answers.
-async fn ok_hook(delay: Duration) -> (Receiver, Tally) {
+async fn ok_hook(delay: Duration) -> (Hook, Tally) {
     let tally = Tally::default();
     let t = tally.clone();
-    let hook = Receiver::start(move |r, _| {
+    let hook = Hook::start(move |r, _| {
         t.record(r.header("cfq-message-id").unwrap_or("?"));
         Answer::ok().delayed(delay)
     })
@@ -311,7 +310,7 @@ async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
 async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hang = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
+    let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
     let mut cfg = Cfg::new(&api, &hang.url());
     cfg.grace = "1s";
@@ -354,7 +353,7 @@ async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
 async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hang = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
+    let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
     let mut cfg = Cfg::new(&api, &hang.url());
     cfg.grace = "20s";
@@ -872,7 +871,7 @@ impl FailingOnceHook {
 async fn sigterm_sends_a_partial_batch_at_once_and_exits_0() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     publish(&emu, "q1", "m", 5);
     let mut cfg = Cfg::new(&api, &hook.url());
     // 5 messages of a batch of 100 would wait 10 s for company.

@@ -2,13 +2,13 @@
 //! (the `standardwebhooks` crate, a dev-dependency), outbound auth, status policy, envelope mode,
 //! circuit breaker, rate limit.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
 use base64::Engine;
 use cfq_relay::emulator::{ContentType, EmulatorOptions};
-use common::{Answer, Received, Receiver, config, emulator, wait_until};
+use support::{Answer, Hook, Received, config, emulator, wait_until};
 use tokio_util::sync::CancellationToken;
 
 const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -52,7 +52,7 @@ async fn relay_until_acked(
 async fn signatures_verify_with_the_reference_implementation_and_rotate() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     emu.publish(
         "q1",
         Some(ContentType::Json),
@@ -102,7 +102,7 @@ async fn signatures_verify_with_the_reference_implementation_and_rotate() {
 async fn signing_secret_id_is_stable_across_retries() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i == 0 {
             Answer::status(500)
         } else {
@@ -135,8 +135,8 @@ async fn signing_secret_id_is_stable_across_retries() {
 async fn bearer_basic_and_custom_headers_arrive() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let bearer_hook = Receiver::start(|_, _| Answer::ok()).await;
-    let basic_hook = Receiver::start(|_, _| Answer::ok()).await;
+    let bearer_hook = Hook::start(|_, _| Answer::ok()).await;
+    let basic_hook = Hook::start(|_, _| Answer::ok()).await;
     emu.publish("qa", Some(ContentType::Text), b"a", Duration::ZERO)
         .unwrap();
     emu.publish("qb", Some(ContentType::Text), b"b", Duration::ZERO)
@@ -192,7 +192,7 @@ async fn status_policy_branches() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     // Answer by body: the status to return on the first attempt; 200 afterwards.
-    let hook = Receiver::start(|r, _| {
+    let hook = Hook::start(|r, _| {
         let first = r.header("cfq-attempt") == Some("1");
         let want: u16 = std::str::from_utf8(&r.body).unwrap().parse().unwrap();
         Answer::status(if first { want } else { 200 })
@@ -256,7 +256,7 @@ async fn status_policy_branches() {
 async fn envelope_mode_wraps_the_body_with_metadata() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let json_id = emu
         .publish(
             "q1",
@@ -311,7 +311,7 @@ async fn breaker_opens_under_a_failing_receiver_and_closes_on_recovery() {
     .await;
     let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let h = healthy.clone();
-    let hook = Receiver::start(move |_, _| {
+    let hook = Hook::start(move |_, _| {
         if h.load(std::sync::atomic::Ordering::SeqCst) {
             Answer::ok()
         } else {
@@ -381,7 +381,7 @@ async fn breaker_opens_under_a_failing_receiver_and_closes_on_recovery() {
 async fn rate_limit_holds_within_ten_percent() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let n = 61;
     for i in 0..n {
         emu.publish(
@@ -420,7 +420,7 @@ async fn rate_limit_holds_within_ten_percent() {
 async fn retry_after_pauses_the_whole_consumer() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i == 0 {
             Answer::status(503).with_header("retry-after", "2")
         } else {

@@ -1,30 +1,26 @@
-//! Shared by the reliability tests: reading metrics out of the Prometheus text, publishing
-//! batches, and the end state of a scenario as the emulator's books tell it (printed as one
-//! `RESULT` line, so `cargo test --test reliability -- --nocapture` collects the figures).
-#![allow(dead_code)]
+//! The bundled emulator on `127.0.0.1:0`, publishing into it, and the end state of a scenario
+//! as its books tell it (printed as one `RESULT` line, which `cargo test -- --nocapture`
+//! collects for the notes).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cfq_relay::emulator::{ContentType, Emulator};
+use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions};
+use tokio_util::sync::CancellationToken;
 
-/// The value of one sample of the Prometheus text `text`: metric `name` whose label set
-/// contains every pair of `labels` (0 if there is none).
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+use super::TOKEN;
+
+/// Start an emulator (accepting [`TOKEN`]) on 127.0.0.1:0 until `stop`; returns it and its
+/// base URL.
+pub async fn emulator(opts: EmulatorOptions, stop: &CancellationToken) -> (Emulator, String) {
+    let e = Emulator::new(EmulatorOptions {
+        token: Some(TOKEN.into()),
+        ..opts
+    });
+    let addr = e
+        .start("127.0.0.1:0".parse().unwrap(), stop.clone())
+        .await
+        .unwrap();
+    (e, Emulator::base_url(addr))
 }
 
 /// Publish `n` text messages `"{prefix}-{i}"`; returns their ids in order.
@@ -41,23 +37,6 @@ pub fn publish(emu: &Emulator, queue: &str, prefix: &str, n: usize) -> Vec<Strin
         })
         .collect()
 }
-
-/// Counts, per message id, the webhook answers that said "delivered" and reached the relay.
-#[derive(Clone, Default)]
-pub struct Tally(Arc<Mutex<HashMap<String, u32>>>);
-
-impl Tally {
-    pub fn record(&self, id: &str) {
-        *self.0.lock().unwrap().entry(id.to_owned()).or_default() += 1;
-    }
-    pub fn total(&self) -> u64 {
-        self.0.lock().unwrap().values().map(|v| u64::from(*v)).sum()
-    }
-    pub fn get(&self, id: &str) -> u32 {
-        self.0.lock().unwrap().get(id).copied().unwrap_or(0)
-    }
-}
-
 /// The end state of one scenario, from the emulator's books.
 #[derive(Debug, Clone)]
 pub struct EndState {

@@ -1,7 +1,8 @@
-//! Test kit: a real webhook receiver on 127.0.0.1:0 whose answers a test scripts, the bundled
-//! emulator, and configs that point the relay at both.
-#![allow(dead_code)]
+//! The webhook sink of the tests: a real HTTP server on `127.0.0.1:0` that records every
+//! request and answers what the test's script says; and a tally of the answers that said
+//! "delivered".
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,15 +14,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use cfq_relay::Config;
-use cfq_relay::emulator::{Emulator, EmulatorOptions};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-pub const TOKEN: &str = "test-token-7f3a9c";
-pub const ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
-
-/// One request the receiver got.
+/// One request the sink got.
 #[derive(Debug, Clone)]
 pub struct Received {
     pub headers: HeaderMap,
@@ -33,9 +28,15 @@ impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// The `cfq-message-id` header (panics without one).
+    pub fn id(&self) -> &str {
+        self.header("cfq-message-id")
+            .expect("a cfq-message-id header")
+    }
 }
 
-/// What the receiver answers: status, extra headers, a body, and a delay before answering.
+/// What the sink answers: status, extra headers, a body, and a delay before answering.
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
@@ -72,24 +73,24 @@ impl Answer {
 
 type Script = dyn Fn(&Received, usize) -> Answer + Send + Sync;
 
-/// A webhook receiver. `script(request, index)` decides each answer (`index` counts requests
+/// A webhook sink. `script(request, index)` decides each answer (`index` counts requests
 /// from 0).
 #[derive(Clone)]
-pub struct Receiver {
+pub struct Hook {
     pub addr: SocketAddr,
-    pub log: Arc<Mutex<Vec<Received>>>,
-    in_flight: Arc<AtomicUsize>,
+    log: Arc<Mutex<Vec<Received>>>,
+    /// The most requests it served at once.
     pub max_in_flight: Arc<AtomicUsize>,
 }
 
-struct RxState {
+struct HookState {
     log: Arc<Mutex<Vec<Received>>>,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: AtomicUsize,
     max_in_flight: Arc<AtomicUsize>,
     script: Box<Script>,
 }
 
-async fn handle(State(s): State<Arc<RxState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(State(s): State<Arc<HookState>>, headers: HeaderMap, body: Bytes) -> Response {
     let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     s.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let req = Received {
@@ -114,18 +115,17 @@ async fn handle(State(s): State<Arc<RxState>>, headers: HeaderMap, body: Bytes) 
     resp
 }
 
-impl Receiver {
+impl Hook {
     pub async fn start(
         script: impl Fn(&Received, usize) -> Answer + Send + Sync + 'static,
-    ) -> Receiver {
+    ) -> Hook {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let in_flight = Arc::new(AtomicUsize::new(0));
         let max_in_flight = Arc::new(AtomicUsize::new(0));
-        let state = Arc::new(RxState {
+        let state = Arc::new(HookState {
             log: log.clone(),
-            in_flight: in_flight.clone(),
+            in_flight: AtomicUsize::new(0),
             max_in_flight: max_in_flight.clone(),
             script: Box::new(script),
         });
@@ -133,12 +133,16 @@ impl Receiver {
         tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        Receiver {
+        Hook {
             addr,
             log,
-            in_flight,
             max_in_flight,
         }
+    }
+
+    /// A sink that answers every request 200.
+    pub async fn ok() -> Hook {
+        Self::start(|_, _| Answer::ok()).await
     }
 
     pub fn url(&self) -> String {
@@ -153,6 +157,11 @@ impl Receiver {
         self.log.lock().unwrap().len()
     }
 
+    /// The most requests it served at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Requests for one message id, in arrival order.
     pub fn for_id(&self, id: &str) -> Vec<Received> {
         self.received()
@@ -160,43 +169,37 @@ impl Receiver {
             .filter(|r| r.header("cfq-message-id") == Some(id))
             .collect()
     }
-}
 
-/// Start an emulator on 127.0.0.1:0; returns it and its base URL.
-pub async fn emulator(opts: EmulatorOptions, stop: &CancellationToken) -> (Emulator, String) {
-    let e = Emulator::new(EmulatorOptions {
-        token: Some(TOKEN.into()),
-        ..opts
-    });
-    let addr = e
-        .start("127.0.0.1:0".parse().unwrap(), stop.clone())
-        .await
-        .unwrap();
-    (e, Emulator::base_url(addr))
-}
-
-/// A config for one consumer of `queue` delivering to `hook`; `extra` is TOML appended inside
-/// the `[[consumers]]` table (before its webhook table), `webhook_extra` inside the webhook table.
-pub fn config(api: &str, consumers: &[(&str, &str, &str, &str)]) -> Config {
-    let mut text = format!(
-        "[cloudflare]\naccount_id = \"{ACCOUNT}\"\napi_base_url = \"{api}\"\napi_token = \"{TOKEN}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ngrace_period = \"5s\"\n"
-    );
-    for (queue, hook, extra, webhook_extra) in consumers {
-        text.push_str(&format!(
-            "[[consumers]]\nqueue_id = \"{queue}\"\nvisibility_timeout = \"30s\"\nmax_idle_backoff = \"200ms\"\n{extra}\n\
-             [consumers.webhook]\nurl = \"{hook}\"\ntimeout = \"5s\"\n{webhook_extra}\n\
-             [consumers.retry]\nbase_delay = \"1s\"\nmax_delay = \"10s\"\n"
-        ));
+    /// The message id of every request, in arrival order.
+    pub fn ids(&self) -> Vec<String> {
+        self.received().iter().map(|r| r.id().to_owned()).collect()
     }
-    Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
-/// Poll `cond` every 10 ms until it holds or `limit` passes (in tokio time).
-pub async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// A sink that answers 200 after `delay`, tallying the answers.
+pub async fn ok_hook(delay: Duration) -> (Hook, Tally) {
+    let tally = Tally::default();
+    let t = tally.clone();
+    let hook = Hook::start(move |r, _| {
+        t.record(r.header("cfq-message-id").unwrap_or("?"));
+        Answer::ok().delayed(delay)
+    })
+    .await;
+    (hook, tally)
+}
+
+/// Counts, per message id, the webhook answers that said "delivered" and reached the relay.
+#[derive(Clone, Default)]
+pub struct Tally(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Tally {
+    pub fn record(&self, id: &str) {
+        *self.0.lock().unwrap().entry(id.to_owned()).or_default() += 1;
+    }
+    pub fn total(&self) -> u64 {
+        self.0.lock().unwrap().values().map(|v| u64::from(*v)).sum()
+    }
+    pub fn get(&self, id: &str) -> u32 {
+        self.0.lock().unwrap().get(id).copied().unwrap_or(0)
     }
 }
