@@ -263,8 +263,8 @@ impl Gate {
             (BreakerState::Closed, true) => {
                 let total = g.recent.len() as u32;
                 let failures = g.recent.iter().filter(|(_, f)| *f).count() as f64;
-                let ratio_trips =
-                    total >= 1 && failures / f64::from(total) >= self.breaker.failure_ratio;
+                let ratio_trips = total >= self.breaker.min_requests
+                    && failures / f64::from(total) >= self.breaker.failure_ratio;
                 if g.consecutive >= self.breaker.consecutive_failures || ratio_trips {
                     g.state = BreakerState::Open;
                     g.open_until = now + self.breaker.open_for;
