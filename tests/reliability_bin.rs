@@ -6,234 +6,28 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cfq_relay::emulator::{EmulatorOptions, Fault, Op};
-use support::{ACCOUNT, Answer, Hook, TOKEN, emulator, wait_until};
-use support::{EndState, Tally, metric, publish};
+use support::{
+    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, Tally, bin, emulator,
+    http_status, metric, ok_hook, publish, temp_file, wait_until,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-// ---------------------------------------------------------------------------------------------
-// A relay in a child process
-
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cfq-relay-reliability-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// The scenarios' config: API calls time out after 2 s, info logs, a 10 s grace, and `q1`.
+fn cfg(api: &str, q1: Consumer) -> Cfg {
+    Cfg::new(api)
+        .api_timeout("2s")
+        .log_level("info")
+        .grace("10s")
+        .consumer(q1)
 }
 
-fn write_config(name: &str, text: &str) -> PathBuf {
-    let path = temp_dir().join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cfq-relay"));
-    c.env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("RUST_LOG")
-        .env_remove("CFQ_RELAY_CONFIG")
-        .env("NO_COLOR", "1");
-    c
-}
-
-/// `cfq-relay run` with its output collected line by line.
-struct Relay {
-    child: Child,
-    output: Arc<Mutex<Vec<String>>>,
-}
-
-impl Relay {
-    fn spawn(name: &str, config: &str, env: &[(&str, &str)]) -> Relay {
-        let path = write_config(&format!("{name}.toml"), config);
-        let mut cmd = bin();
-        cmd.args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let output = Arc::new(Mutex::new(Vec::new()));
-        collect(child.stdout.take().unwrap(), output.clone());
-        collect(child.stderr.take().unwrap(), output.clone());
-        Relay { child, output }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{sig}");
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().join("\n")
-    }
-
-    fn logged(&self, needle: &str) -> bool {
-        self.output
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    /// The admin address, from the start-up log line (the config asks for port 0).
-    async fn admin(&self) -> SocketAddr {
-        let mut found = None;
-        wait_until(Duration::from_secs(10), "the admin server log line", || {
-            found = self
-                .output
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains("admin server listening"))
-                .and_then(|l| {
-                    let at = l.find("127.0.0.1:")?;
-                    let addr: String = l[at..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                        .collect();
-                    addr.parse().ok()
-                });
-            found.is_some()
-        })
-        .await;
-        found.unwrap()
-    }
-
-    async fn wait_ready(&self) -> SocketAddr {
-        let admin = self.admin().await;
-        let url = format!("http://{admin}/readyz");
-        let end = Instant::now() + Duration::from_secs(10);
-        while http_status(&url).await != 200 {
-            assert!(
-                Instant::now() < end,
-                "relay never ready:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        admin
-    }
-
-    /// Wait (at most `limit`) for the process to end.
-    async fn exit(&mut self, limit: Duration) -> ExitStatus {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < end,
-                "relay still running after {limit:?}:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        // A failed test must not leave its relay behind.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-            let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-            into.lock().unwrap().push(text);
-            line.clear();
-        }
-    });
-}
-
-async fn http_status(url: &str) -> u16 {
-    match reqwest::get(url).await {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
-    }
-}
-
-/// The settings a scenario varies; `text()` is the TOML file.
-struct Cfg {
-    api: String,
-    hook: String,
-    grace: &'static str,
-    visibility: &'static str,
-    timeout: &'static str,
-    concurrency: usize,
-    /// Extra lines of `[consumers.webhook]`.
-    webhook_extra: String,
-    /// The token line of `[cloudflare]` (empty: the token comes from the environment).
-    token: String,
-    log_level: &'static str,
-}
-
-impl Cfg {
-    fn new(api: &str, hook: &str) -> Cfg {
-        Cfg {
-            api: api.to_owned(),
-            hook: hook.to_owned(),
-            grace: "10s",
-            visibility: "30s",
-            timeout: "5s",
-            concurrency: 16,
-            webhook_extra: String::new(),
-            token: format!("api_token = \"{TOKEN}\""),
-            log_level: "info",
-        }
-    }
-
-    fn text(&self) -> String {
-        format!(
-            "[cloudflare]\naccount_id = \"{ACCOUNT}\"\napi_base_url = \"{api}\"\n{token}\napi_timeout = \"2s\"\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"{log}\"\n\
-             [shutdown]\ngrace_period = \"{grace}\"\n\
-             [[consumers]]\nqueue_id = \"q1\"\nvisibility_timeout = \"{vis}\"\nconcurrency = {conc}\nmax_idle_backoff = \"200ms\"\n\
-             [consumers.webhook]\nurl = \"{hook}\"\ntimeout = \"{timeout}\"\n{extra}\n\
-             [consumers.retry]\nbase_delay = \"0s\"\nmax_delay = \"10s\"\n",
-            api = self.api,
-            token = self.token,
-            log = self.log_level,
-            grace = self.grace,
-            vis = self.visibility,
-            conc = self.concurrency,
-            hook = self.hook,
-            timeout = self.timeout,
-            extra = self.webhook_extra,
-        )
-    }
-}
-
-/// A webhook receiver answering 200 after `delay`, tallying the answers.
-async fn ok_hook(delay: Duration) -> (Hook, Tally) {
-    let tally = Tally::default();
-    let t = tally.clone();
-    let hook = Hook::start(move |r, _| {
-        t.record(r.header("cfq-message-id").unwrap_or("?"));
-        Answer::ok().delayed(delay)
-    })
-    .await;
-    (hook, tally)
+/// The scenarios' consumer of `q1`: 16 slots, failed deliveries retried at once.
+fn q1(hook: &str) -> Consumer {
+    Consumer::new("q1", hook).concurrency(16).retry("0s", "10s")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -245,9 +39,8 @@ async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let (hook, tally) = ok_hook(Duration::from_millis(1500)).await;
     publish(&emu, "q1", "m", 30);
-    let mut cfg = Cfg::new(&api, &hook.url());
-    cfg.concurrency = 10;
-    let mut relay = Relay::spawn("sigterm", &cfg.text(), &[]);
+    let cfg = cfg(&api, q1(&hook.url()).concurrency(10));
+    let mut relay = Relay::spawn("sigterm", &cfg.text());
     let admin = relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "10 deliveries in flight", || {
         hook.count() >= 10
@@ -312,10 +105,8 @@ async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
-    let mut cfg = Cfg::new(&api, &hang.url());
-    cfg.grace = "1s";
-    cfg.timeout = "20s";
-    let mut relay = Relay::spawn("grace", &cfg.text(), &[]);
+    let cfg = cfg(&api, q1(&hang.url()).timeout("20s")).grace("1s");
+    let mut relay = Relay::spawn("grace", &cfg.text());
     relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "5 deliveries hanging", || {
         hang.count() == 5
@@ -355,10 +146,8 @@ async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
-    let mut cfg = Cfg::new(&api, &hang.url());
-    cfg.grace = "20s";
-    cfg.timeout = "20s";
-    let mut relay = Relay::spawn("second-signal", &cfg.text(), &[]);
+    let cfg = cfg(&api, q1(&hang.url()).timeout("20s")).grace("20s");
+    let mut relay = Relay::spawn("second-signal", &cfg.text());
     relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "5 deliveries hanging", || {
         hang.count() == 5
@@ -400,8 +189,8 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
     let (hook, tally) = ok_hook(Duration::from_millis(20)).await;
     let n = 300;
     publish(&emu, "q1", "m", n);
-    let cfg = Cfg::new(&api, &hook.url());
-    let mut relay = Relay::spawn("crash-1", &cfg.text(), &[]);
+    let cfg = cfg(&api, q1(&hook.url()));
+    let mut relay = Relay::spawn("crash-1", &cfg.text());
     wait_until(Duration::from_secs(20), "100 acked", || {
         emu.stats("q1").acked >= 100
     })
@@ -416,7 +205,7 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
     let expired = emu.stats("q1").lease_expired;
     assert_eq!(expired, at_kill.in_flight);
 
-    let mut relay = Relay::spawn("crash-2", &cfg.text(), &[]);
+    let mut relay = Relay::spawn("crash-2", &cfg.text());
     wait_until(
         Duration::from_secs(20),
         "all acked after the restart",
@@ -459,13 +248,13 @@ async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() 
     publish(&emu, "q1", "m", n);
     let mut replicas = Vec::new();
     for r in 0..3 {
-        let mut cfg = Cfg::new(&api, &hook.url());
-        cfg.visibility = "4s";
-        cfg.timeout = "1s";
-        cfg.grace = "2s";
-        cfg.concurrency = 8;
-        cfg.webhook_extra = format!("headers = {{ X-Replica = \"r{r}\" }}");
-        replicas.push(Relay::spawn(&format!("replica-{r}"), &cfg.text(), &[]));
+        let replica = q1(&hook.url())
+            .visibility("4s")
+            .timeout("1s")
+            .concurrency(8)
+            .webhook(&format!("headers = {{ X-Replica = \"r{r}\" }}"));
+        let cfg = cfg(&api, replica).grace("2s");
+        replicas.push(Relay::spawn(&format!("replica-{r}"), &cfg.text()));
     }
     let by_replica = |r: &str| {
         hook.received()
@@ -528,8 +317,7 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     // First deliveries fail, so error paths log too; the failure's body tries to forge a log
     // line.
-    let hook = FailingOnceHook::start().await;
-    let tally = hook.tally.clone();
+    let (hook, tally) = failing_once_hook().await;
     publish(&emu, "q1", "m", 5);
     emu.inject_fault(
         Op::Pull,
@@ -540,25 +328,23 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
         },
     );
     emu.inject_fault(Op::Ack, Fault::Reset);
-    let mut cfg = Cfg::new(&api, &format!("{}?sig={QUERY_SECRET}", hook.url()));
-    cfg.token = String::new();
-    cfg.webhook_extra = format!("headers = {{ X-Webhook-Secret = \"{HEADER_SECRET}\" }}");
-    let mut relay = Relay::spawn(
-        "secrets",
-        &cfg.text(),
-        &[("RUST_LOG", "trace"), ("CLOUDFLARE_API_TOKEN", TOKEN)],
-    );
+    let hook_url = format!("{}?sig={QUERY_SECRET}", hook.url());
+    let secret_header = format!("headers = {{ X-Webhook-Secret = \"{HEADER_SECRET}\" }}");
+    let cfg = cfg(&api, q1(&hook_url).webhook(&secret_header)).token(None);
+    let mut relay = Relay::launch("secrets", &cfg.text())
+        .env("RUST_LOG", "trace")
+        .env("CLOUDFLARE_API_TOKEN", TOKEN)
+        .spawn();
     let admin = relay.admin().await;
+
     wait_until(Duration::from_secs(20), "all acked", || {
         emu.stats("q1").acked == 5
     })
     .await;
     assert!(
-        hook.secrets
-            .lock()
-            .unwrap()
+        hook.received()
             .iter()
-            .all(|s| s == HEADER_SECRET),
+            .all(|r| r.header("x-webhook-secret") == Some(HEADER_SECRET)),
         "the header does reach the webhook"
     );
     // A rejected token: logged loudly, with the permission hint.
@@ -631,9 +417,9 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
 
 #[test]
 fn every_bad_value_fails_check_config_and_run_with_one_line_naming_the_key() {
-    let dir = temp_dir();
-    let empty_token = dir.join("empty-token");
-    std::fs::write(&empty_token, "  \n").unwrap();
+    let empty_token = temp_file("empty-token", "  \n");
+    // A directory: it exists, but cannot be read as a token.
+    let dir = empty_token.parent().unwrap().to_owned();
     let base = |cloudflare: &str, consumer: &str, webhook: &str, tail: &str| {
         format!(
             "[cloudflare]\naccount_id = \"{ACCOUNT}\"\n{cloudflare}\n\
@@ -769,7 +555,7 @@ fn every_bad_value_fails_check_config_and_run_with_one_line_naming_the_key() {
     ];
     let mut named = 0;
     for (name, text, env, key) in &cases {
-        let path = write_config(&format!("bad-{}.toml", name.replace(' ', "-")), text);
+        let path = temp_file(&format!("bad-{}.toml", name.replace(' ', "-")), text);
         for cmd in ["check-config", "run"] {
             let mut c = bin();
             c.arg(cmd).arg("--config").arg(&path);
@@ -812,59 +598,20 @@ fn every_bad_value_fails_check_config_and_run_with_one_line_naming_the_key() {
 
 /// A webhook that answers the first delivery of each message with a 500 whose body holds a
 /// newline and a would-be log line, and later ones with 200.
-struct FailingOnceHook {
-    addr: SocketAddr,
-    tally: Tally,
-    /// `X-Webhook-Secret` of every request.
-    secrets: Arc<Mutex<Vec<String>>>,
-}
-
-impl FailingOnceHook {
-    async fn start() -> FailingOnceHook {
-        use axum::http::{HeaderMap, StatusCode};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let tally = Tally::default();
-        let secrets = Arc::new(Mutex::new(Vec::new()));
-        let (t, sec) = (tally.clone(), secrets.clone());
-        let app = axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |headers: HeaderMap| {
-                let (t, sec) = (t.clone(), sec.clone());
-                async move {
-                    let h = |n: &str| {
-                        headers
-                            .get(n)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned()
-                    };
-                    sec.lock().unwrap().push(h("x-webhook-secret"));
-                    if h("cfq-attempt") == "1" {
-                        (
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "oops\nFORGED 2026-01-01T00:00:00Z ERROR cfq_relay: all good\r\n",
-                        )
-                    } else {
-                        t.record(&h("cfq-message-id"));
-                        (StatusCode::OK, "ok")
-                    }
-                }
-            }),
-        );
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        FailingOnceHook {
-            addr,
-            tally,
-            secrets,
+async fn failing_once_hook() -> (Hook, Tally) {
+    let tally = Tally::default();
+    let t = tally.clone();
+    let hook = Hook::start(move |r, _| {
+        if r.header("cfq-attempt") == Some("1") {
+            Answer::status(500)
+                .with_body("oops\nFORGED 2026-01-01T00:00:00Z ERROR cfq_relay: all good\r\n")
+        } else {
+            t.record(r.header("cfq-message-id").unwrap_or(""));
+            Answer::ok().with_body("ok")
         }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
+    })
+    .await;
+    (hook, tally)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -873,10 +620,10 @@ async fn sigterm_sends_a_partial_batch_at_once_and_exits_0() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     publish(&emu, "q1", "m", 5);
-    let mut cfg = Cfg::new(&api, &hook.url());
     // 5 messages of a batch of 100 would wait 10 s for company.
-    cfg.webhook_extra = "batch = { max_messages = 100, max_wait = \"10s\" }".into();
-    let mut relay = Relay::spawn("batch-sigterm", &cfg.text(), &[]);
+    let batch = "batch = { max_messages = 100, max_wait = \"10s\" }";
+    let cfg = cfg(&api, q1(&hook.url()).webhook(batch));
+    let mut relay = Relay::spawn("batch-sigterm", &cfg.text());
     relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "5 messages held", || {
         emu.stats("q1").in_flight == 5
