@@ -21,9 +21,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cfq_relay::emulator::EmulatorOptions;
 use serde_json::{Value, json};
-use support::{ACCOUNT, Answer, Hook, TOKEN, emulator, wait_until};
-use support::{EndState, metric, publish};
-use support::{Relay, admin_addr, fd_count, vm_hwm_kib};
+use support::{
+    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, check_config, emulator, metric,
+    publish, scrape, wait_until,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -129,23 +130,10 @@ fn text_message(id: &str, lease: Option<&str>, body: &str) -> Value {
     m
 }
 
-/// A config with only the required keys, plus the test's API and a free admin port.
-fn minimal_config(api: &str, hook: &str, extra_webhook: &str) -> String {
-    format!(
-        "[cloudflare]\naccount_id = \"{ACCOUNT}\"\napi_base_url = \"{api}\"\napi_token = \"{TOKEN}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[consumers]]\nqueue_id = \"q1\"\n[consumers.webhook]\nurl = \"{hook}\"\n{extra_webhook}\n"
-    )
-}
-
-/// The Prometheus text of a relay's admin server.
-async fn scrape(admin: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+/// A config with only the required keys (plus the admin port 0 and the token): one consumer of
+/// `q1` delivering to `hook`.
+fn minimal(api: &str, hook: &str) -> Cfg {
+    Cfg::minimal(api).consumer(Consumer::minimal("q1", hook))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,7 +168,7 @@ async fn an_outage_under_a_minimal_config_dead_letters_nothing() {
     })
     .await;
     let ids = publish(&emu, "q1", "outage", 2000);
-    let config = cfq_relay::Config::from_toml(&minimal_config(&api, &hook.url(), "")).unwrap();
+    let config = minimal(&api, &hook.url()).config();
     assert!(config.consumers[0].breaker.enabled);
     let relay = cfq_relay::start(config, stop.clone()).await.unwrap();
 
@@ -249,8 +237,7 @@ async fn lease_less_answers_back_off_like_empty_pulls() {
     .await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let stop = CancellationToken::new();
-    let config =
-        cfq_relay::Config::from_toml(&minimal_config(&api.base_url, &hook.url(), "")).unwrap();
+    let config = minimal(&api.base_url, &hook.url()).config();
     let relay = cfq_relay::start(config, stop.clone()).await.unwrap();
     wait_until(Duration::from_secs(5), "a first pull", || api.pulls() > 0).await;
     let (from, at) = (api.pulls(), Instant::now());
@@ -297,12 +284,10 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
     )
     .await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
-    let config = minimal_config(
-        &api.base_url,
-        &hook.url(),
-        "signing_secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]",
-    );
-    let relay = Relay::spawn("bad-ids", &config, None);
+    let signed = Consumer::minimal("q1", &hook.url())
+        .webhook("signing_secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]");
+    let config = Cfg::minimal(&api.base_url).consumer(signed).text();
+    let relay = Relay::spawn("bad-ids", &config);
     wait_until(Duration::from_secs(15), "three refused ids retried", || {
         api.retried()
             .iter()
@@ -319,7 +304,7 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
     assert_eq!(received.len(), 1, "only the good id is delivered");
     assert_eq!(received[0].header("webhook-id"), Some("good-1"));
     assert!(received[0].header("webhook-signature").is_some());
-    let admin = admin_addr(&relay).await;
+    let admin = relay.admin().await;
     let text = scrape(admin).await;
     let invalid = metric(
         &text,
@@ -393,15 +378,11 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
     )
     .await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
-    let relay = Relay::spawn(
-        "huge",
-        &minimal_config(&api.base_url, &hook.url(), ""),
-        None,
-    );
-    let admin = admin_addr(&relay).await;
+    let relay = Relay::spawn("huge", &minimal(&api.base_url, &hook.url()).text());
+    let admin = relay.admin().await;
     println!(
         "FIGURES huge: vm_hwm_at_start={:.1}MiB",
-        vm_hwm_kib(relay.pid()) as f64 / 1024.0
+        relay.vm_hwm_kib() as f64 / 1024.0
     );
     wait_until(
         Duration::from_secs(60),
@@ -420,7 +401,7 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
         "cfq_relay_api_requests_total",
         &[("op", "pull"), ("result", "malformed")],
     );
-    let hwm = vm_hwm_kib(relay.pid());
+    let hwm = relay.vm_hwm_kib();
     let delays: Vec<u64> = api.retried().iter().map(|(_, d)| *d).collect();
     println!(
         "FIGURES huge: pulls={} oversized_counted={oversized} answers_refused={refused} delivered={} vm_hwm={:.1}MiB",
@@ -458,12 +439,10 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     publish(&emu, "q1", "before", 100);
-    let relay = Relay::spawn(
-        "admin-fds",
-        &minimal_config(&api, &hook.url(), ""),
-        Some(1024),
-    );
-    let admin = admin_addr(&relay).await;
+    let relay = Relay::launch("admin-fds", &minimal(&api, &hook.url()).text())
+        .nofile(1024)
+        .spawn();
+    let admin = relay.admin().await;
     wait_until(Duration::from_secs(20), "first deliveries", || {
         hook.count() >= 100
     })
@@ -488,7 +467,7 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
         || hook.count() >= 200,
     )
     .await;
-    let fds = fd_count(relay.pid());
+    let fds = relay.fd_count();
     println!(
         "FIGURES admin_flood: idle_connections=1100 nofile_limit=1024 healthz={status} in {}ms relay_fds={fds} delivered={}",
         took.as_millis(),
@@ -527,8 +506,8 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
     })
     .await;
     publish(&emu, "q1", "flaky", 5000);
-    let relay = Relay::spawn("flaky", &minimal_config(&api, &hook.url(), ""), None);
-    let admin = admin_addr(&relay).await;
+    let relay = Relay::spawn("flaky", &minimal(&api, &hook.url()).text());
+    let admin = relay.admin().await;
     // Past one limiter window, so a summary line has been written.
     wait_until(Duration::from_secs(60), "a suppression summary", || {
         relay
@@ -590,13 +569,11 @@ async fn an_ack_batch_with_one_refused_item_lands_the_other_99() {
     .await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let stop = CancellationToken::new();
-    let text = minimal_config(&api.base_url, &hook.url(), "")
-        // One pull of 100 and one ack call of 100: a fixed pool, not the adaptive limit's start.
-        .replace(
-            "queue_id = \"q1\"",
-            "queue_id = \"q1\"\nconcurrency = 100\nconcurrency_mode = \"fixed\"",
-        );
-    let config = cfq_relay::Config::from_toml(&text).unwrap();
+    // One pull of 100 and one ack call of 100: a fixed pool, not the adaptive limit's start.
+    let fixed = Consumer::minimal("q1", &hook.url())
+        .concurrency(100)
+        .line("concurrency_mode = \"fixed\"");
+    let config = Cfg::minimal(&api.base_url).consumer(fixed).config();
     let _relay = cfq_relay::start(config, stop.clone()).await.unwrap();
     wait_until(Duration::from_secs(20), "99 acks landed", || {
         api.acked().len() == 99
@@ -651,7 +628,7 @@ async fn config_and_reload_errors_never_print_a_secret() {
              [[consumers]]\nqueue_id = \"q1\"\n[consumers.webhook]\nurl = \"http://127.0.0.1:9/hook\"\n{}\n",
             webhook_line.replace("SECRET", SECRET)
         );
-        let out = support::check_config(&format!("secret-{i}"), &text);
+        let out = check_config(&format!("secret-{i}"), &text);
         assert_eq!(out.status.code(), Some(2), "{out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(want), "want {want:?} in {stderr}");
@@ -662,9 +639,9 @@ async fn config_and_reload_errors_never_print_a_secret() {
     let stop = CancellationToken::new();
     let (_emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
-    let good = minimal_config(&api, &hook.url(), "");
-    let relay = Relay::spawn("reload-secret", &good, None);
-    admin_addr(&relay).await;
+    let good = minimal(&api, &hook.url()).text();
+    let relay = Relay::spawn("reload-secret", &good);
+    relay.admin().await;
     let broken = good.replace(
         &format!("api_token = \"{TOKEN}\""),
         &format!("api_token = \"{SECRET}"),

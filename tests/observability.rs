@@ -7,9 +7,8 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -20,9 +19,9 @@ use cfq_relay::emulator::{ContentType, EmulatorOptions, Fault, Op};
 use cfq_relay::metrics::{API_RESULTS, OUTCOMES, RELEASE_REASONS, STATUS_CLASSES};
 use prometheus_parse::{LineInfo, Value};
 use serde_json::Value as Json;
-use support::{ACCOUNT, Answer, Hook, TOKEN, config, emulator, wait_until};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::time::Instant;
+use support::{
+    ACCOUNT, Answer, Cfg, Consumer, Hook, Relay, TOKEN, config, emulator, get, wait_for, wait_until,
+};
 use tokio_util::sync::CancellationToken;
 
 // ---------------------------------------------------------------------------------------------
@@ -39,27 +38,6 @@ fn unix_ms() -> u64 {
 /// for `bytes` and `json` bodies.
 fn base64_len(n: usize) -> u64 {
     (n.div_ceil(3) * 4) as u64
-}
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let resp = reqwest::get(format!("http://{addr}{path}"))
-        .await
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let status = resp.status().as_u16();
-    (status, resp.text().await.unwrap())
-}
-
-/// Poll an async condition every 10 ms until it holds or `limit` passes.
-async fn wait_for<F, Fut>(limit: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + limit;
-    while !cond().await {
-        assert!(Instant::now() < end, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// One parsed `/metrics` answer.
@@ -642,81 +620,6 @@ async fn readiness_follows_pulls_and_shutdown() {
 // ---------------------------------------------------------------------------------------------
 // Logs of the real binary
 
-/// `cfq-relay run` in a child process with a clean environment; stderr collected line by line.
-struct Bin {
-    child: tokio::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: tokio::task::JoinHandle<()>,
-    config: std::path::PathBuf,
-}
-
-impl Bin {
-    async fn start(name: &str, config_text: &str, env: &[(&str, &str)]) -> Bin {
-        let config = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("observability-{name}-{}.toml", std::process::id()));
-        std::fs::write(&config, config_text).unwrap();
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cfq-relay"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config)
-            // No CLOUDFLARE_API_TOKEN, RUST_LOG or CFQ_RELAY__* from the test's environment.
-            .env_clear()
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("the cfq-relay binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let reader = tokio::spawn(async move {
-            let mut r = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = r.next_line().await {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Bin {
-            child,
-            lines,
-            reader,
-            config,
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    async fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        wait_until(Duration::from_secs(20), what, || {
-            self.lines.lock().unwrap().iter().any(|l| pred(l))
-        })
-        .await;
-        self.lines().into_iter().find(|l| pred(l)).unwrap()
-    }
-
-    /// SIGTERM; the relay must drain and exit 0. Returns every stderr line.
-    async fn terminate(mut self) -> Vec<String> {
-        let pid = self.child.id().expect("still running").to_string();
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(kill.success());
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("the relay exits after SIGTERM")
-            .unwrap();
-        let _ = std::fs::remove_file(&self.config);
-        let lines = self.lines.clone();
-        self.reader.await.unwrap();
-        let lines = lines.lock().unwrap().clone();
-        assert!(status.success(), "exit {status:?}\n{}", lines.join("\n"));
-        lines
-    }
-}
-
 const HOOK_HEADER_SECRET: &str = "header-secret-3456";
 const HOOK_URL_PASSWORD: &str = "hookpass-5678";
 const HOOK_QUERY_SECRET: &str = "query-secret-9012";
@@ -725,15 +628,16 @@ const HOOK_QUERY_SECRET: &str = "query-secret-9012";
 /// a password is refused), the URL's query and a header (all secrets that must not be logged);
 /// `log` is the `[log]` table's body.
 fn bin_config(api: &str, hook: SocketAddr, log: &str) -> String {
-    format!(
-        "[cloudflare]\naccount_id = \"{ACCOUNT}\"\napi_base_url = \"{api}\"\napi_token = \"{TOKEN}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[log]\n{log}\n[shutdown]\ngrace_period = \"5s\"\n\
-         [[consumers]]\nqueue_id = \"q1\"\nvisibility_timeout = \"30s\"\nmax_idle_backoff = \"200ms\"\n\
-         [consumers.webhook]\nurl = \"http://{hook}/hook?sig={HOOK_QUERY_SECRET}\"\n\
-         basic_auth = {{ username = \"hookuser\", password = \"{HOOK_URL_PASSWORD}\" }}\n\
-         timeout = \"5s\"\nheaders = {{ X-Hook-Secret = \"{HOOK_HEADER_SECRET}\" }}\n\
-         [consumers.retry]\nbase_delay = \"1s\"\nmax_delay = \"2s\"\n"
-    )
+    let url = format!("http://{hook}/hook?sig={HOOK_QUERY_SECRET}");
+    let q1 = Consumer::new("q1", &url)
+        .webhook(&format!(
+            "basic_auth = {{ username = \"hookuser\", password = \"{HOOK_URL_PASSWORD}\" }}"
+        ))
+        .webhook(&format!(
+            "headers = {{ X-Hook-Secret = \"{HOOK_HEADER_SECRET}\" }}"
+        ))
+        .retry("1s", "2s");
+    Cfg::new(api).log(log).consumer(q1).text()
 }
 
 fn assert_no_secrets(lines: &[String]) {
@@ -770,12 +674,10 @@ async fn json_logs_are_one_object_per_line_with_fields() {
         )
         .unwrap();
     }
-    let bin = Bin::start(
+    let bin = Relay::spawn(
         "json",
         &bin_config(&api, hook.addr, "format = \"json\"\nlevel = \"info\""),
-        &[],
-    )
-    .await;
+    );
     wait_until(Duration::from_secs(20), "all acked", || {
         emu.stats("q1").acked == 3
     })
@@ -886,12 +788,9 @@ async fn text_logs_are_the_default_and_rust_log_wins() {
         .publish("q1", Some(ContentType::Text), b"hello", Duration::ZERO)
         .unwrap();
     // No `format` key: text. `level = "error"` would hide everything below; RUST_LOG wins.
-    let bin = Bin::start(
-        "text",
-        &bin_config(&api, hook.addr, "level = \"error\""),
-        &[("RUST_LOG", "info,cfq_relay=debug")],
-    )
-    .await;
+    let bin = Relay::launch("text", &bin_config(&api, hook.addr, "level = \"error\""))
+        .env("RUST_LOG", "info,cfq_relay=debug")
+        .spawn();
     wait_until(Duration::from_secs(20), "acked", || {
         emu.stats("q1").acked == 1
     })

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use books::{EndState, emulator, publish};
-pub use child::{Relay, bin, temp_file, temp_path};
+pub use child::{Relay, bin, check_config, temp_file, temp_path};
 pub use config::{Cfg, Consumer, config};
 pub use hook::{Answer, Hook, Received, Tally, ok_hook};
 
