@@ -7,7 +7,7 @@ mod support;
 use std::path::PathBuf;
 
 use cfq_relay::emulator::{Emulator, EmulatorOptions};
-use support::{ACCOUNT, TOKEN};
+use support::{ACCOUNT, Cfg, Consumer, TOKEN, bin};
 use tokio_util::sync::CancellationToken;
 
 /// The emulator as `emulate --queue orders --queue audit` runs it; `bare` exists too, created
@@ -34,35 +34,29 @@ async fn emulator(stop: &CancellationToken) -> (Emulator, String) {
     (emu, api)
 }
 
+/// A config file of consumers `(name, queue id)` (webhooks that are never called), the
+/// relay's own admin address (never bound by `check-config`) and API calls that time out
+/// after 2 s.
 fn config(name: &str, api: &str, account: &str, token: &str, queues: &[(&str, &str)]) -> PathBuf {
-    let mut text = format!(
-        "[cloudflare]\naccount_id = \"{account}\"\napi_base_url = \"{api}\"\napi_token = \"{token}\"\napi_timeout = \"2s\"\n"
-    );
-    for (label, queue) in queues {
-        text.push_str(&format!(
-            "[[consumers]]\nname = \"{label}\"\nqueue_id = \"{queue}\"\n[consumers.webhook]\nurl = \"http://127.0.0.1:9/{label}\"\n"
-        ));
-    }
-    let dir = std::env::temp_dir().join(format!("cfq-relay-online-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    // It holds a token: readable by its owner only (else check-config warns, rightly).
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
+    let cfg = Cfg::minimal(api)
+        .no_admin()
+        .account(account)
+        .token(Some(token))
+        .api_timeout("2s");
+    queues
+        .iter()
+        .fold(cfg, |cfg, (label, queue)| {
+            let hook = format!("http://127.0.0.1:9/{label}");
+            cfg.consumer(Consumer::minimal(queue, &hook).name(label))
+        })
+        .write(name.trim_end_matches(".toml"))
 }
 
 /// Exit code, stdout, stderr.
 async fn check(path: &PathBuf) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cfq-relay"))
-        .env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("RUST_LOG")
-        .args(["check-config", "--online", "--config"])
-        .arg(path)
-        .output()
-        .await
-        .unwrap();
+    let mut cmd = bin();
+    cmd.args(["check-config", "--online", "--config"]).arg(path);
+    let out = tokio::process::Command::from(cmd).output().await.unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -24,10 +24,13 @@ pub fn temp_path(name: &str) -> PathBuf {
     temp_dir().join(name)
 }
 
-/// `text` written to the file `name` of the test process's temporary directory.
+/// `text` written to the file `name` of the test process's temporary directory, readable by
+/// its owner only (a config holds a token: the relay warns about a file others can read).
 pub fn temp_file(name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let path = temp_dir().join(name);
     std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
 }
 
