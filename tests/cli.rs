@@ -1,21 +1,11 @@
 //! The real binary: `check-config` and `run` exit codes and messages, example configs, `demo`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cfq-relay"));
-    c.env_remove("CLOUDFLARE_API_TOKEN").env_remove("RUST_LOG");
-    c
-}
+use std::path::Path;
+use std::process::Output;
 
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cfq-relay-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use support::{bin, temp_file};
 
 fn run(args: &[&str], path: &Path) -> Output {
     bin().args(args).arg("--config").arg(path).output().unwrap()
@@ -62,7 +52,7 @@ fn example_configs_parse() {
 
 #[test]
 fn check_config_prints_one_line_summary() {
-    let path = temp_config("good.toml", &BASE.replace("BATCH", ""));
+    let path = temp_file("good.toml", &BASE.replace("BATCH", ""));
     let out = run(&["check-config"], &path);
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -126,7 +116,7 @@ fn bad_configs_exit_2_naming_the_key() {
         ("syntax.toml", "[cloudflare\n".to_string(), "TOML"),
     ];
     for (name, text, want) in cases {
-        let path = temp_config(name, &text.replace("BATCH", ""));
+        let path = temp_file(name, &text.replace("BATCH", ""));
         for cmd in ["check-config", "run"] {
             let out = run(&[cmd], &path);
             let stderr = String::from_utf8(out.stderr).unwrap();

@@ -1,31 +1,17 @@
 //! The first hour with the real binary: the help a new user reads, the mistakes they make
 //! (a mistyped log level, two consumers on one queue) and what the start-up log tells them.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use support::{bin, temp_file};
+
 const TOKEN: &str = "tok-first-hour-5ecret";
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cfq-relay"));
-    c.env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("RUST_LOG")
-        .env_remove("CFQ_RELAY_CONFIG")
-        .env_remove("CFQ_RELAY__LOG__LEVEL")
-        .env("NO_COLOR", "1");
-    c
-}
-
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cfq-relay-first-hour-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// A valid file; `EXTRA` is replaced by more TOML at the end.
 const BASE: &str = r#"
@@ -129,10 +115,10 @@ fn every_subcommand_and_flag_is_described() {
 
 #[test]
 fn a_mistyped_log_level_exits_2_naming_the_key_in_the_file_and_the_environment() {
-    let good = temp_config("level-good.toml", &base(""));
+    let good = temp_file("level-good.toml", &base(""));
     for level in ["warning", "verbose", "inof", "info,cfq_relay=loud"] {
         // In the file ...
-        let path = temp_config(
+        let path = temp_file(
             &format!("level-{level}.toml"),
             &base(&format!("[log]\nlevel = \"{level}\"")),
         );
@@ -181,7 +167,7 @@ queue_id = "0123456789abcdef0123456789abcd01"
 [consumers.webhook]
 url = "http://127.0.0.1:9/audit"
 "#;
-    let path = temp_config("two-on-one.toml", &base(second));
+    let path = temp_file("two-on-one.toml", &base(second));
     for cmd in ["check-config", "run"] {
         let out = bin().args([cmd, "--config"]).arg(&path).output().unwrap();
         let stderr = String::from_utf8(out.stderr).unwrap();
@@ -203,7 +189,7 @@ url = "http://127.0.0.1:9/audit"
 /// `run` until `want` lines matched `done`; returns the output. The API answers nothing (port
 /// 9), which the relay logs and retries: the start-up lines come first regardless.
 fn startup_output(name: &str, extra: &str, done: impl Fn(&str) -> bool) -> Vec<String> {
-    let path = temp_config(name, &base(extra));
+    let path = temp_file(name, &base(extra));
     let mut child = bin()
         .args(["run", "--config"])
         .arg(&path)

@@ -191,12 +191,12 @@ async fn an_unreachable_api_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulate_creates_the_queues_it_is_given() {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cfq-relay"))
-        .args(["emulate", "--listen", "127.0.0.1:0", "--token", TOKEN])
+    let mut cmd = bin();
+    cmd.args(["emulate", "--listen", "127.0.0.1:0", "--token", TOKEN])
         .args(["--queue", "orders", "--queue", "audit"])
-        .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(true)
         .spawn()
         .unwrap();

@@ -22,8 +22,10 @@ use cfq_relay::Config;
 use cfq_relay::cloudflare::ApiError;
 use cfq_relay::emulator::{Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::retry::retry_wait;
-use support::{Answer, Hook, config, emulator, wait_until};
-use support::{EndState, Tally, metric, publish};
+use support::{
+    Answer, Cfg, Consumer, EndState, Hook, Tally, config, emulator, http_status, metric, ok_hook,
+    publish, wait_until,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -35,25 +37,6 @@ fn relay_config(api: &str, hook: &str, tweak: impl FnOnce(&mut Config)) -> Confi
     tweak(&mut c);
     c.validate().unwrap_or_else(|e| panic!("test config: {e}"));
     c
-}
-
-async fn http_status(url: &str) -> u16 {
-    match reqwest::get(url).await {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
-    }
-}
-
-/// A webhook that answers 200 (after `delay`) and tallies the answers.
-async fn ok_hook(delay: Duration) -> (Hook, Tally) {
-    let tally = Tally::default();
-    let t = tally.clone();
-    let hook = Hook::start(move |r, _| {
-        t.record(r.header("cfq-message-id").unwrap_or("?"));
-        Answer::ok().delayed(delay)
-    })
-    .await;
-    (hook, tally)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -890,21 +873,21 @@ async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
     }
     let ok_ids = publish(&emu, "q1", "ok", 20);
     let refused_ids = publish(&emu, "q2", "ok", 3);
-    let text = format!(
-        "[cloudflare]\naccount_id = \"{}\"\napi_base_url = \"{api}\"\napi_token = \"{}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ngrace_period = \"2s\"\n\
-         [[consumers]]\nqueue_id = \"q1\"\nconcurrency = 16\nmax_idle_backoff = \"200ms\"\n\
-         [consumers.webhook]\nurl = \"http://{}/hook\"\ntimeout = \"3s\"\n\
-         [consumers.retry]\nbase_delay = \"0s\"\n\
-         [[consumers]]\nqueue_id = \"q2\"\nmax_idle_backoff = \"200ms\"\n\
-         [consumers.webhook]\nurl = \"http://{refused}/hook\"\ntimeout = \"3s\"\n\
-         [consumers.retry]\nbase_delay = \"0s\"\n\
-         [consumers.breaker]\nenabled = false\n",
-        support::ACCOUNT,
-        support::TOKEN,
-        raw.addr,
-    );
-    let cfg = Config::from_toml(&text).unwrap();
+    let q1 = Consumer::minimal("q1", &format!("http://{}/hook", raw.addr))
+        .concurrency(16)
+        .idle("200ms")
+        .timeout("3s")
+        .retry_base("0s");
+    let q2 = Consumer::minimal("q2", &format!("http://{refused}/hook"))
+        .idle("200ms")
+        .timeout("3s")
+        .retry_base("0s")
+        .table("[consumers.breaker]\nenabled = false");
+    let cfg = Cfg::minimal(&api)
+        .grace("2s")
+        .consumer(q1)
+        .consumer(q2)
+        .config();
     let relay_stop = CancellationToken::new();
     let started = Instant::now();
     let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();

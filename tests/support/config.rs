@@ -231,6 +231,12 @@ impl Consumer {
         self
     }
 
+    /// `[consumers.retry]` `base_delay` alone.
+    pub fn retry_base(mut self, base: &'static str) -> Consumer {
+        self.retry = (Some(base), None);
+        self
+    }
+
     /// One more table of the consumer, e.g. `"[consumers.breaker]\nenabled = false"`.
     pub fn table(mut self, text: &str) -> Consumer {
         writeln!(self.tables, "{text}").unwrap();
