@@ -147,13 +147,10 @@ fn minimal(api: &str, hook: &str) -> Cfg {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_under_a_minimal_config_dead_letters_nothing() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(
-        EmulatorOptions {
-            max_retries: 3,
-            ..Default::default()
-        },
-        &stop,
-    )
+    let (emu, api) = emulator(EmulatorOptions {
+        max_retries: 3,
+        ..Default::default()
+    })
     .await;
     let down = Arc::new(AtomicBool::new(true));
     let ok = Arc::new(AtomicUsize::new(0));
@@ -435,8 +432,7 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
 /// descriptors than the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     publish(&emu, "q1", "before", 100);
     let relay = Relay::launch("admin-fds", &minimal(&api, &hook.url()).text())
@@ -485,7 +481,6 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
         relay.lines()
     );
     drop(idle);
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -495,8 +490,7 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
 /// one summary line with the count, at most one line per ten failures; the metrics count them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_stay_bounded_under_a_failing_webhook() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, n| {
         if n % 10 < 3 {
             Answer::status(500)
@@ -538,7 +532,6 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
         (failure_lines as f64) * 10.0 <= failures,
         "{failure_lines} lines for {failures} failures"
     );
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -636,8 +629,7 @@ async fn config_and_reload_errors_never_print_a_secret() {
     }
 
     // A reload of a file with a syntax error on the token line logs no secret either.
-    let stop = CancellationToken::new();
-    let (_emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (_emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let good = minimal(&api, &hook.url()).text();
     let relay = Relay::spawn("reload-secret", &good);
@@ -656,5 +648,4 @@ async fn config_and_reload_errors_never_print_a_secret() {
     let line = lines.iter().find(|l| l.contains("reload failed")).unwrap();
     assert!(line.contains("TOML syntax error at line"), "{line}");
     assert!(!lines.iter().any(|l| l.contains(fragment)), "{lines:#?}");
-    stop.cancel();
 }

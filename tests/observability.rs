@@ -20,7 +20,8 @@ use cfq_relay::metrics::{API_RESULTS, OUTCOMES, RELEASE_REASONS, STATUS_CLASSES}
 use prometheus_parse::{LineInfo, Value};
 use serde_json::Value as Json;
 use support::{
-    ACCOUNT, Answer, Cfg, Consumer, Hook, Relay, TOKEN, config, emulator, get, wait_for, wait_until,
+    ACCOUNT, Answer, Cfg, Consumer, Hook, Relay, TOKEN, config, emulator, get, publish_text, start,
+    wait_for, wait_until,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -193,26 +194,12 @@ async fn scrape(addr: SocketAddr) -> Scrape {
 
 #[tokio::test]
 async fn scraped_metrics_match_the_emulator_and_parse() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // The first two requests fail (retried after ~1 s); every other one succeeds.
-    let hook = Hook::start(|_, i| {
-        if i < 2 {
-            Answer::status(503)
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
+    let hook = Hook::failing_first(2, Answer::status(503)).await;
     const READY: u64 = 20;
     for i in 0..READY {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("ready {i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("ready {i}"));
     }
     // Published with an hour's delay: in the backlog, but no pull hands them out.
     let before_ms = unix_ms();
@@ -257,8 +244,7 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
         )],
     );
     let started_unix = unix_ms() as f64 / 1000.0;
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     let admin = relay.admin_addr();
 
     wait_until(Duration::from_secs(20), "all ready messages acked", || {
@@ -449,8 +435,7 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
     // `cargo test` needs nothing but the Rust toolchain).
 
     let registry = relay.metrics().clone();
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     // After the drain nothing moves: every pull the emulator answered is counted (but ours).
     let end = Scrape::parse(registry.render());
     let e3 = emu.stats("q1");
@@ -470,7 +455,6 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
     );
     assert_eq!(end.int("cfq_relay_queue_backlog_messages", &q), 3);
     end.check_format(&["orders"], &forbidden);
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -513,7 +497,7 @@ fn pull_fault() -> Fault {
 #[tokio::test]
 async fn readiness_follows_pulls_and_shutdown() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (gate, hook) = gated_hook().await;
     // The first two pulls fail.
     emu.inject_fault(Op::Pull, pull_fault());
@@ -575,8 +559,7 @@ async fn readiness_follows_pulls_and_shutdown() {
     .await;
 
     // Shutdown: hold one delivery in flight, stop, and look while the drain waits for it.
-    emu.publish("q1", Some(ContentType::Text), b"held", Duration::ZERO)
-        .unwrap();
+    publish_text(&emu, "q1", "held");
     wait_until(Duration::from_secs(10), "delivery in flight", || {
         gate.arrived.load(Ordering::SeqCst) == 1
     })
@@ -655,24 +638,10 @@ fn assert_no_secrets(lines: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_one_object_per_line_with_fields() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Hook::start(|_, i| {
-        if i == 0 {
-            Answer::status(503)
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::failing_first(1, Answer::status(503)).await;
     for i in 0..3 {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
     let bin = Relay::spawn(
         "json",
@@ -776,17 +745,13 @@ async fn json_logs_are_one_object_per_line_with_fields() {
         assert!(!find(m).is_empty(), "{m}: {lines:#?}");
     }
     assert_no_secrets(&lines);
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_logs_are_the_default_and_rust_log_wins() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
-    let id = emu
-        .publish("q1", Some(ContentType::Text), b"hello", Duration::ZERO)
-        .unwrap();
+    let id = publish_text(&emu, "q1", "hello");
     // No `format` key: text. `level = "error"` would hide everything below; RUST_LOG wins.
     let bin = Relay::launch("text", &bin_config(&api, hook.addr, "level = \"error\""))
         .env("RUST_LOG", "info,cfq_relay=debug")
@@ -838,7 +803,6 @@ async fn text_logs_are_the_default_and_rust_log_wins() {
         assert!(effective.contains(part), "{part} in {effective}");
     }
     assert_no_secrets(&lines);
-    stop.cancel();
 }
 
 #[test]

@@ -6,22 +6,18 @@ mod support;
 
 use std::path::PathBuf;
 
-use cfq_relay::emulator::{Emulator, EmulatorOptions};
-use support::{ACCOUNT, Cfg, Consumer, TOKEN, bin};
-use tokio_util::sync::CancellationToken;
+use cfq_relay::emulator::EmulatorOptions;
+use support::{ACCOUNT, Cfg, Consumer, TOKEN, TestEmulator, bin};
 
 /// The emulator as `emulate --queue orders --queue audit` runs it; `bare` exists too, created
 /// through the API without a consumer.
-async fn emulator(stop: &CancellationToken) -> (Emulator, String) {
-    let (emu, api) = support::emulator(
-        EmulatorOptions {
-            account_id: Some(ACCOUNT.into()),
-            queues: vec!["orders".into(), "audit".into()],
-            create_queues_on_use: false,
-            ..EmulatorOptions::default()
-        },
-        stop,
-    )
+async fn emulator() -> (TestEmulator, String) {
+    let (emu, api) = support::emulator(EmulatorOptions {
+        account_id: Some(ACCOUNT.into()),
+        queues: vec!["orders".into(), "audit".into()],
+        create_queues_on_use: false,
+        ..EmulatorOptions::default()
+    })
     .await;
     let resp = reqwest::Client::new()
         .post(format!("{api}/accounts/{ACCOUNT}/queues"))
@@ -66,8 +62,7 @@ async fn check(path: &PathBuf) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_when_every_queue_exists_with_an_http_pull_consumer() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(&stop).await;
+    let (emu, api) = emulator().await;
     let id = emu.queue_id("audit").unwrap();
     // By name (an emulator convenience) and by id (as on Cloudflare).
     let path = config(
@@ -87,13 +82,11 @@ async fn passes_when_every_queue_exists_with_an_http_pull_consumer() {
             "no pull: it would lease messages"
         );
     }
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_is_one_line_per_consumer_without_the_token() {
-    let stop = CancellationToken::new();
-    let (_emu, api) = emulator(&stop).await;
+    let (_emu, api) = emulator().await;
     let path = config(
         "token.toml",
         &api,
@@ -112,13 +105,11 @@ async fn a_refused_token_is_one_line_per_consumer_without_the_token() {
     );
     assert!(lines[1].contains("consumer \"a\""), "{err}");
     assert!(!err.contains("wrong-secret-token"), "{err}");
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_account_is_named() {
-    let stop = CancellationToken::new();
-    let (_emu, api) = emulator(&stop).await;
+    let (_emu, api) = emulator().await;
     let path = config(
         "account.toml",
         &api,
@@ -133,13 +124,11 @@ async fn an_unknown_account_is_named() {
             && err.contains("consumer \"o\""),
         "{err}"
     );
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_queue_and_a_queue_without_http_pull_consumer_are_named() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(&stop).await;
+    let (emu, api) = emulator().await;
     let path = config(
         "queues.toml",
         &api,
@@ -164,7 +153,6 @@ async fn an_unknown_queue_and_a_queue_without_http_pull_consumer_are_named() {
         "{err}"
     );
     assert_eq!(emu.stats("bare").pull_calls, 0);
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,13 +7,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cfq_relay::emulator::{ContentType, EmulatorOptions};
-use support::{Answer, Hook, config, emulator, wait_until};
+use support::{Answer, Hook, config, emulator, publish_text, start, wait_until};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn every_content_type_arrives_byte_exact_with_headers() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
 
     let bytes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
@@ -63,14 +62,12 @@ async fn every_content_type_arrives_byte_exact_with_headers() {
         &api,
         &[("q1", &hook.url(), "", "headers = { X-Tenant = \"blue\" }")],
     );
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(10), "all acked", || {
         emu.stats("q1").acked == cases.len() as u64
     })
     .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
 
     let got = hook.received();
     assert_eq!(got.len(), cases.len(), "one delivery per message");
@@ -100,19 +97,14 @@ async fn every_content_type_arrives_byte_exact_with_headers() {
         (s.acked, s.retried, s.lease_expired),
         (cases.len() as u64, 0, 0)
     );
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(
-        EmulatorOptions {
-            max_retries: 1,
-            ..EmulatorOptions::default()
-        },
-        &stop,
-    )
+    let (emu, api) = emulator(EmulatorOptions {
+        max_retries: 1,
+        ..EmulatorOptions::default()
+    })
     .await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     emu.publish(
@@ -125,15 +117,13 @@ async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
     let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
     let mut cfg = cfg;
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(10), "dead-lettered", || {
         emu.stats("q1").dead_lettered == 1
     })
     .await;
     let metrics = relay.metrics().render();
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     assert_eq!(hook.count(), 0, "a v8 body is never sent");
     let s = emu.stats("q1");
     assert_eq!((s.acked, s.retried), (0, 2));
@@ -142,13 +132,11 @@ async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
             .contains("cfq_relay_messages_delivered_total{outcome=\"undecodable\",queue=\"q1\"} 2"),
         "{metrics}"
     );
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acked_once() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // 503 with no Retry-After, then a connection-level failure stand-in (500), then 200.
     let hook = Hook::start(|_, i| match i {
         0 => Answer::status(503),
@@ -156,23 +144,14 @@ async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acke
         _ => Answer::ok(),
     })
     .await;
-    let id = emu
-        .publish(
-            "q1",
-            Some(ContentType::Text),
-            b"third time lucky",
-            Duration::ZERO,
-        )
-        .unwrap();
+    let id = publish_text(&emu, "q1", "third time lucky");
     let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(15), "acked", || {
         emu.stats("q1").acked == 1
     })
     .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
 
     let tries = hook.for_id(&id);
     assert_eq!(tries.len(), 3);
@@ -193,44 +172,32 @@ async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acke
     assert!(tries[2].at - tries[1].at >= Duration::from_secs(u64::from(book.retries[1])));
     assert_eq!(book.acks, 1, "acked exactly once");
     assert_eq!(book.deliveries, 3);
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn never_acked_without_a_2xx() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(
-        EmulatorOptions {
-            max_retries: 2,
-            ..EmulatorOptions::default()
-        },
-        &stop,
-    )
+    let (emu, api) = emulator(EmulatorOptions {
+        max_retries: 2,
+        ..EmulatorOptions::default()
+    })
     .await;
     // Every failure mode but success.
     let hook = Hook::start(|_, i| Answer::status([500, 404, 400, 429, 302, 408][i % 6])).await;
     for i in 0..20 {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
     let mut cfg = config(&api, &[("q1", &hook.url(), "", "")]);
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
     // This test is about the outcome policy: every delivery must reach the webhook until the
     // queue dead-letters it, so the breaker (on by default) would stop it halfway.
     cfg.consumers[0].breaker.enabled = false;
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(15), "all dead-lettered", || {
         emu.stats("q1").dead_lettered == 20
     })
     .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     let s = emu.stats("q1");
     assert_eq!(s.acked, 0, "nothing acked without a 2xx: {s:?}");
     assert_eq!(s.retried, 60, "three deliveries each, all retried: {s:?}");
@@ -241,8 +208,7 @@ async fn never_acked_without_a_2xx() {
 
 #[tokio::test]
 async fn two_consumers_in_one_process() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let a = Hook::start(|_, _| Answer::ok()).await;
     let b = Hook::start(|_, _| Answer::ok()).await;
     for i in 0..300 {
@@ -268,15 +234,13 @@ async fn two_consumers_in_one_process() {
             ("qb", &b.url(), "name = \"beta\"\nconcurrency = 8", ""),
         ],
     );
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(20), "both queues drained", || {
         emu.stats("qa").acked == 300 && emu.stats("qb").acked == 300
     })
     .await;
     let metrics = relay.metrics().render();
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     assert_eq!(a.count(), 300);
     assert_eq!(b.count(), 300);
     assert!(
@@ -295,35 +259,25 @@ async fn two_consumers_in_one_process() {
             format!("cfq_relay_messages_delivered_total{{outcome=\"acked\",queue=\"{q}\"}} 300");
         assert!(metrics.contains(&line), "{line}\n{metrics}");
     }
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok().delayed(Duration::from_millis(100))).await;
     for i in 0..120 {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
     let cfg = config(
         &api,
         &[("q1", &hook.url(), "concurrency = 7\nbatch_size = 5", "")],
     );
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(20), "all acked", || {
         emu.stats("q1").acked == 120
     })
     .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     let max = hook.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         max <= 7,
@@ -337,38 +291,24 @@ async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
     assert!(s.in_flight == 0 && s.lease_expired == 0, "{s:?}");
     // The relay never held more leases than it had slots for.
     assert_eq!(hook.count(), 120);
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn webhook_retry_after_sets_the_retry_delay() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Hook::start(|_, i| {
-        if i == 0 {
-            Answer::status(429).with_header("retry-after", "3")
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
-    let id = emu
-        .publish("q1", Some(ContentType::Text), b"x", Duration::ZERO)
-        .unwrap();
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::failing_first(1, Answer::status(429).with_header("retry-after", "3")).await;
+    let id = publish_text(&emu, "q1", "x");
     let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(15), "acked", || {
         emu.stats("q1").acked == 1
     })
     .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     let book = emu.books("q1").into_iter().find(|b| b.id == id).unwrap();
     assert_eq!(book.retries, vec![3]);
     let tries = hook.for_id(&id);
     assert!(tries[1].at - tries[0].at >= Duration::from_secs(3));
-    stop.cancel();
 }
 
 /// A small receiver (50 requests at once, 503 at once beyond): with only the required keys the
@@ -377,7 +317,7 @@ async fn webhook_retry_after_sets_the_retry_delay() {
 #[tokio::test]
 async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let opts = cfq_relay::receiver::ReceiverOptions {
         delay: Duration::from_millis(50),
         capacity: Some(50),
@@ -388,13 +328,7 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
         .unwrap();
     let n = 1_500u64;
     for i in 0..n {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
     let cfg = config(&api, &[("q1", &format!("http://{addr}/hook"), "", "")]);
     // The defaults, breaker on: the slow start's overshoot past the capacity is a burst of

@@ -14,7 +14,6 @@ use support::{
     http_status, metric, ok_hook, publish, temp_file, wait_until,
 };
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// The scenarios' config: API calls time out after 2 s, info logs, a 10 s grace, and `q1`.
 fn cfg(api: &str, q1: Consumer) -> Cfg {
@@ -35,8 +34,7 @@ fn q1(hook: &str) -> Consumer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (hook, tally) = ok_hook(Duration::from_millis(1500)).await;
     publish(&emu, "q1", "m", 30);
     let cfg = cfg(&api, q1(&hook.url()).concurrency(10));
@@ -96,13 +94,11 @@ async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
         "RESULT SIGTERM: exit 0, /readyz 503 after {:.0}ms",
         unready_after.as_secs_f64() * 1000.0
     );
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
     let cfg = cfg(&api, q1(&hang.url()).timeout("20s")).grace("1s");
@@ -137,13 +133,11 @@ async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
     EndState::of(&emu, "q1", "SIGTERM past the grace (binary)", 0)
         .with_shutdown(took)
         .print();
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
     let cfg = cfg(&api, q1(&hang.url()).timeout("20s")).grace("20s");
@@ -176,7 +170,6 @@ async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
     EndState::of(&emu, "q1", "second signal (exit 130)", 0)
         .with_shutdown(took)
         .print();
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -184,8 +177,7 @@ async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (hook, tally) = ok_hook(Duration::from_millis(20)).await;
     let n = 300;
     publish(&emu, "q1", "m", n);
@@ -233,7 +225,6 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
         "RESULT kill -9: {} acked before the kill, {} leases held by the dead process",
         at_kill.acked, at_kill.in_flight
     );
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -241,8 +232,7 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (hook, tally) = ok_hook(Duration::from_millis(50)).await;
     let n = 900;
     publish(&emu, "q1", "m", n);
@@ -303,7 +293,6 @@ async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() 
     println!(
         "RESULT replicas: webhook requests per replica {shares:?} (r1 killed after {r1_deliveries})"
     );
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,8 +302,7 @@ async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() 
 async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
     const HEADER_SECRET: &str = "hdr-5ecret-9d1e7c";
     const QUERY_SECRET: &str = "qs-5ecret-41b2";
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // First deliveries fail, so error paths log too; the failure's body tries to forge a log
     // line.
     let (hook, tally) = failing_once_hook().await;
@@ -409,7 +397,6 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
         "RESULT secrets: {lines} output lines at trace level and /metrics checked: no token, header or query secret"
     );
     EndState::of(&emu, "q1", "trace-level run with faults", tally.total()).print();
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -616,8 +603,7 @@ async fn failing_once_hook() -> (Hook, Tally) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_a_partial_batch_at_once_and_exits_0() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     publish(&emu, "q1", "m", 5);
     // 5 messages of a batch of 100 would wait 10 s for company.
@@ -644,5 +630,4 @@ async fn sigterm_sends_a_partial_batch_at_once_and_exits_0() {
     EndState::of(&emu, "q1", "SIGTERM with a partial batch (binary)", 5)
         .with_shutdown(took)
         .print();
-    stop.cancel();
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use cfq_relay::emulator::EmulatorOptions;
 use cfq_relay::{Config, ReloadSummary};
 use support::{
-    Answer, Cfg, Consumer, Hook, Relay, emulator, publish, temp_file, temp_path, wait_until,
+    Answer, Cfg, Consumer, Hook, Relay, emulator, publish, start, temp_file, temp_path, wait_until,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -39,8 +39,7 @@ fn names(v: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_change_remove_while_delivering_loses_nothing() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // qa: unchanged by the reload, each delivery takes longer than the 2 s grace period: were
     // it drained, its deliveries would be abandoned and redelivered.
     let hook_a = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(3))).await;
@@ -66,8 +65,7 @@ async fn add_change_remove_while_delivering_loses_nothing() {
         ],
     )
     .config();
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(before, relay_stop.clone()).await.unwrap();
+    let relay = start(before).await;
     wait_until(Duration::from_secs(10), "deliveries in flight", || {
         hook_a.count() == 20 && hook_b.count() >= 5 && hook_d.count() >= 5
     })
@@ -174,15 +172,13 @@ async fn add_change_remove_while_delivering_loses_nothing() {
         metrics.contains("cfq_relay_messages_delivered_total{outcome=\"acked\",queue=\"qa\"} 20")
     );
 
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
-    stop.cancel();
+    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_reload_changes_nothing() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let other = Hook::start(|_, _| Answer::ok()).await;
     let relay_stop = CancellationToken::new();
@@ -304,9 +300,8 @@ async fn a_bad_reload_changes_nothing() {
 /// on its old client would go on pulling (and acking) on the first emulator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_cloudflare_section_restarts_every_consumer() {
-    let stop = CancellationToken::new();
-    let (old_emu, old_api) = emulator(EmulatorOptions::default(), &stop).await;
-    let (new_emu, new_api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (old_emu, old_api) = emulator(EmulatorOptions::default()).await;
+    let (new_emu, new_api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let relay_stop = CancellationToken::new();
     let url = hook.url();
@@ -368,22 +363,17 @@ async fn a_changed_cloudflare_section_restarts_every_consumer() {
     );
     relay_stop.cancel();
     relay.wait().await.unwrap();
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_secret_file_restarts_its_consumer() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let token = temp_file("rotate-bearer", "first-secret\n");
     let extra = format!("bearer_token_file = {:?}", token.display().to_string());
     let url = hook.url();
     let consumers = [consumer("qa", &url, 4, &extra), consumer("qb", &url, 4, "")];
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg(&api, "2s", &consumers).config(), relay_stop.clone())
-        .await
-        .unwrap();
+    let relay = start(cfg(&api, "2s", &consumers).config()).await;
     publish(&emu, "qa", "qa", 1);
     wait_until(Duration::from_secs(10), "first acked", || {
         emu.stats("qa").acked == 1
@@ -414,9 +404,7 @@ async fn a_rotated_secret_file_restarts_its_consumer() {
         .map(|r| r.header("authorization").unwrap_or_default().to_owned())
         .collect();
     assert_eq!(auth, ["Bearer first-secret", "Bearer second-secret"]);
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
-    stop.cancel();
+    relay.stop().await;
 }
 
 // ---- the real binary ----
@@ -444,8 +432,7 @@ impl Notifications {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_file_and_a_bad_edit_keeps_the_running_config() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let socket = temp_path("sighup-notify.sock");
     let _ = std::fs::remove_file(&socket);
@@ -535,5 +522,4 @@ async fn sighup_reloads_the_file_and_a_bad_edit_keeps_the_running_config() {
             assert_eq!(book.acks, 1, "{q}: {book:?}");
         }
     }
-    stop.cancel();
 }

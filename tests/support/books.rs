@@ -2,39 +2,61 @@
 //! as its books tell it (printed as one `RESULT` line, which `cargo test -- --nocapture`
 //! collects for the notes).
 
+use std::ops::Deref;
 use std::time::Duration;
 
 use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::TOKEN;
 
-/// Start an emulator (accepting [`TOKEN`]) on 127.0.0.1:0 until `stop`; returns it and its
-/// base URL.
-pub async fn emulator(opts: EmulatorOptions, stop: &CancellationToken) -> (Emulator, String) {
-    let e = Emulator::new(EmulatorOptions {
+/// An emulator on 127.0.0.1:0 (accepting [`TOKEN`]); it stops when dropped, at the end of
+/// the test.
+pub struct TestEmulator {
+    emu: Emulator,
+    _stop: DropGuard,
+}
+
+impl Deref for TestEmulator {
+    type Target = Emulator;
+    fn deref(&self) -> &Emulator {
+        &self.emu
+    }
+}
+
+/// Start a [`TestEmulator`]; returns it and its base URL.
+pub async fn emulator(opts: EmulatorOptions) -> (TestEmulator, String) {
+    let emu = Emulator::new(EmulatorOptions {
         token: Some(TOKEN.into()),
         ..opts
     });
-    let addr = e
+    let stop = CancellationToken::new();
+    let addr = emu
         .start("127.0.0.1:0".parse().unwrap(), stop.clone())
         .await
         .unwrap();
-    (e, Emulator::base_url(addr))
+    let guard = TestEmulator {
+        emu,
+        _stop: stop.drop_guard(),
+    };
+    (guard, Emulator::base_url(addr))
+}
+
+/// Publish one text message; returns its id.
+pub fn publish_text(emu: &Emulator, queue: &str, body: &str) -> String {
+    emu.publish(
+        queue,
+        Some(ContentType::Text),
+        body.as_bytes(),
+        Duration::ZERO,
+    )
+    .unwrap()
 }
 
 /// Publish `n` text messages `"{prefix}-{i}"`; returns their ids in order.
 pub fn publish(emu: &Emulator, queue: &str, prefix: &str, n: usize) -> Vec<String> {
     (0..n)
-        .map(|i| {
-            emu.publish(
-                queue,
-                Some(ContentType::Text),
-                format!("{prefix}-{i}").as_bytes(),
-                Duration::ZERO,
-            )
-            .unwrap()
-        })
+        .map(|i| publish_text(emu, queue, &format!("{prefix}-{i}")))
         .collect()
 }
 /// The end state of one scenario, from the emulator's books.

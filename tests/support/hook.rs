@@ -140,6 +140,11 @@ impl Hook {
         }
     }
 
+    /// A sink that answers its first `n` requests with `first`, and 200 after.
+    pub async fn failing_first(n: usize, first: Answer) -> Hook {
+        Self::start(move |_, i| if i < n { first.clone() } else { Answer::ok() }).await
+    }
+
     /// A sink that answers every request 200.
     pub async fn ok() -> Hook {
         Self::start(|_, _| Answer::ok()).await

@@ -6,6 +6,7 @@
 //! - [`config`]: [`Cfg`] and [`Consumer`], the one way to write a relay config.
 //! - [`child`]: [`Relay`], `cfq-relay run` in a child process; [`bin`] for the other commands.
 //! - [`books`]: the emulator on `127.0.0.1:0`, publishing, and a scenario's [`EndState`].
+//! - [`inproc`]: the relay in the test's process (`cfq_relay::start`), stopped on request.
 //! - this file: waiting on a condition, HTTP probes and reading the Prometheus text.
 // Each test binary compiles the kit on its own and uses a part of it.
 #![allow(dead_code, unused_imports)]
@@ -14,6 +15,7 @@ pub mod books;
 pub mod child;
 pub mod config;
 pub mod hook;
+pub mod inproc;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,10 +23,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use books::{EndState, emulator, publish};
+pub use books::{EndState, TestEmulator, emulator, publish, publish_text};
 pub use child::{Relay, bin, check_config, temp_file, temp_path};
 pub use config::{Cfg, Consumer, config};
 pub use hook::{Answer, Hook, Received, Tally, ok_hook};
+pub use inproc::{InProcess, start};
 
 /// The API token every test emulator accepts.
 pub const TOKEN: &str = "test-token-7f3a9c";
