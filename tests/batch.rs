@@ -14,7 +14,10 @@ use base64::engine::general_purpose::STANDARD;
 use cfq_relay::emulator::{ContentType, EmulatorOptions, Fault, Op};
 use cfq_relay::secrets::Secret;
 use cfq_relay::signing::Signer;
-use support::{Answer, Hook, Received, config, emulator, publish_text, start, wait_until};
+use support::{
+    Answer, Hook, Received, assert_books, config, delivered, emulator, publish_text, released,
+    start, wait_until,
+};
 use support::{EndState, metric, publish};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -105,7 +108,7 @@ async fn every_content_type_arrives_byte_exact_inside_signed_batches() {
         );
         start(cfg)
             .await
-            .until_acked(&emu, "q1", cases.len() as u64, Duration::from_secs(10))
+            .until_acked(&emu, "q1", cases.len() as u64)
             .await;
 
         let got = hook.received();
@@ -184,10 +187,7 @@ async fn only_the_ids_listed_as_failed_come_back() {
     })
     .await;
     let cfg = config(&api, &[("q1", &hook.url(), "", &batch(100, "300ms"))]);
-    let text = start(cfg)
-        .await
-        .until_acked(&emu, "q1", 20, Duration::from_secs(15))
-        .await;
+    let text = start(cfg).await.until_acked(&emu, "q1", 20).await;
 
     let first = ids(&hook.received()[0]);
     let failed: Vec<String> = failed.into_iter().filter(|id| first.contains(id)).collect();
@@ -213,14 +213,7 @@ async fn only_the_ids_listed_as_failed_come_back() {
         1.0,
         "{text}"
     );
-    assert_eq!(
-        metric(
-            &text,
-            "cfq_relay_messages_delivered_total",
-            &[("outcome", "retried")]
-        ),
-        failed.len() as f64
-    );
+    assert_eq!(delivered(&text, "retried"), failed.len() as f64);
     let end = EndState::of(
         &emu,
         "q1",
@@ -268,13 +261,10 @@ async fn unknown_ids_alone_change_nothing_and_malformed_results_retry_the_batch(
     })
     .await;
     let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
-    let _ = start(cfg)
-        .await
-        .until_acked(&emu, "q1", 4, Duration::from_secs(15))
-        .await;
-    for b in emu.books("q1") {
-        assert_eq!((b.deliveries, b.acks, b.retries.len()), (2, 1, 1), "{b:?}");
-    }
+    let _ = start(cfg).await.until_acked(&emu, "q1", 4).await;
+    assert_books(&emu, "q1", (2, 1, 1), |b| {
+        (b.deliveries, b.acks, b.retries.len())
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,10 +273,7 @@ async fn a_batch_refused_whole_is_redelivered_whole() {
     publish(&emu, "q1", "m", 10);
     let hook = Hook::failing_first(1, Answer::status(503).with_body("down for maintenance")).await;
     let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
-    let text = start(cfg)
-        .await
-        .until_acked(&emu, "q1", 10, Duration::from_secs(15))
-        .await;
+    let text = start(cfg).await.until_acked(&emu, "q1", 10).await;
     let got = hook.received();
     assert_eq!(ids(&got[0]).len(), 10, "one batch of all ten");
     let counts = sent_counts(&hook);
@@ -305,14 +292,7 @@ async fn a_batch_refused_whole_is_redelivered_whole() {
         1.0,
         "one request, one answer: {text}"
     );
-    assert_eq!(
-        metric(
-            &text,
-            "cfq_relay_messages_delivered_total",
-            &[("outcome", "retried")]
-        ),
-        10.0
-    );
+    assert_eq!(delivered(&text, "retried"), 10.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,22 +325,10 @@ async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
     );
     relay.stop().await;
     let text = metrics.render();
-    assert_eq!(
-        metric(
-            &text,
-            "cfq_relay_messages_released_total",
-            &[("reason", "lease")]
-        ),
-        6.0,
-        "{text}"
-    );
-    for b in emu.books("q1") {
-        assert_eq!(
-            (b.deliveries, b.acks, b.retries.clone()),
-            (2, 1, vec![0]),
-            "{b:?}"
-        );
-    }
+    assert_eq!(released(&text, "lease"), 6.0, "{text}");
+    assert_books(&emu, "q1", (2, 1, vec![0]), |b| {
+        (b.deliveries, b.acks, b.retries.clone())
+    });
     // Each was sent once, on its second lease.
     let counts = sent_counts(&hook);
     assert_eq!(counts.len(), 6);
@@ -418,9 +386,7 @@ async fn a_grace_period_that_runs_out_hands_the_batch_back() {
     // Handed back with a zero-delay retry: ready for another replica at once.
     let s = emu.stats("q1");
     assert_eq!((s.acked, s.retried, s.lease_expired), (0, 4, 0), "{s:?}");
-    for b in emu.books("q1") {
-        assert_eq!(b.retries, vec![0], "{b:?}");
-    }
+    assert_books(&emu, "q1", vec![0], |b| b.retries.clone());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,22 +490,15 @@ async fn retry_after_on_a_batch_delays_every_message_and_pauses_pulls() {
     let hook = Hook::failing_first(1, Answer::status(429).with_header("retry-after", "2")).await;
     let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
     let started = Instant::now();
-    start(cfg)
-        .await
-        .until_acked(&emu, "q1", 6, Duration::from_secs(15))
-        .await;
+    start(cfg).await.until_acked(&emu, "q1", 6).await;
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "{:?}",
         started.elapsed()
     );
-    for b in emu.books("q1") {
-        assert_eq!(
-            (b.deliveries, b.acks, b.retries.clone()),
-            (2, 1, vec![2]),
-            "{b:?}"
-        );
-    }
+    assert_books(&emu, "q1", (2, 1, vec![2]), |b| {
+        (b.deliveries, b.acks, b.retries.clone())
+    });
     let got = hook.received();
     assert_eq!(got.len(), 2, "one refused batch, one accepted");
     assert!(got[1].at - got[0].at >= Duration::from_secs(2));
@@ -564,10 +523,7 @@ async fn max_bytes_caps_the_body_and_a_larger_message_travels_alone() {
             "batch = { max_messages = 100, max_wait = \"300ms\", max_bytes = 1024 }",
         )],
     );
-    start(cfg)
-        .await
-        .until_acked(&emu, "q1", 13, Duration::from_secs(10))
-        .await;
+    start(cfg).await.until_acked(&emu, "q1", 13).await;
     let got = hook.received();
     let mut seen = 0;
     for r in &got {

@@ -22,8 +22,8 @@ use bytes::Bytes;
 use cfq_relay::emulator::EmulatorOptions;
 use serde_json::{Value, json};
 use support::{
-    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, check_config, emulator, metric,
-    publish, scrape, wait_until,
+    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, check_config, delivered,
+    emulator, metric, publish, released, scrape, wait_until,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -202,11 +202,7 @@ async fn an_outage_under_a_minimal_config_dead_letters_nothing() {
         end.acked,
         end.dead_lettered,
         hook.count(),
-        metric(
-            &text,
-            "cfq_relay_messages_released_total",
-            &[("reason", "breaker")]
-        ),
+        released(&text, "breaker"),
         started.elapsed().as_secs_f64()
     );
     assert_eq!(end.dead_lettered, 0, "{end:?}");
@@ -303,11 +299,7 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
     assert!(received[0].header("webhook-signature").is_some());
     let admin = relay.admin().await;
     let text = scrape(admin).await;
-    let invalid = metric(
-        &text,
-        "cfq_relay_messages_delivered_total",
-        &[("outcome", "invalid_id")],
-    );
+    let invalid = delivered(&text, "invalid_id");
     let lines = relay.lines();
     let forged = lines
         .iter()
@@ -388,11 +380,7 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
     )
     .await;
     let text = scrape(admin).await;
-    let oversized = metric(
-        &text,
-        "cfq_relay_messages_delivered_total",
-        &[("outcome", "oversized")],
-    );
+    let oversized = delivered(&text, "oversized");
     let refused = metric(
         &text,
         "cfq_relay_api_requests_total",
@@ -511,11 +499,7 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
     })
     .await;
     let text = scrape(admin).await;
-    let failures = metric(
-        &text,
-        "cfq_relay_messages_delivered_total",
-        &[("outcome", "retried")],
-    );
+    let failures = delivered(&text, "retried");
     let lines = relay.lines();
     let failure_lines = lines
         .iter()

@@ -23,8 +23,8 @@ use cfq_relay::cloudflare::ApiError;
 use cfq_relay::emulator::{Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::retry::retry_wait;
 use support::{
-    Answer, Cfg, Consumer, EndState, Hook, Tally, config, emulator, http_status, metric, ok_hook,
-    publish, start, wait_until,
+    Answer, Cfg, Consumer, EndState, Hook, Tally, assert_books, config, emulator, http_status,
+    metric, ok_hook, publish, released, start, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -199,28 +199,16 @@ async fn a_pull_in_flight_at_shutdown_hands_its_messages_back() {
     assert!(took < Duration::from_secs(3), "{took:?}");
     assert_eq!(hook.count(), 0, "nothing delivered after the stop");
     let text = metrics.render();
-    assert_eq!(
-        metric(
-            &text,
-            "cfq_relay_messages_released_total",
-            &[("reason", "shutdown")]
-        ),
-        8.0,
-        "{text}"
-    );
+    assert_eq!(released(&text, "shutdown"), 8.0, "{text}");
     let s = emu.stats("q1");
     assert_eq!(
         (s.in_flight, s.backlog, s.lease_expired),
         (0, 8, 0),
         "{s:?}"
     );
-    for b in emu.books("q1") {
-        assert_eq!(
-            (b.deliveries, b.acks, b.retries.clone()),
-            (1, 0, vec![0]),
-            "{b:?}"
-        );
-    }
+    assert_books(&emu, "q1", (1, 0, vec![0]), |b| {
+        (b.deliveries, b.acks, b.retries.clone())
+    });
     EndState::of(&emu, "q1", "pull in flight at shutdown", 0)
         .with_shutdown(took)
         .print();
@@ -285,22 +273,10 @@ async fn a_lease_too_short_to_finish_is_released_not_delivered() {
     .await;
     relay.stop().await;
     let text = metrics.render();
-    assert_eq!(
-        metric(
-            &text,
-            "cfq_relay_messages_released_total",
-            &[("reason", "lease")]
-        ),
-        6.0,
-        "{text}"
-    );
-    for b in emu.books("q1") {
-        assert_eq!(
-            (b.deliveries, b.acks, b.retries.clone()),
-            (2, 1, vec![0]),
-            "{b:?}"
-        );
-    }
+    assert_eq!(released(&text, "lease"), 6.0, "{text}");
+    assert_books(&emu, "q1", (2, 1, vec![0]), |b| {
+        (b.deliveries, b.acks, b.retries.clone())
+    });
     // Each was POSTed once, on its second lease.
     assert_eq!(hook.count(), 6);
     assert!(
@@ -349,9 +325,7 @@ async fn slow_webhook_with_short_leases_lets_no_lease_expire() {
     );
     let released = metric(&metrics.render(), "cfq_relay_messages_released_total", &[]);
     assert_eq!(released, 0.0);
-    for b in emu.books("q1") {
-        assert_eq!((b.deliveries, b.acks), (1, 1), "{b:?}");
-    }
+    assert_books(&emu, "q1", (1, 1), |b| (b.deliveries, b.acks));
     let end = EndState::of(&emu, "q1", "slow webhook (1s), 3s leases", tally.total())
         .print()
         .clone();
@@ -691,9 +665,7 @@ async fn ack_outage_past_the_lease_gives_up_counts_and_redelivers() {
     relay.stop().await;
     let s = emu.stats("q1");
     assert_eq!(s.lease_expired, 6, "{s:?}");
-    for b in emu.books("q1") {
-        assert_eq!((b.deliveries, b.acks), (2, 1), "{b:?}");
-    }
+    assert_books(&emu, "q1", (2, 1), |b| (b.deliveries, b.acks));
     let end = EndState::of(&emu, "q1", "ack API down past the lease", tally.total())
         .print()
         .clone();

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use cfq_relay::emulator::{EmulatorOptions, Fault, Op};
 use support::{
-    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, Tally, bin, emulator,
-    http_status, metric, ok_hook, publish, temp_file, wait_until,
+    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, Tally, assert_books, bin,
+    emulator, http_status, metric, ok_hook, publish, temp_file, wait_until,
 };
 use tokio::time::Instant;
 
@@ -123,13 +123,9 @@ async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
         (0, 5, 0),
         "{s:?}"
     );
-    for b in emu.books("q1") {
-        assert_eq!(
-            (b.deliveries, b.acks, b.retries.clone()),
-            (1, 0, vec![0]),
-            "{b:?}"
-        );
-    }
+    assert_books(&emu, "q1", (1, 0, vec![0]), |b| {
+        (b.deliveries, b.acks, b.retries.clone())
+    });
     EndState::of(&emu, "q1", "SIGTERM past the grace (binary)", 0)
         .with_shutdown(took)
         .print();
@@ -209,9 +205,7 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
     let status = relay.exit(Duration::from_secs(10)).await;
     let took = t0.elapsed();
     assert_eq!(status.code(), Some(0));
-    for b in emu.books("q1") {
-        assert_eq!(b.acks, 1, "{b:?}");
-    }
+    assert_books(&emu, "q1", 1, |b| b.acks);
     let end = EndState::of(&emu, "q1", "kill -9 mid-run, restart", tally.total())
         .with_shutdown(took)
         .print()
@@ -275,9 +269,7 @@ async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() 
         assert_eq!(status.code(), Some(0), "{}", replicas[r].output());
     }
     let shares: Vec<usize> = ["r0", "r1", "r2"].iter().map(|r| by_replica(r)).collect();
-    for b in emu.books("q1") {
-        assert_eq!(b.acks, 1, "{b:?}");
-    }
+    assert_books(&emu, "q1", 1, |b| b.acks);
     let end = EndState::of(&emu, "q1", "three replicas, one killed", tally.total())
         .with_shutdown(took)
         .print()

@@ -44,10 +44,7 @@ async fn signatures_verify_with_the_reference_implementation_and_rotate() {
     publish_text(&emu, "q1", "plain ✓ text");
     let webhook = format!("signing_secrets = [\"{SECRET_A}\", \"{SECRET_B}\"]");
     let cfg = config(&api, &[("q1", &hook.url(), "", &webhook)]);
-    start(cfg)
-        .await
-        .until_acked(&emu, "q1", 2, Duration::from_secs(20))
-        .await;
+    start(cfg).await.until_acked(&emu, "q1", 2).await;
 
     let got = hook.received();
     assert_eq!(got.len(), 2);
@@ -90,10 +87,7 @@ async fn signing_secret_id_is_stable_across_retries() {
         )],
     );
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
-    start(cfg)
-        .await
-        .until_acked(&emu, "q1", 1, Duration::from_secs(20))
-        .await;
+    start(cfg).await.until_acked(&emu, "q1", 1).await;
     let got = hook.received();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
@@ -178,10 +172,7 @@ async fn status_policy_branches() {
         )],
     );
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
-    let metrics = start(cfg)
-        .await
-        .until_acked(&emu, "q1", 5, Duration::from_secs(20))
-        .await;
+    let metrics = start(cfg).await.until_acked(&emu, "q1", 5).await;
     let books = emu.books("q1");
     let book = |s: u16| books.iter().find(|b| b.id == ids[&s]).unwrap().clone();
     assert_eq!((book(200).deliveries, book(200).acks), (1, 1), "2xx: acked");
@@ -232,10 +223,7 @@ async fn envelope_mode_wraps_the_body_with_metadata() {
         &api,
         &[("q1", &hook.url(), "name = \"orders\"", "envelope = true")],
     );
-    start(cfg)
-        .await
-        .until_acked(&emu, "q1", 3, Duration::from_secs(20))
-        .await;
+    start(cfg).await.until_acked(&emu, "q1", 3).await;
     for r in hook.received() {
         assert_eq!(r.header("content-type"), Some("application/json"));
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -337,10 +325,7 @@ async fn rate_limit_holds_within_ten_percent() {
         &api,
         &[("q1", &hook.url(), "", "max_requests_per_second = 20")],
     );
-    start(cfg)
-        .await
-        .until_acked(&emu, "q1", n, Duration::from_secs(20))
-        .await;
+    start(cfg).await.until_acked(&emu, "q1", n).await;
     let got = hook.received();
     assert_eq!(got.len() as u64, n);
     let span = got.last().unwrap().at - got.first().unwrap().at;
@@ -370,10 +355,7 @@ async fn retry_after_pauses_the_whole_consumer() {
         &api,
         &[("q1", &hook.url(), "concurrency = 1\nbatch_size = 1", "")],
     );
-    start(cfg)
-        .await
-        .until_acked(&emu, "q1", 2, Duration::from_secs(20))
-        .await;
+    start(cfg).await.until_acked(&emu, "q1", 2).await;
     let first_a = hook.for_id(&a)[0].at;
     let second_a = hook.for_id(&a)[1].at;
     let first_b = hook.for_id(&b)[0].at;

@@ -2,10 +2,11 @@
 //! as its books tell it (printed as one `RESULT` line, which `cargo test -- --nocapture`
 //! collects for the notes).
 
+use std::fmt::Debug;
 use std::ops::Deref;
 use std::time::Duration;
 
-use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions};
+use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions, MessageBook};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::TOKEN;
@@ -40,6 +41,20 @@ pub async fn emulator(opts: EmulatorOptions) -> (TestEmulator, String) {
         _stop: stop.drop_guard(),
     };
     (guard, Emulator::base_url(addr))
+}
+
+/// Assert that `f` of every message book of `queue` is `want` (and that there are books).
+pub fn assert_books<T: PartialEq + Debug>(
+    emu: &Emulator,
+    queue: &str,
+    want: T,
+    f: impl Fn(&MessageBook) -> T,
+) {
+    let books = emu.books(queue);
+    assert!(!books.is_empty(), "no message in {queue}");
+    for b in &books {
+        assert_eq!(f(b), want, "{b:?}");
+    }
 }
 
 /// Publish one text message; returns its id.

@@ -44,12 +44,14 @@ impl InProcess {
         self.running.wait().await.unwrap();
     }
 
-    /// Wait (at most `limit`) until `n` messages of `queue` are acked, then stop; returns the
+    /// Wait (at most 20 s) until `n` messages of `queue` are acked, then stop; returns the
     /// metrics' text after the drain.
-    pub async fn until_acked(self, emu: &Emulator, queue: &str, n: u64, limit: Duration) -> String {
-        wait_until(limit, &format!("{n} acked on {queue}"), || {
-            emu.stats(queue).acked >= n
-        })
+    pub async fn until_acked(self, emu: &Emulator, queue: &str, n: u64) -> String {
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{n} acked on {queue}"),
+            || emu.stats(queue).acked >= n,
+        )
         .await;
         let metrics = self.metrics().clone();
         self.stop().await;

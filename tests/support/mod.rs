@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use books::{EndState, TestEmulator, emulator, publish, publish_text};
+pub use books::{EndState, TestEmulator, assert_books, emulator, publish, publish_text};
 pub use child::{Relay, bin, check_config, temp_file, temp_path};
 pub use config::{Cfg, Consumer, config};
 pub use hook::{Answer, Hook, Received, Tally, ok_hook};
@@ -92,4 +92,22 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// `cfq_relay_messages_delivered_total` of one outcome (all queues).
+pub fn delivered(text: &str, outcome: &str) -> f64 {
+    metric(
+        text,
+        "cfq_relay_messages_delivered_total",
+        &[("outcome", outcome)],
+    )
+}
+
+/// `cfq_relay_messages_released_total` of one reason (all queues).
+pub fn released(text: &str, reason: &str) -> f64 {
+    metric(
+        text,
+        "cfq_relay_messages_released_total",
+        &[("reason", reason)],
+    )
 }
