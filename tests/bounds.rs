@@ -622,8 +622,7 @@ async fn config_and_reload_errors_never_print_a_secret() {
         &format!("api_token = \"{TOKEN}\""),
         &format!("api_token = \"{SECRET}"),
     );
-    std::fs::write(relay.config_path(), broken).unwrap();
-    relay.signal("HUP");
+    relay.reload_file(&broken);
     wait_until(Duration::from_secs(10), "the reload failure", || {
         relay.lines().iter().any(|l| l.contains("reload failed"))
     })

@@ -305,23 +305,28 @@ fn kubernetes_pod_can_read_its_token_and_runs_the_image_the_script_builds() {
     );
     assert_eq!(mode & 0o007, 0, "others must not: {mode:o}");
     // The image the manifest runs is the one scripts/image.sh builds and pushes.
-    let out = Command::new("sh")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh"))
-        .arg("--print")
-        .env_remove("IMAGE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let built = stdout_of(
+        Command::new("sh")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh"))
+            .arg("--print")
+            .env_remove("IMAGE"),
     );
-    let built = String::from_utf8(out.stdout).unwrap();
     assert_eq!(
         built.trim(),
         format!("ghcr.io/cfq-relay/cfq-relay:{}", env!("CARGO_PKG_VERSION"))
     );
     assert_eq!(yaml_value(&deployment, "image"), built.trim());
+}
+
+/// The stdout of `cmd`, which must succeed.
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn parse_version(v: &str) -> (u64, u64) {
@@ -333,17 +338,12 @@ fn parse_version(v: &str) -> (u64, u64) {
 fn rust_version_covers_every_dependency() {
     let declared = parse_version(env!("CARGO_PKG_RUST_VERSION"));
     assert!(declared >= (1, 85), "edition 2024 needs 1.85");
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+            .current_dir(env!("CARGO_MANIFEST_DIR")),
     );
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&out).unwrap();
     let mut checked = 0;
     for p in meta["packages"].as_array().unwrap() {
         if let Some(v) = p["rust_version"].as_str() {

@@ -146,12 +146,7 @@ async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acke
     .await;
     let id = publish_text(&emu, "q1", "third time lucky");
     let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
-    let relay = start(cfg).await;
-    wait_until(Duration::from_secs(15), "acked", || {
-        emu.stats("q1").acked == 1
-    })
-    .await;
-    relay.stop().await;
+    start(cfg).await.until_acked(&emu, "q1", 1).await;
 
     let tries = hook.for_id(&id);
     assert_eq!(tries.len(), 3);
@@ -272,12 +267,7 @@ async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
         &api,
         &[("q1", &hook.url(), "concurrency = 7\nbatch_size = 5", "")],
     );
-    let relay = start(cfg).await;
-    wait_until(Duration::from_secs(20), "all acked", || {
-        emu.stats("q1").acked == 120
-    })
-    .await;
-    relay.stop().await;
+    start(cfg).await.until_acked(&emu, "q1", 120).await;
     let max = hook.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         max <= 7,
@@ -299,12 +289,7 @@ async fn webhook_retry_after_sets_the_retry_delay() {
     let hook = Hook::failing_first(1, Answer::status(429).with_header("retry-after", "3")).await;
     let id = publish_text(&emu, "q1", "x");
     let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
-    let relay = start(cfg).await;
-    wait_until(Duration::from_secs(15), "acked", || {
-        emu.stats("q1").acked == 1
-    })
-    .await;
-    relay.stop().await;
+    start(cfg).await.until_acked(&emu, "q1", 1).await;
     let book = emu.books("q1").into_iter().find(|b| b.id == id).unwrap();
     assert_eq!(book.retries, vec![3]);
     let tries = hook.for_id(&id);

@@ -444,7 +444,6 @@ async fn sighup_reloads_the_file_and_a_bad_edit_keeps_the_running_config() {
     )
     .env("NOTIFY_SOCKET", socket.to_str().unwrap())
     .spawn();
-    let path = relay.config_path().to_owned();
     notify.expect("READY=1").await;
 
     publish(&emu, "q1", "q1", 5);
@@ -454,25 +453,19 @@ async fn sighup_reloads_the_file_and_a_bad_edit_keeps_the_running_config() {
     .await;
 
     // Add a consumer in the file and send SIGHUP.
-    std::fs::write(
-        &path,
-        cfg(
+    relay.reload_file(
+        &cfg(
             &api,
             "2s",
             &[consumer("q1", &url, 4, ""), consumer("q2", &url, 4, "")],
         )
         .text(),
-    )
-    .unwrap();
-    relay.signal("HUP");
+    );
     let reloading = notify.expect("RELOADING=1").await;
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
     notify.expect("READY=1").await;
     relay
-        .wait_line(
-            "added: q2; changed: none; removed: none; unchanged: q1",
-            |l| l.contains("added: q2; changed: none; removed: none; unchanged: q1"),
-        )
+        .wait_logged("added: q2; changed: none; removed: none; unchanged: q1")
         .await;
     publish(&emu, "q2", "q2", 5);
     wait_until(Duration::from_secs(10), "q2 acked", || {
@@ -481,28 +474,18 @@ async fn sighup_reloads_the_file_and_a_bad_edit_keeps_the_running_config() {
     .await;
 
     // A broken edit: refused with the key named, and both consumers keep running.
-    std::fs::write(
-        &path,
-        cfg(
+    relay.reload_file(
+        &cfg(
             &api,
             "2s",
             &[consumer("q1", &url, 0, ""), consumer("q2", &url, 4, "")],
         )
         .text(),
-    )
-    .unwrap();
-    relay.signal("HUP");
+    );
     notify.expect("READY=1").await;
+    relay.wait_logged("configuration reload failed").await;
     relay
-        .wait_line("configuration reload failed", |l| {
-            l.contains("configuration reload failed")
-        })
-        .await;
-    relay
-        .wait_line(
-            "`consumers[0].concurrency` must be between 1 and 10000",
-            |l| l.contains("`consumers[0].concurrency` must be between 1 and 10000"),
-        )
+        .wait_logged("`consumers[0].concurrency` must be between 1 and 10000")
         .await;
     publish(&emu, "q1", "q1", 5);
     publish(&emu, "q2", "q2", 5);

@@ -175,27 +175,16 @@ async fn status_policy_branches() {
     let metrics = start(cfg).await.until_acked(&emu, "q1", 5).await;
     let books = emu.books("q1");
     let book = |s: u16| books.iter().find(|b| b.id == ids[&s]).unwrap().clone();
-    assert_eq!((book(200).deliveries, book(200).acks), (1, 1), "2xx: acked");
-    assert_eq!(
-        (book(409).deliveries, book(409).acks),
-        (1, 1),
-        "configured success: acked"
-    );
-    assert_eq!(
-        (book(410).deliveries, book(410).acks),
-        (1, 1),
-        "configured drop: acked once, not retried"
-    );
-    assert_eq!(
-        (book(202).deliveries, book(202).acks),
-        (2, 1),
-        "configured retry: retried, then acked"
-    );
-    assert_eq!(
-        (book(404).deliveries, book(404).acks),
-        (2, 1),
-        "other 4xx: retried by default"
-    );
+    // (status, (deliveries, acks), why)
+    for (status, want, why) in [
+        (200, (1, 1), "2xx: acked"),
+        (409, (1, 1), "configured success: acked"),
+        (410, (1, 1), "configured drop: acked once, not retried"),
+        (202, (2, 1), "configured retry: retried, then acked"),
+        (404, (2, 1), "other 4xx: retried by default"),
+    ] {
+        assert_eq!((book(status).deliveries, book(status).acks), want, "{why}");
+    }
     for (outcome, n) in [("acked", 4), ("dropped", 1), ("retried", 2)] {
         let line =
             format!("cfq_relay_messages_delivered_total{{outcome=\"{outcome}\",queue=\"q1\"}} {n}");

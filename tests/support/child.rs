@@ -173,6 +173,17 @@ impl Relay {
         self.lines().into_iter().find(|l| pred(l)).unwrap()
     }
 
+    /// The first line that contains `needle`, waiting for it up to 20 s.
+    pub async fn wait_logged(&self, needle: &str) -> String {
+        self.wait_line(needle, |l| l.contains(needle)).await
+    }
+
+    /// Replace its config file with `text` and send SIGHUP.
+    pub fn reload_file(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+        self.signal("HUP");
+    }
+
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .arg(format!("-{sig}"))

@@ -175,6 +175,14 @@ impl Hook {
             .collect()
     }
 
+    /// The value of header `name` of every request, in arrival order ("" where absent).
+    pub fn headers(&self, name: &str) -> Vec<String> {
+        self.received()
+            .iter()
+            .map(|r| r.header(name).unwrap_or_default().to_owned())
+            .collect()
+    }
+
     /// The message id of every request, in arrival order.
     pub fn ids(&self) -> Vec<String> {
         self.received().iter().map(|r| r.id().to_owned()).collect()
