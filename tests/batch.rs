@@ -15,8 +15,8 @@ use cfq_relay::emulator::{ContentType, EmulatorOptions, Fault, Op};
 use cfq_relay::secrets::Secret;
 use cfq_relay::signing::Signer;
 use support::{
-    Answer, Hook, Received, assert_books, config, delivered, emulator, publish_text, released,
-    start, wait_until,
+    Answer, Hook, Received, assert_books, config, delivered, emulator, one_consumer, publish_text,
+    released, start, wait_until,
 };
 use support::{EndState, metric, publish};
 use tokio::time::Instant;
@@ -94,17 +94,13 @@ async fn every_content_type_arrives_byte_exact_inside_signed_batches() {
             let id = emu.publish("q1", *ct, payload, Duration::ZERO).unwrap();
             want.insert(id, (payload.clone(), ct.map(|c| c.as_str().to_owned())));
         }
-        let cfg = config(
+        let cfg = one_consumer(
             &api,
-            &[(
-                "q1",
-                &hook.url(),
-                "",
-                &format!(
-                    "signing_secrets = [\"{SECRET}\"]\nheaders = {{ X-Tenant = \"blue\" }}\n{}",
-                    batch(100, "300ms")
-                ),
-            )],
+            &hook.url(),
+            &format!(
+                "signing_secrets = [\"{SECRET}\"]\nheaders = {{ X-Tenant = \"blue\" }}\n{}",
+                batch(100, "300ms")
+            ),
         );
         start(cfg)
             .await
@@ -186,7 +182,7 @@ async fn only_the_ids_listed_as_failed_come_back() {
         }
     })
     .await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(100, "300ms"))]);
+    let cfg = one_consumer(&api, &hook.url(), &batch(100, "300ms"));
     let text = start(cfg).await.until_acked(&emu, "q1", 20).await;
 
     let first = ids(&hook.received()[0]);
@@ -236,7 +232,7 @@ async fn unknown_ids_alone_change_nothing_and_malformed_results_retry_the_batch(
         _ => Answer::ok(),
     })
     .await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
+    let cfg = one_consumer(&api, &hook.url(), &batch(10, "300ms"));
     let relay = start(cfg).await;
     let metrics = relay.metrics().clone();
     wait_until(Duration::from_secs(10), "all acked", || {
@@ -260,7 +256,7 @@ async fn unknown_ids_alone_change_nothing_and_malformed_results_retry_the_batch(
         _ => Answer::ok(),
     })
     .await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
+    let cfg = one_consumer(&api, &hook.url(), &batch(10, "300ms"));
     let _ = start(cfg).await.until_acked(&emu, "q1", 4).await;
     assert_books(&emu, "q1", (2, 1, 1), |b| {
         (b.deliveries, b.acks, b.retries.len())
@@ -272,7 +268,7 @@ async fn a_batch_refused_whole_is_redelivered_whole() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 10);
     let hook = Hook::failing_first(1, Answer::status(503).with_body("down for maintenance")).await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
+    let cfg = one_consumer(&api, &hook.url(), &batch(10, "300ms"));
     let text = start(cfg).await.until_acked(&emu, "q1", 10).await;
     let got = hook.received();
     assert_eq!(ids(&got[0]).len(), 10, "one batch of all ten");
@@ -303,7 +299,7 @@ async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
     emu.inject_fault(Op::Pull, Fault::Delay(Duration::from_secs(2)));
     publish(&emu, "q1", "m", 6);
     let hook = Hook::start(|_, _| Answer::ok()).await;
-    let mut cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "5s"))]);
+    let mut cfg = one_consumer(&api, &hook.url(), &batch(10, "5s"));
     cfg.shutdown.grace_period = Duration::from_secs(2);
     // 10 messages held (one request of 10 at a time): the first pull asks for all of them.
     cfg.consumers[0].concurrency = 10;
@@ -348,7 +344,7 @@ async fn shutdown_sends_a_partial_batch_at_once() {
     publish(&emu, "q1", "m", 5);
     let hook = Hook::start(|_, _| Answer::ok()).await;
     // A batch of 5 out of 100 would wait 10 s for company.
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(100, "10s"))]);
+    let cfg = one_consumer(&api, &hook.url(), &batch(100, "10s"));
     let relay = start(cfg).await;
     let metrics = relay.metrics().clone();
     wait_until(Duration::from_secs(10), "5 pulled", || {
@@ -371,7 +367,7 @@ async fn a_grace_period_that_runs_out_hands_the_batch_back() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 4);
     let hook = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(8))).await;
-    let mut cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "50ms"))]);
+    let mut cfg = one_consumer(&api, &hook.url(), &batch(10, "50ms"));
     cfg.shutdown.grace_period = Duration::from_millis(500);
     cfg.consumers[0].webhook.timeout = Duration::from_secs(10);
     cfg.validate().unwrap();
@@ -401,14 +397,10 @@ async fn the_rate_limit_counts_messages_and_batches_fill_up() {
     })
     .await;
     // 40 messages a second: 60 messages need at least 1 s, whatever the batch size.
-    let cfg = config(
+    let cfg = one_consumer(
         &api,
-        &[(
-            "q1",
-            &hook.url(),
-            "",
-            &format!("max_requests_per_second = 40.0\n{}", batch(20, "100ms")),
-        )],
+        &hook.url(),
+        &format!("max_requests_per_second = 40.0\n{}", batch(20, "100ms")),
     );
     let relay_stop = CancellationToken::new();
     let started = Instant::now();
@@ -488,7 +480,7 @@ async fn retry_after_on_a_batch_delays_every_message_and_pauses_pulls() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 6);
     let hook = Hook::failing_first(1, Answer::status(429).with_header("retry-after", "2")).await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
+    let cfg = one_consumer(&api, &hook.url(), &batch(10, "300ms"));
     let started = Instant::now();
     start(cfg).await.until_acked(&emu, "q1", 6).await;
     assert!(
@@ -514,14 +506,10 @@ async fn max_bytes_caps_the_body_and_a_larger_message_travels_alone() {
     }
     let big = publish_text(&emu, "q1", &"y".repeat(3000));
     let hook = Hook::start(|_, _| Answer::ok()).await;
-    let cfg = config(
+    let cfg = one_consumer(
         &api,
-        &[(
-            "q1",
-            &hook.url(),
-            "",
-            "batch = { max_messages = 100, max_wait = \"300ms\", max_bytes = 1024 }",
-        )],
+        &hook.url(),
+        "batch = { max_messages = 100, max_wait = \"300ms\", max_bytes = 1024 }",
     );
     start(cfg).await.until_acked(&emu, "q1", 13).await;
     let got = hook.received();

@@ -117,16 +117,21 @@ fn missing_config_file_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cfq.toml"));
 }
 
-#[test]
-fn demo_ends_with_every_message_acked() {
-    let out = bin().args(["demo", "--messages", "200"]).output().unwrap();
+/// `demo --messages 200` with `more` arguments: it succeeds and its last line (returned) says
+/// every message arrived byte-exact, once, and was acked.
+fn demo(more: &[&str]) -> String {
+    let out = bin()
+        .args(["demo", "--messages", "200"])
+        .args(more)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let last = stdout.lines().last().unwrap();
+    let last = stdout.lines().last().unwrap().to_owned();
     assert!(
         last.contains("600 published, 600 delivered byte-exact and acked"),
         "{last}"
@@ -135,6 +140,12 @@ fn demo_ends_with_every_message_acked() {
         last.contains("0 corrupted, 0 duplicates, 0 leases expired"),
         "{last}"
     );
+    last
+}
+
+#[test]
+fn demo_ends_with_every_message_acked() {
+    demo(&[]);
 }
 
 #[test]
@@ -174,25 +185,7 @@ fn every_commented_key_in_the_example_is_a_real_key() {
 
 #[test]
 fn demo_batch_sends_fewer_requests_than_messages() {
-    let out = bin()
-        .args(["demo", "--messages", "200", "--batch", "20"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().unwrap();
-    assert!(
-        last.contains("600 published, 600 delivered byte-exact and acked"),
-        "{last}"
-    );
-    assert!(
-        last.contains("0 corrupted, 0 duplicates, 0 leases expired"),
-        "{last}"
-    );
+    let last = demo(&["--batch", "20"]);
     // Every 20th first delivery is listed as failed and retried alone.
     let requests: u64 = last
         .rsplit(", ")

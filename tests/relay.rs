@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cfq_relay::emulator::{ContentType, EmulatorOptions};
-use support::{Answer, Hook, config, emulator, publish_text, start, wait_until};
+use support::{Answer, Hook, config, emulator, one_consumer, publish_text, start, wait_until};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
@@ -58,10 +58,7 @@ async fn every_content_type_arrives_byte_exact_with_headers() {
         let id = emu.publish("q1", *ct, payload, Duration::ZERO).unwrap();
         ids.insert(id, (payload.clone(), *want_ct, ct.map(|c| c.as_str())));
     }
-    let cfg = config(
-        &api,
-        &[("q1", &hook.url(), "", "headers = { X-Tenant = \"blue\" }")],
-    );
+    let cfg = one_consumer(&api, &hook.url(), "headers = { X-Tenant = \"blue\" }");
     let relay = start(cfg).await;
     wait_until(Duration::from_secs(10), "all acked", || {
         emu.stats("q1").acked == cases.len() as u64
@@ -114,7 +111,7 @@ async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
         Duration::ZERO,
     )
     .unwrap();
-    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    let cfg = one_consumer(&api, &hook.url(), "");
     let mut cfg = cfg;
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
     let relay = start(cfg).await;
@@ -145,7 +142,7 @@ async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acke
     })
     .await;
     let id = publish_text(&emu, "q1", "third time lucky");
-    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    let cfg = one_consumer(&api, &hook.url(), "");
     start(cfg).await.until_acked(&emu, "q1", 1).await;
 
     let tries = hook.for_id(&id);
@@ -182,7 +179,7 @@ async fn never_acked_without_a_2xx() {
     for i in 0..20 {
         publish_text(&emu, "q1", &format!("m{i}"));
     }
-    let mut cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    let mut cfg = one_consumer(&api, &hook.url(), "");
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
     // This test is about the outcome policy: every delivery must reach the webhook until the
     // queue dead-letters it, so the breaker (on by default) would stop it halfway.
@@ -288,7 +285,7 @@ async fn webhook_retry_after_sets_the_retry_delay() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::failing_first(1, Answer::status(429).with_header("retry-after", "3")).await;
     let id = publish_text(&emu, "q1", "x");
-    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    let cfg = one_consumer(&api, &hook.url(), "");
     start(cfg).await.until_acked(&emu, "q1", 1).await;
     let book = emu.books("q1").into_iter().find(|b| b.id == id).unwrap();
     assert_eq!(book.retries, vec![3]);

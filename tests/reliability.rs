@@ -23,8 +23,8 @@ use cfq_relay::cloudflare::ApiError;
 use cfq_relay::emulator::{Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::retry::retry_wait;
 use support::{
-    Answer, Cfg, Consumer, EndState, Hook, Tally, assert_books, config, emulator, http_status,
-    metric, ok_hook, publish, released, start, wait_until,
+    Answer, Cfg, Consumer, EndState, Hook, InProcess, Tally, TestEmulator, assert_books, config,
+    emulator, http_status, metric, ok_hook, publish, released, start, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -589,19 +589,30 @@ async fn ack_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ack_outage_shorter_than_the_lease_still_acks_in_time() {
+/// `n` messages, the ack API down behind the proxy, and the relay on the proxy with leases of
+/// `visibility_s`, a webhook timeout of `timeout_s` and a 2 s grace.
+async fn ack_api_down(
+    n: usize,
+    visibility_s: u64,
+    timeout_s: u64,
+) -> (TestEmulator, Proxy, Hook, Tally, InProcess) {
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let proxy = Proxy::start(&api, Duration::ZERO).await;
     let (hook, tally) = ok_hook(Duration::ZERO).await;
-    publish(&emu, "q1", "m", 5);
+    publish(&emu, "q1", "m", n);
     proxy.ack_down.store(true, Ordering::SeqCst);
     let cfg = relay_config(&proxy.base, &hook.url(), |c| {
         c.shutdown.grace_period = Duration::from_secs(2);
-        c.consumers[0].visibility_timeout = Duration::from_secs(6);
-        c.consumers[0].webhook.timeout = Duration::from_secs(2);
+        c.consumers[0].visibility_timeout = Duration::from_secs(visibility_s);
+        c.consumers[0].webhook.timeout = Duration::from_secs(timeout_s);
     });
     let relay = start(cfg).await;
+    (emu, proxy, hook, tally, relay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_outage_shorter_than_the_lease_still_acks_in_time() {
+    let (emu, proxy, hook, tally, relay) = ack_api_down(5, 6, 2).await;
     wait_until(Duration::from_secs(5), "delivered", || hook.count() == 5).await;
     let down_since = Instant::now();
     // The ack API is down for 4 s of the 6 s leases. Backoff alone (0.5-1, 1-2, 2-4 s, ...)
@@ -628,17 +639,7 @@ async fn ack_outage_shorter_than_the_lease_still_acks_in_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_outage_past_the_lease_gives_up_counts_and_redelivers() {
-    let (emu, api) = emulator(EmulatorOptions::default()).await;
-    let proxy = Proxy::start(&api, Duration::ZERO).await;
-    let (hook, tally) = ok_hook(Duration::ZERO).await;
-    publish(&emu, "q1", "m", 6);
-    proxy.ack_down.store(true, Ordering::SeqCst);
-    let cfg = relay_config(&proxy.base, &hook.url(), |c| {
-        c.shutdown.grace_period = Duration::from_secs(2);
-        c.consumers[0].visibility_timeout = Duration::from_secs(3);
-        c.consumers[0].webhook.timeout = Duration::from_secs(1);
-    });
-    let relay = start(cfg).await;
+    let (emu, proxy, _hook, tally, relay) = ack_api_down(6, 3, 1).await;
     let metrics = relay.metrics().clone();
     let given_up = || metric(&metrics.render(), "cfq_relay_leases_expired_total", &[]);
     wait_until(

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use cfq_relay::emulator::{ContentType, EmulatorOptions};
-use support::{Answer, Hook, Received, config, emulator, publish_text, start, wait_until};
+use support::{
+    Answer, Hook, Received, config, emulator, one_consumer, publish_text, start, wait_until,
+};
 use tokio_util::sync::CancellationToken;
 
 const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -43,7 +45,7 @@ async fn signatures_verify_with_the_reference_implementation_and_rotate() {
     .unwrap();
     publish_text(&emu, "q1", "plain ✓ text");
     let webhook = format!("signing_secrets = [\"{SECRET_A}\", \"{SECRET_B}\"]");
-    let cfg = config(&api, &[("q1", &hook.url(), "", &webhook)]);
+    let cfg = one_consumer(&api, &hook.url(), &webhook);
     start(cfg).await.until_acked(&emu, "q1", 2).await;
 
     let got = hook.received();
@@ -77,14 +79,10 @@ async fn signing_secret_id_is_stable_across_retries() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::failing_first(1, Answer::status(500)).await;
     publish_text(&emu, "q1", "x");
-    let mut cfg = config(
+    let mut cfg = one_consumer(
         &api,
-        &[(
-            "q1",
-            &hook.url(),
-            "",
-            &format!("signing_secrets = [\"{SECRET_A}\"]"),
-        )],
+        &hook.url(),
+        &format!("signing_secrets = [\"{SECRET_A}\"]"),
     );
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
     start(cfg).await.until_acked(&emu, "q1", 1).await;
@@ -310,10 +308,7 @@ async fn rate_limit_holds_within_ten_percent() {
     for i in 0..n {
         publish_text(&emu, "q1", &format!("m{i}"));
     }
-    let cfg = config(
-        &api,
-        &[("q1", &hook.url(), "", "max_requests_per_second = 20")],
-    );
+    let cfg = one_consumer(&api, &hook.url(), "max_requests_per_second = 20");
     start(cfg).await.until_acked(&emu, "q1", n).await;
     let got = hook.received();
     assert_eq!(got.len() as u64, n);

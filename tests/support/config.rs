@@ -292,3 +292,9 @@ pub fn config(api: &str, consumers: &[(&str, &str, &str, &str)]) -> Config {
         })
         .config()
 }
+
+/// The usual config with one usual consumer of `q1` delivering to `hook`; `webhook` is more
+/// TOML for its `[consumers.webhook]`.
+pub fn one_consumer(api: &str, hook: &str, webhook: &str) -> Config {
+    config(api, &[("q1", hook, "", webhook)])
+}

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 pub use books::{EndState, TestEmulator, assert_books, emulator, publish, publish_text};
 pub use child::{Relay, bin, check_config, temp_file, temp_path};
-pub use config::{Cfg, Consumer, config};
+pub use config::{Cfg, Consumer, config, one_consumer};
 pub use hook::{Answer, Hook, Received, Tally, ok_hook};
 pub use inproc::{InProcess, start};
 
