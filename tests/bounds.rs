@@ -22,8 +22,8 @@ use bytes::Bytes;
 use cfq_relay::emulator::EmulatorOptions;
 use serde_json::{Value, json};
 use support::{
-    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, check_config, delivered,
-    emulator, metric, publish, released, scrape, wait_until,
+    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, api_requests, check_config,
+    delivered, emulator, metric, publish, released, scrape, wait_until,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -381,11 +381,7 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
     .await;
     let text = scrape(admin).await;
     let oversized = delivered(&text, "oversized");
-    let refused = metric(
-        &text,
-        "cfq_relay_api_requests_total",
-        &[("op", "pull"), ("result", "malformed")],
-    );
+    let refused = api_requests(&text, "pull", "malformed");
     let hwm = relay.vm_hwm_kib();
     let delays: Vec<u64> = api.retried().iter().map(|(_, d)| *d).collect();
     println!(

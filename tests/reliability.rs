@@ -23,8 +23,9 @@ use cfq_relay::cloudflare::ApiError;
 use cfq_relay::emulator::{Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::retry::retry_wait;
 use support::{
-    Answer, Cfg, Consumer, EndState, Hook, InProcess, Tally, TestEmulator, assert_books, config,
-    emulator, http_status, metric, ok_hook, publish, released, start, wait_until,
+    Answer, Cfg, Consumer, EndState, Hook, InProcess, Tally, TestEmulator, api_requests,
+    assert_books, config, emulator, http_status, metric, ok_hook, publish, released, start,
+    wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -419,13 +420,7 @@ async fn pull_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>, invalid: 
     });
     let relay = start(cfg).await;
     let metrics = relay.metrics().clone();
-    let pulls = |result: &str| {
-        metric(
-            &metrics.render(),
-            "cfq_relay_api_requests_total",
-            &[("op", "pull"), ("result", result)],
-        )
-    };
+    let pulls = |result: &str| api_requests(&metrics.render(), "pull", result);
     let mut published = 0;
     for (step, (name, fault, class)) in faults.into_iter().enumerate() {
         let before = pulls(class);
@@ -537,13 +532,7 @@ async fn ack_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>) {
     });
     let relay = start(cfg).await;
     let metrics = relay.metrics().clone();
-    let acks = |result: &str| {
-        metric(
-            &metrics.render(),
-            "cfq_relay_api_requests_total",
-            &[("op", "ack"), ("result", result)],
-        )
-    };
+    let acks = |result: &str| api_requests(&metrics.render(), "ack", result);
     let mut published = 0;
     for (step, (name, fault, class)) in faults.into_iter().enumerate() {
         let before = acks(class);
@@ -682,13 +671,7 @@ async fn auth_failure_is_retried_slowly_not_in_a_loop() {
     publish(&emu, "q1", "m", 3);
     let relay = start(relay_config(&Emulator::base_url(addr), &hook.url(), |_| {})).await;
     let metrics = relay.metrics().clone();
-    let rejected = || {
-        metric(
-            &metrics.render(),
-            "cfq_relay_api_requests_total",
-            &[("op", "pull"), ("result", "4xx")],
-        )
-    };
+    let rejected = || api_requests(&metrics.render(), "pull", "4xx");
     wait_until(Duration::from_secs(5), "first pull rejected", || {
         rejected() == 1.0
     })

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use cfq_relay::emulator::{EmulatorOptions, Fault, Op};
 use support::{
-    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, Tally, assert_books, bin,
-    emulator, http_status, metric, ok_hook, publish, temp_file, wait_until,
+    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, Tally, api_requests,
+    assert_books, bin, emulator, http_status, ok_hook, publish, temp_file, wait_until,
 };
 use tokio::time::Instant;
 
@@ -377,14 +377,7 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
         auth.contains("Queues read and write permission") && auth.contains("10000"),
         "{auth}"
     );
-    assert_eq!(
-        metric(
-            &metrics,
-            "cfq_relay_api_requests_total",
-            &[("op", "pull"), ("result", "4xx")]
-        ),
-        1.0
-    );
+    assert_eq!(api_requests(&metrics, "pull", "4xx"), 1.0);
     println!(
         "RESULT secrets: {lines} output lines at trace level and /metrics checked: no token, header or query secret"
     );

@@ -111,3 +111,12 @@ pub fn released(text: &str, reason: &str) -> f64 {
         &[("reason", reason)],
     )
 }
+
+/// `cfq_relay_api_requests_total` of one API operation and result (all queues).
+pub fn api_requests(text: &str, op: &str, result: &str) -> f64 {
+    metric(
+        text,
+        "cfq_relay_api_requests_total",
+        &[("op", op), ("result", result)],
+    )
+}
