@@ -210,14 +210,12 @@ async fn only_the_ids_listed_as_failed_come_back() {
         "{text}"
     );
     assert_eq!(delivered(&text, "retried"), failed.len() as f64);
-    let end = EndState::of(
+    let end = EndState::report(
         &emu,
         "q1",
         "batch partial failure",
         20 + failed.len() as u64,
-    )
-    .print()
-    .clone();
+    );
     // 2xx answers said "delivered" for 20 messages once each, and for the retried ones a
     // second time (their first 2xx listed them as failed, so it was not a delivery).
     assert_eq!((end.acked, end.acked_twice, end.lease_expired), (20, 0, 0));

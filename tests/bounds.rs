@@ -260,11 +260,10 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
         "evil\n2026-01-01T00:00:00.000000Z  INFO forged line",
         "evil\u{1b}[2Jclear",
     ];
-    let served = Arc::new(AtomicBool::new(false));
-    let s = served.clone();
     let api = FakeApi::start(
-        move |_| {
-            if s.swap(true, Ordering::SeqCst) {
+        move |n| {
+            // One answer with messages, then empty ones.
+            if n > 0 {
                 return pull_answer(Vec::new());
             }
             let mut msgs = vec![text_message("good-1", Some("L-good"), "hello")];
@@ -521,11 +520,10 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
 /// that item is isolated, and the other 99 land.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_batch_with_one_refused_item_lands_the_other_99() {
-    let served = Arc::new(AtomicBool::new(false));
-    let s = served.clone();
     let api = FakeApi::start(
-        move |_| {
-            if s.swap(true, Ordering::SeqCst) {
+        move |n| {
+            // One answer with messages, then empty ones.
+            if n > 0 {
                 return pull_answer(Vec::new());
             }
             pull_answer(

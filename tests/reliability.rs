@@ -165,9 +165,7 @@ async fn grace_over_abandons_deliveries_and_hands_their_messages_back() {
         .until_acked(&emu, "q1", 5)
         .await;
     assert!(hook.headers("cfq-attempt").iter().all(|a| a == "2"));
-    let end = EndState::of(&emu, "q1", "grace over, then redelivered", tally.total())
-        .print()
-        .clone();
+    let end = EndState::report(&emu, "q1", "grace over, then redelivered", tally.total());
     assert_eq!((end.acked, end.duplicates, end.lease_expired), (5, 0, 0));
 }
 
@@ -275,9 +273,7 @@ async fn a_lease_too_short_to_finish_is_released_not_delivered() {
     // Each was POSTed once, on its second lease.
     assert_eq!(hook.count(), 6);
     assert!(hook.headers("cfq-attempt").iter().all(|a| a == "2"));
-    let end = EndState::of(&emu, "q1", "lease too short: released", tally.total())
-        .print()
-        .clone();
+    let end = EndState::report(&emu, "q1", "lease too short: released", tally.total());
     assert_eq!((end.acked, end.duplicates, end.lease_expired), (6, 0, 0));
 }
 
@@ -317,9 +313,7 @@ async fn slow_webhook_with_short_leases_lets_no_lease_expire() {
     let released = metric(&metrics.render(), "cfq_relay_messages_released_total", &[]);
     assert_eq!(released, 0.0);
     assert_books(&emu, "q1", (1, 1), |b| (b.deliveries, b.acks));
-    let end = EndState::of(&emu, "q1", "slow webhook (1s), 3s leases", tally.total())
-        .print()
-        .clone();
+    let end = EndState::report(&emu, "q1", "slow webhook (1s), 3s leases", tally.total());
     assert_eq!((end.acked, end.duplicates, end.lease_expired), (24, 0, 0));
     println!(
         "RESULT slow webhook: max leases held {max_leased}, max webhook requests in flight {in_flight}"
@@ -462,9 +456,7 @@ async fn pull_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>, invalid: 
         invalid,
         "{text}"
     );
-    let end = EndState::of(&emu, "q1", scenario, tally.total())
-        .print()
-        .clone();
+    let end = EndState::report(&emu, "q1", scenario, tally.total());
     assert_eq!(
         (
             end.acked,
@@ -564,9 +556,7 @@ async fn ack_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>) {
         assert_eq!(b.acks, 1, "{b:?}");
         assert!(tally.get(&b.id) >= 1, "acked without a 2xx: {b:?}");
     }
-    let end = EndState::of(&emu, "q1", scenario, tally.total())
-        .print()
-        .clone();
+    let end = EndState::report(&emu, "q1", scenario, tally.total());
     assert_eq!(
         (
             end.acked,
@@ -617,9 +607,7 @@ async fn ack_outage_shorter_than_the_lease_still_acks_in_time() {
     .await;
     relay.stop().await;
     assert!(proxy.acks_refused.load(Ordering::SeqCst) >= 2);
-    let end = EndState::of(&emu, "q1", "ack API down 4s of a 6s lease", tally.total())
-        .print()
-        .clone();
+    let end = EndState::report(&emu, "q1", "ack API down 4s of a 6s lease", tally.total());
     assert_eq!(
         (end.acked, end.duplicates, end.lease_expired, end.deliveries),
         (5, 0, 0, 5)
@@ -646,9 +634,7 @@ async fn ack_outage_past_the_lease_gives_up_counts_and_redelivers() {
     let s = emu.stats("q1");
     assert_eq!(s.lease_expired, 6, "{s:?}");
     assert_books(&emu, "q1", (2, 1), |b| (b.deliveries, b.acks));
-    let end = EndState::of(&emu, "q1", "ack API down past the lease", tally.total())
-        .print()
-        .clone();
+    let end = EndState::report(&emu, "q1", "ack API down past the lease", tally.total());
     // Every duplicate is one lease expiry: the ack that could not be sent.
     assert_eq!((end.acked, end.duplicates, end.lease_expired), (6, 6, 6));
     assert_eq!(given_up(), 6.0);
@@ -860,9 +846,7 @@ async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
         ok_after.as_secs_f64(),
         huge.iter().map(|(w, _)| *w).collect::<Vec<_>>()
     );
-    let end = EndState::of(&emu, "q1", "webhook faults", raw.tally.total())
-        .print()
-        .clone();
+    let end = EndState::report(&emu, "q1", "webhook faults", raw.tally.total());
     assert_eq!((end.acked, end.duplicates, end.lease_expired), (29, 0, 0));
     EndState::of(&emu, "q2", "webhook connection refused", 0).print();
     stop.cancel();

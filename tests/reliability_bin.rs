@@ -83,9 +83,8 @@ async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
         "SIGTERM with deliveries in flight (binary)",
         tally.total(),
     )
-    .with_shutdown(took)
-    .print()
-    .clone();
+    .with_shutdown(took);
+    end.print();
     assert_eq!(
         (end.acked, end.remaining, end.duplicates, end.lease_expired),
         (10, 20, 0, 0)
@@ -206,10 +205,9 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
     let took = t0.elapsed();
     assert_eq!(status.code(), Some(0));
     assert_books(&emu, "q1", 1, |b| b.acks);
-    let end = EndState::of(&emu, "q1", "kill -9 mid-run, restart", tally.total())
-        .with_shutdown(took)
-        .print()
-        .clone();
+    let end =
+        EndState::of(&emu, "q1", "kill -9 mid-run, restart", tally.total()).with_shutdown(took);
+    end.print();
     assert_eq!((end.acked, end.remaining, end.dead_lettered), (n, 0, 0));
     // Redeliveries are exactly the leases the dead process held; duplicates at most those.
     assert_eq!(end.deliveries, n as u64 + expired);
@@ -270,10 +268,9 @@ async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() 
     }
     let shares: Vec<usize> = ["r0", "r1", "r2"].iter().map(|r| by_replica(r)).collect();
     assert_books(&emu, "q1", 1, |b| b.acks);
-    let end = EndState::of(&emu, "q1", "three replicas, one killed", tally.total())
-        .with_shutdown(took)
-        .print()
-        .clone();
+    let end =
+        EndState::of(&emu, "q1", "three replicas, one killed", tally.total()).with_shutdown(took);
+    end.print();
     assert_eq!((end.acked, end.remaining), (n, 0));
     // Every redelivery is a lease that expired (the killed replica's), nothing else.
     assert_eq!(end.deliveries, n as u64 + end.lease_expired, "{end:?}");

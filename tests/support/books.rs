@@ -121,6 +121,13 @@ impl EndState {
         }
     }
 
+    /// [`EndState::of`], printed.
+    pub fn report(emu: &Emulator, queue: &str, scenario: &str, delivered_ok: u64) -> Self {
+        let end = Self::of(emu, queue, scenario, delivered_ok);
+        end.print();
+        end
+    }
+
     pub fn with_shutdown(mut self, d: Duration) -> Self {
         self.shutdown = Some(d);
         self
