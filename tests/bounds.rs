@@ -22,8 +22,8 @@ use bytes::Bytes;
 use cfq_relay::emulator::EmulatorOptions;
 use serde_json::{Value, json};
 use support::{
-    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, api_requests, check_config,
-    delivered, emulator, metric, publish, released, scrape, wait_until,
+    ACCOUNT, Answer, Cfg, ConsumerCfg, EndState, Hook, RelayProcess, TOKEN, api_requests,
+    check_config, delivered, emulator, metric, publish, released, scrape, wait_until,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -133,7 +133,7 @@ fn text_message(id: &str, lease: Option<&str>, body: &str) -> Value {
 /// A config with only the required keys (plus the admin port 0 and the token): one consumer of
 /// `q1` delivering to `hook`.
 fn minimal(api: &str, hook: &str) -> Cfg {
-    Cfg::minimal(api).consumer(Consumer::minimal("q1", hook))
+    Cfg::minimal(api).consumer(ConsumerCfg::minimal("q1", hook))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,10 +276,10 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
     )
     .await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
-    let signed = Consumer::minimal("q1", &hook.url())
+    let signed = ConsumerCfg::minimal("q1", &hook.url())
         .webhook("signing_secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]");
     let config = Cfg::minimal(&api.base_url).consumer(signed).text();
-    let relay = Relay::spawn("bad-ids", &config);
+    let relay = RelayProcess::spawn("bad-ids", &config);
     wait_until(Duration::from_secs(15), "three refused ids retried", || {
         api.retried()
             .iter()
@@ -366,7 +366,7 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
     )
     .await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
-    let relay = Relay::spawn("huge", &minimal(&api.base_url, &hook.url()).text());
+    let relay = RelayProcess::spawn("huge", &minimal(&api.base_url, &hook.url()).text());
     let admin = relay.admin().await;
     println!(
         "FIGURES huge: vm_hwm_at_start={:.1}MiB",
@@ -418,7 +418,7 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     publish(&emu, "q1", "before", 100);
-    let relay = Relay::launch("admin-fds", &minimal(&api, &hook.url()).text())
+    let relay = RelayProcess::launch("admin-fds", &minimal(&api, &hook.url()).text())
         .nofile(1024)
         .spawn();
     let admin = relay.admin().await;
@@ -483,7 +483,7 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
     })
     .await;
     publish(&emu, "q1", "flaky", 5000);
-    let relay = Relay::spawn("flaky", &minimal(&api, &hook.url()).text());
+    let relay = RelayProcess::spawn("flaky", &minimal(&api, &hook.url()).text());
     let admin = relay.admin().await;
     // Past one limiter window, so a summary line has been written.
     wait_until(Duration::from_secs(60), "a suppression summary", || {
@@ -541,7 +541,7 @@ async fn an_ack_batch_with_one_refused_item_lands_the_other_99() {
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let stop = CancellationToken::new();
     // One pull of 100 and one ack call of 100: a fixed pool, not the adaptive limit's start.
-    let fixed = Consumer::minimal("q1", &hook.url())
+    let fixed = ConsumerCfg::minimal("q1", &hook.url())
         .concurrency(100)
         .line("concurrency_mode = \"fixed\"");
     let config = Cfg::minimal(&api.base_url).consumer(fixed).config();
@@ -610,7 +610,7 @@ async fn config_and_reload_errors_never_print_a_secret() {
     let (_emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let good = minimal(&api, &hook.url()).text();
-    let relay = Relay::spawn("reload-secret", &good);
+    let relay = RelayProcess::spawn("reload-secret", &good);
     relay.admin().await;
     let broken = good.replace(
         &format!("api_token = \"{TOKEN}\""),

@@ -20,8 +20,8 @@ use cfq_relay::metrics::{API_RESULTS, OUTCOMES, RELEASE_REASONS, STATUS_CLASSES}
 use prometheus_parse::{LineInfo, Value};
 use serde_json::Value as Json;
 use support::{
-    ACCOUNT, Answer, Cfg, Consumer, Hook, Relay, TOKEN, config, emulator, get, publish_text, start,
-    wait_for, wait_until,
+    ACCOUNT, Answer, Cfg, ConsumerCfg, Hook, RelayProcess, TOKEN, config, emulator, get,
+    publish_text, start, wait_for, wait_until,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -612,7 +612,7 @@ const HOOK_QUERY_SECRET: &str = "query-secret-9012";
 /// `log` is the `[log]` table's body.
 fn bin_config(api: &str, hook: SocketAddr, log: &str) -> String {
     let url = format!("http://{hook}/hook?sig={HOOK_QUERY_SECRET}");
-    let q1 = Consumer::new("q1", &url)
+    let q1 = ConsumerCfg::new("q1", &url)
         .webhook(&format!(
             "basic_auth = {{ username = \"hookuser\", password = \"{HOOK_URL_PASSWORD}\" }}"
         ))
@@ -643,7 +643,7 @@ async fn json_logs_are_one_object_per_line_with_fields() {
     for i in 0..3 {
         publish_text(&emu, "q1", &format!("m{i}"));
     }
-    let bin = Relay::spawn(
+    let bin = RelayProcess::spawn(
         "json",
         &bin_config(&api, hook.addr, "format = \"json\"\nlevel = \"info\""),
     );
@@ -753,7 +753,7 @@ async fn text_logs_are_the_default_and_rust_log_wins() {
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let id = publish_text(&emu, "q1", "hello");
     // No `format` key: text. `level = "error"` would hide everything below; RUST_LOG wins.
-    let bin = Relay::launch("text", &bin_config(&api, hook.addr, "level = \"error\""))
+    let bin = RelayProcess::launch("text", &bin_config(&api, hook.addr, "level = \"error\""))
         .env("RUST_LOG", "info,cfq_relay=debug")
         .spawn();
     wait_until(Duration::from_secs(20), "acked", || {

@@ -7,7 +7,7 @@ mod support;
 use std::path::PathBuf;
 
 use cfq_relay::emulator::EmulatorOptions;
-use support::{ACCOUNT, Cfg, Consumer, TOKEN, TestEmulator, bin};
+use support::{ACCOUNT, Cfg, ConsumerCfg, TOKEN, TestEmulator, bin};
 
 /// The emulator as `emulate --queue orders --queue audit` runs it; `bare` exists too, created
 /// through the API without a consumer.
@@ -43,7 +43,7 @@ fn config(name: &str, api: &str, account: &str, token: &str, queues: &[(&str, &s
         .iter()
         .fold(cfg, |cfg, (label, queue)| {
             let hook = format!("http://127.0.0.1:9/{label}");
-            cfg.consumer(Consumer::minimal(queue, &hook).name(label))
+            cfg.consumer(ConsumerCfg::minimal(queue, &hook).name(label))
         })
         .write(name.trim_end_matches(".toml"))
 }

@@ -23,7 +23,7 @@ use cfq_relay::cloudflare::ApiError;
 use cfq_relay::emulator::{Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::retry::retry_wait;
 use support::{
-    Answer, Cfg, Consumer, EndState, Hook, InProcess, Tally, TestEmulator, api_requests,
+    Answer, Cfg, ConsumerCfg, EndState, Hook, InProcess, Tally, TestEmulator, api_requests,
     assert_books, config, emulator, http_status, metric, ok_hook, publish, released, start,
     wait_until,
 };
@@ -750,12 +750,12 @@ async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
     }
     let ok_ids = publish(&emu, "q1", "ok", 20);
     let refused_ids = publish(&emu, "q2", "ok", 3);
-    let q1 = Consumer::minimal("q1", &format!("http://{}/hook", raw.addr))
+    let q1 = ConsumerCfg::minimal("q1", &format!("http://{}/hook", raw.addr))
         .concurrency(16)
         .idle("200ms")
         .timeout("3s")
         .retry_base("0s");
-    let q2 = Consumer::minimal("q2", &format!("http://{refused}/hook"))
+    let q2 = ConsumerCfg::minimal("q2", &format!("http://{refused}/hook"))
         .idle("200ms")
         .timeout("3s")
         .retry_base("0s")

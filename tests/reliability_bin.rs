@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use cfq_relay::emulator::{EmulatorOptions, Fault, Op};
 use support::{
-    ACCOUNT, Answer, Cfg, Consumer, EndState, Hook, Relay, TOKEN, Tally, api_requests,
+    ACCOUNT, Answer, Cfg, ConsumerCfg, EndState, Hook, RelayProcess, TOKEN, Tally, api_requests,
     assert_books, bin, emulator, http_status, ok_hook, publish, temp_file, wait_until,
 };
 use tokio::time::Instant;
 
 /// The scenarios' config: API calls time out after 2 s, info logs, a 10 s grace, and `q1`.
-fn cfg(api: &str, q1: Consumer) -> Cfg {
+fn cfg(api: &str, q1: ConsumerCfg) -> Cfg {
     Cfg::new(api)
         .api_timeout("2s")
         .log_level("info")
@@ -25,8 +25,10 @@ fn cfg(api: &str, q1: Consumer) -> Cfg {
 }
 
 /// The scenarios' consumer of `q1`: 16 slots, failed deliveries retried at once.
-fn q1(hook: &str) -> Consumer {
-    Consumer::new("q1", hook).concurrency(16).retry("0s", "10s")
+fn q1(hook: &str) -> ConsumerCfg {
+    ConsumerCfg::new("q1", hook)
+        .concurrency(16)
+        .retry("0s", "10s")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
     let (hook, tally) = ok_hook(Duration::from_millis(1500)).await;
     publish(&emu, "q1", "m", 30);
     let cfg = cfg(&api, q1(&hook.url()).concurrency(10));
-    let mut relay = Relay::spawn("sigterm", &cfg.text());
+    let mut relay = RelayProcess::spawn("sigterm", &cfg.text());
     let admin = relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "10 deliveries in flight", || {
         hook.count() >= 10
@@ -101,7 +103,7 @@ async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
     let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
     let cfg = cfg(&api, q1(&hang.url()).timeout("20s")).grace("1s");
-    let mut relay = Relay::spawn("grace", &cfg.text());
+    let mut relay = RelayProcess::spawn("grace", &cfg.text());
     relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "5 deliveries hanging", || {
         hang.count() == 5
@@ -136,7 +138,7 @@ async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
     let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
     let cfg = cfg(&api, q1(&hang.url()).timeout("20s")).grace("20s");
-    let mut relay = Relay::spawn("second-signal", &cfg.text());
+    let mut relay = RelayProcess::spawn("second-signal", &cfg.text());
     relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "5 deliveries hanging", || {
         hang.count() == 5
@@ -177,7 +179,7 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
     let n = 300;
     publish(&emu, "q1", "m", n);
     let cfg = cfg(&api, q1(&hook.url()));
-    let mut relay = Relay::spawn("crash-1", &cfg.text());
+    let mut relay = RelayProcess::spawn("crash-1", &cfg.text());
     wait_until(Duration::from_secs(20), "100 acked", || {
         emu.stats("q1").acked >= 100
     })
@@ -192,7 +194,7 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
     let expired = emu.stats("q1").lease_expired;
     assert_eq!(expired, at_kill.in_flight);
 
-    let mut relay = Relay::spawn("crash-2", &cfg.text());
+    let mut relay = RelayProcess::spawn("crash-2", &cfg.text());
     wait_until(
         Duration::from_secs(20),
         "all acked after the restart",
@@ -236,7 +238,7 @@ async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() 
             .concurrency(8)
             .webhook(&format!("headers = {{ X-Replica = \"r{r}\" }}"));
         let cfg = cfg(&api, replica).grace("2s");
-        replicas.push(Relay::spawn(&format!("replica-{r}"), &cfg.text()));
+        replicas.push(RelayProcess::spawn(&format!("replica-{r}"), &cfg.text()));
     }
     let by_replica = |r: &str| {
         hook.received()
@@ -308,7 +310,7 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
     let hook_url = format!("{}?sig={QUERY_SECRET}", hook.url());
     let secret_header = format!("headers = {{ X-Webhook-Secret = \"{HEADER_SECRET}\" }}");
     let cfg = cfg(&api, q1(&hook_url).webhook(&secret_header)).token(None);
-    let mut relay = Relay::launch("secrets", &cfg.text())
+    let mut relay = RelayProcess::launch("secrets", &cfg.text())
         .env("RUST_LOG", "trace")
         .env("CLOUDFLARE_API_TOKEN", TOKEN)
         .spawn();
@@ -591,7 +593,7 @@ async fn sigterm_sends_a_partial_batch_at_once_and_exits_0() {
     // 5 messages of a batch of 100 would wait 10 s for company.
     let batch = "batch = { max_messages = 100, max_wait = \"10s\" }";
     let cfg = cfg(&api, q1(&hook.url()).webhook(batch));
-    let mut relay = Relay::spawn("batch-sigterm", &cfg.text());
+    let mut relay = RelayProcess::spawn("batch-sigterm", &cfg.text());
     relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "5 messages held", || {
         emu.stats("q1").in_flight == 5

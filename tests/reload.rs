@@ -10,20 +10,21 @@ use std::time::Duration;
 use cfq_relay::emulator::EmulatorOptions;
 use cfq_relay::{Config, ReloadSummary};
 use support::{
-    Answer, Cfg, Consumer, Hook, Relay, emulator, publish, start, temp_file, temp_path, wait_until,
+    Answer, Cfg, ConsumerCfg, Hook, RelayProcess, emulator, publish, start, temp_file, temp_path,
+    wait_until,
 };
 use tokio_util::sync::CancellationToken;
 
 /// One consumer: queue id, webhook URL, concurrency, more webhook keys; idle pulls 100 ms
 /// apart.
-fn consumer(queue: &str, hook: &str, concurrency: usize, webhook: &str) -> Consumer {
-    Consumer::new(queue, hook)
+fn consumer(queue: &str, hook: &str, concurrency: usize, webhook: &str) -> ConsumerCfg {
+    ConsumerCfg::new(queue, hook)
         .concurrency(concurrency)
         .idle("100ms")
         .webhook(webhook)
 }
 
-fn cfg(api: &str, grace: &'static str, consumers: &[Consumer]) -> Cfg {
+fn cfg(api: &str, grace: &'static str, consumers: &[ConsumerCfg]) -> Cfg {
     consumers
         .iter()
         .fold(Cfg::new(api).grace(grace), |cfg, c| cfg.consumer(c.clone()))
@@ -438,7 +439,7 @@ async fn sighup_reloads_the_file_and_a_bad_edit_keeps_the_running_config() {
     let _ = std::fs::remove_file(&socket);
     let notify = Notifications(tokio::net::UnixDatagram::bind(&socket).unwrap());
     let url = hook.url();
-    let mut relay = Relay::launch(
+    let mut relay = RelayProcess::launch(
         "sighup",
         &cfg(&api, "2s", &[consumer("q1", &url, 4, "")]).text(),
     )

@@ -1,4 +1,4 @@
-//! The binary in a child process: `cfq-relay run` as a [`Relay`] (its output, its signals, its
+//! The binary in a child process: `cfq-relay run` as a [`RelayProcess`] (its output, its signals, its
 //! exit, its peak memory and descriptors), and [`bin`] for the one-shot commands.
 
 use std::io::{BufRead, BufReader, Read};
@@ -61,13 +61,13 @@ pub fn check_config(name: &str, text: &str) -> Output {
 }
 
 /// `cfq-relay run` with its stdout and stderr collected line by line; killed when dropped.
-pub struct Relay {
+pub struct RelayProcess {
     child: Child,
     config: PathBuf,
     output: Arc<Mutex<Vec<String>>>,
 }
 
-/// How to start a [`Relay`]: [`Relay::launch`], then `env`/`nofile`, then `spawn`.
+/// How to start a [`RelayProcess`]: [`RelayProcess::launch`], then `env`/`nofile`, then `spawn`.
 pub struct Launch {
     config: PathBuf,
     env: Vec<(String, String)>,
@@ -87,7 +87,7 @@ impl Launch {
         self
     }
 
-    pub fn spawn(self) -> Relay {
+    pub fn spawn(self) -> RelayProcess {
         let mut cmd = match self.nofile {
             Some(n) => {
                 // prlimit execs the relay in place: the pid stays the relay's.
@@ -110,7 +110,7 @@ impl Launch {
         let output = Arc::new(Mutex::new(Vec::new()));
         collect(child.stdout.take().unwrap(), output.clone());
         collect(child.stderr.take().unwrap(), output.clone());
-        Relay {
+        RelayProcess {
             child,
             config: self.config,
             output,
@@ -118,7 +118,7 @@ impl Launch {
     }
 }
 
-impl Relay {
+impl RelayProcess {
     /// `run` on the config `text`, written to a file named after `name`.
     pub fn launch(name: &str, text: &str) -> Launch {
         Launch {
@@ -129,7 +129,7 @@ impl Relay {
     }
 
     /// `run` on the config `text` with nothing else set.
-    pub fn spawn(name: &str, text: &str) -> Relay {
+    pub fn spawn(name: &str, text: &str) -> RelayProcess {
         Self::launch(name, text).spawn()
     }
 
@@ -268,7 +268,7 @@ impl Relay {
     }
 }
 
-impl Drop for Relay {
+impl Drop for RelayProcess {
     fn drop(&mut self) {
         // A failed test must not leave its relay behind.
         if let Ok(None) = self.child.try_wait() {

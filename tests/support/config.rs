@@ -1,4 +1,4 @@
-//! The one way the tests write a relay config: [`Cfg`] with its [`Consumer`]s, as TOML text
+//! The one way the tests write a relay config: [`Cfg`] with its [`ConsumerCfg`]s, as TOML text
 //! (for the binary, or to edit) or as a validated [`Config`].
 
 use std::fmt::Write;
@@ -23,12 +23,12 @@ pub struct Cfg {
     /// The body of `[log]`.
     pub log: Option<String>,
     pub grace: Option<&'static str>,
-    pub consumers: Vec<Consumer>,
+    pub consumers: Vec<ConsumerCfg>,
 }
 
 /// One `[[consumers]]` entry.
 #[derive(Debug, Clone)]
-pub struct Consumer {
+pub struct ConsumerCfg {
     pub queue: String,
     pub name: Option<String>,
     pub concurrency: Option<usize>,
@@ -69,7 +69,7 @@ impl Cfg {
         }
     }
 
-    pub fn consumer(mut self, c: Consumer) -> Cfg {
+    pub fn consumer(mut self, c: ConsumerCfg) -> Cfg {
         self.consumers.push(c);
         self
     }
@@ -152,22 +152,22 @@ impl Cfg {
     }
 }
 
-impl Consumer {
+impl ConsumerCfg {
     /// The tests' usual consumer: 30 s leases, idle pulls at most 200 ms apart, a 5 s webhook
     /// timeout, retries after 1 s doubling to 10 s.
-    pub fn new(queue: &str, hook: &str) -> Consumer {
-        Consumer {
+    pub fn new(queue: &str, hook: &str) -> ConsumerCfg {
+        ConsumerCfg {
             visibility: Some("30s"),
             idle: Some("200ms"),
             timeout: Some("5s"),
             retry: (Some("1s"), Some("10s")),
-            ..Consumer::minimal(queue, hook)
+            ..ConsumerCfg::minimal(queue, hook)
         }
     }
 
     /// Only the required keys.
-    pub fn minimal(queue: &str, hook: &str) -> Consumer {
-        Consumer {
+    pub fn minimal(queue: &str, hook: &str) -> ConsumerCfg {
+        ConsumerCfg {
             queue: queue.to_owned(),
             name: None,
             concurrency: None,
@@ -182,35 +182,35 @@ impl Consumer {
         }
     }
 
-    pub fn name(mut self, name: &str) -> Consumer {
+    pub fn name(mut self, name: &str) -> ConsumerCfg {
         self.name = Some(name.to_owned());
         self
     }
 
-    pub fn concurrency(mut self, n: usize) -> Consumer {
+    pub fn concurrency(mut self, n: usize) -> ConsumerCfg {
         self.concurrency = Some(n);
         self
     }
 
-    pub fn visibility(mut self, v: &'static str) -> Consumer {
+    pub fn visibility(mut self, v: &'static str) -> ConsumerCfg {
         self.visibility = Some(v);
         self
     }
 
     /// `max_idle_backoff`.
-    pub fn idle(mut self, v: &'static str) -> Consumer {
+    pub fn idle(mut self, v: &'static str) -> ConsumerCfg {
         self.idle = Some(v);
         self
     }
 
     /// The webhook's `timeout`.
-    pub fn timeout(mut self, v: &'static str) -> Consumer {
+    pub fn timeout(mut self, v: &'static str) -> ConsumerCfg {
         self.timeout = Some(v);
         self
     }
 
     /// More TOML in the consumer table (`batch_size = 5`, …); empty lines are left out.
-    pub fn line(mut self, line: &str) -> Consumer {
+    pub fn line(mut self, line: &str) -> ConsumerCfg {
         if !line.is_empty() {
             self.lines.push(line.to_owned());
         }
@@ -218,7 +218,7 @@ impl Consumer {
     }
 
     /// More TOML in `[consumers.webhook]` (`envelope = true`, …); empty lines are left out.
-    pub fn webhook(mut self, line: &str) -> Consumer {
+    pub fn webhook(mut self, line: &str) -> ConsumerCfg {
         if !line.is_empty() {
             self.webhook.push(line.to_owned());
         }
@@ -226,19 +226,19 @@ impl Consumer {
     }
 
     /// `[consumers.retry]` `base_delay` and `max_delay`.
-    pub fn retry(mut self, base: &'static str, max: &'static str) -> Consumer {
+    pub fn retry(mut self, base: &'static str, max: &'static str) -> ConsumerCfg {
         self.retry = (Some(base), Some(max));
         self
     }
 
     /// `[consumers.retry]` `base_delay` alone.
-    pub fn retry_base(mut self, base: &'static str) -> Consumer {
+    pub fn retry_base(mut self, base: &'static str) -> ConsumerCfg {
         self.retry = (Some(base), None);
         self
     }
 
     /// One more table of the consumer, e.g. `"[consumers.breaker]\nenabled = false"`.
-    pub fn table(mut self, text: &str) -> Consumer {
+    pub fn table(mut self, text: &str) -> ConsumerCfg {
         writeln!(self.tables, "{text}").unwrap();
         self
     }
@@ -282,13 +282,13 @@ impl Consumer {
     }
 }
 
-/// The usual config ([`Cfg::new`]) with one usual [`Consumer`] per `(queue, hook, consumer
+/// The usual config ([`Cfg::new`]) with one usual [`ConsumerCfg`] per `(queue, hook, consumer
 /// lines, webhook lines)`.
 pub fn config(api: &str, consumers: &[(&str, &str, &str, &str)]) -> Config {
     consumers
         .iter()
         .fold(Cfg::new(api), |cfg, (queue, hook, lines, webhook)| {
-            cfg.consumer(Consumer::new(queue, hook).line(lines).webhook(webhook))
+            cfg.consumer(ConsumerCfg::new(queue, hook).line(lines).webhook(webhook))
         })
         .config()
 }

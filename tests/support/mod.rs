@@ -3,8 +3,8 @@
 //! to wait and to read metrics, each once.
 //!
 //! - [`hook`]: the webhook sink a test scripts ([`Hook`], [`Answer`], [`Received`], [`Tally`]).
-//! - [`config`]: [`Cfg`] and [`Consumer`], the one way to write a relay config.
-//! - [`child`]: [`Relay`], `cfq-relay run` in a child process; [`bin`] for the other commands.
+//! - [`config`]: [`Cfg`] and [`ConsumerCfg`], the one way to write a relay config.
+//! - [`child`]: [`RelayProcess`], `cfq-relay run` in a child process; [`bin`] for the other commands.
 //! - [`books`]: the emulator on `127.0.0.1:0`, publishing, and a scenario's [`EndState`].
 //! - [`inproc`]: the relay in the test's process (`cfq_relay::start`), stopped on request.
 //! - this file: waiting on a condition, HTTP probes and reading the Prometheus text.
@@ -24,8 +24,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use books::{EndState, TestEmulator, assert_books, emulator, publish, publish_text};
-pub use child::{Relay, bin, check_config, temp_file, temp_path};
-pub use config::{Cfg, Consumer, config, one_consumer};
+pub use child::{RelayProcess, bin, check_config, temp_file, temp_path};
+pub use config::{Cfg, ConsumerCfg, config, one_consumer};
 pub use hook::{Answer, Hook, Received, Tally, ok_hook};
 pub use inproc::{InProcess, start};
 
