@@ -1,5 +1,5 @@
-//! The binary in a child process: `cfq-relay run` as a [`RelayProcess`] (its output, its signals, its
-//! exit, its peak memory and descriptors), and [`bin`] for the one-shot commands.
+//! The binary in a child process: `cfq-relay run` as a [`RelayProcess`] (its output, its
+//! signals, its exit, its peak memory and descriptors), and [`bin`] for the one-shot commands.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

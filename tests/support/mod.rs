@@ -4,7 +4,8 @@
 //!
 //! - [`hook`]: the webhook sink a test scripts ([`Hook`], [`Answer`], [`Received`], [`Tally`]).
 //! - [`config`]: [`Cfg`] and [`ConsumerCfg`], the one way to write a relay config.
-//! - [`child`]: [`RelayProcess`], `cfq-relay run` in a child process; [`bin`] for the other commands.
+//! - [`child`]: [`RelayProcess`], `cfq-relay run` in a child process; [`bin`] for the other
+//!   commands.
 //! - [`books`]: the emulator on `127.0.0.1:0`, publishing, and a scenario's [`EndState`].
 //! - [`inproc`]: the relay in the test's process (`cfq_relay::start`), stopped on request.
 //! - this file: waiting on a condition, HTTP probes and reading the Prometheus text.
