@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use cfq_relay::emulator::{ContentType, EmulatorOptions, Fault, Op};
+use cfq_emulator::{ContentType, EmulatorOptions, Fault, FaultOp};
 use cfq_relay::secrets::Secret;
 use cfq_relay::signing::Signer;
 use support::{
@@ -294,7 +294,7 @@ async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     // The first pull answers 2 s late: of its 3 s leases (counted from the request), less than
     // webhook timeout (1 s) + ack margin (300 ms) is left when the messages arrive.
-    emu.inject_fault(Op::Pull, Fault::Delay(Duration::from_secs(2)));
+    emu.inject_fault(FaultOp::Pull, Fault::Delay(Duration::from_secs(2)));
     publish(&emu, "q1", "m", 6);
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let mut cfg = one_consumer(&api, &hook.url(), &batch(10, "5s"));

@@ -19,7 +19,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use cfq_relay::emulator::EmulatorOptions;
+use cfq_emulator::EmulatorOptions;
 use serde_json::{Value, json};
 use support::{
     ACCOUNT, Answer, Cfg, ConsumerCfg, EndState, Hook, RelayProcess, TOKEN, api_requests,

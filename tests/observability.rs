@@ -15,7 +15,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use cfq_relay::emulator::{ContentType, EmulatorOptions, Fault, Op};
+use cfq_emulator::{ContentType, EmulatorOptions, Fault, FaultOp};
 use cfq_relay::metrics::{API_RESULTS, OUTCOMES, RELEASE_REASONS, STATUS_CLASSES};
 use prometheus_parse::{LineInfo, Value};
 use serde_json::Value as Json;
@@ -217,7 +217,7 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
     let want_bytes: u64 = delayed.iter().map(|(_, _, wire)| wire).sum();
     // One failed pull and one failed ack call, to see the result label move.
     emu.inject_fault(
-        Op::Pull,
+        FaultOp::Pull,
         Fault::Status {
             status: 500,
             body: r#"{"success":false,"errors":[{"code":10001,"message":"boom"}]}"#.into(),
@@ -225,7 +225,7 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
         },
     );
     emu.inject_fault(
-        Op::Ack,
+        FaultOp::Ack,
         Fault::Status {
             status: 502,
             body: "bad gateway".into(),
@@ -500,8 +500,8 @@ async fn readiness_follows_pulls_and_shutdown() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (gate, hook) = gated_hook().await;
     // The first two pulls fail.
-    emu.inject_fault(Op::Pull, pull_fault());
-    emu.inject_fault(Op::Pull, pull_fault());
+    emu.inject_fault(FaultOp::Pull, pull_fault());
+    emu.inject_fault(FaultOp::Pull, pull_fault());
     let mut cfg = config(&api, &[("q1", &hook, "", "")]);
     // Room to hold a delivery open through the shutdown checks below.
     cfg.consumers[0].webhook.timeout = Duration::from_secs(20);
@@ -543,7 +543,7 @@ async fn readiness_follows_pulls_and_shutdown() {
 
     // While the API keeps failing (three pulls in a row), not ready; ready again after.
     for _ in 0..3 {
-        emu.inject_fault(Op::Pull, pull_fault());
+        emu.inject_fault(FaultOp::Pull, pull_fault());
     }
     wait_for(
         Duration::from_secs(15),
@@ -645,7 +645,7 @@ async fn json_logs_are_one_object_per_line_with_fields() {
     }
     let bin = RelayProcess::spawn(
         "json",
-        &bin_config(&api, hook.addr, "format = \"json\"\nlevel = \"info\""),
+        &bin_config(&api, hook.addr(), "format = \"json\"\nlevel = \"info\""),
     );
     wait_until(Duration::from_secs(20), "all acked", || {
         emu.stats("q1").acked == 3
@@ -715,7 +715,7 @@ async fn json_logs_are_one_object_per_line_with_fields() {
     assert_eq!(c["level"], "INFO");
     assert_eq!(c["queue"], "q1");
     assert_eq!(c["queue_id"], "q1");
-    assert_eq!(c["webhook"], format!("http://{}", hook.addr).as_str());
+    assert_eq!(c["webhook"], format!("http://{}", hook.addr()).as_str());
     assert_eq!(c["batch_size"], 100);
     assert_eq!(c["concurrency"], 1000);
     assert_eq!(c["visibility"], "30s");
@@ -753,7 +753,7 @@ async fn text_logs_are_the_default_and_rust_log_wins() {
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let id = publish_text(&emu, "q1", "hello");
     // No `format` key: text. `level = "error"` would hide everything below; RUST_LOG wins.
-    let bin = RelayProcess::launch("text", &bin_config(&api, hook.addr, "level = \"error\""))
+    let bin = RelayProcess::launch("text", &bin_config(&api, hook.addr(), "level = \"error\""))
         .env("RUST_LOG", "info,cfq_relay=debug")
         .spawn();
     wait_until(Duration::from_secs(20), "acked", || {

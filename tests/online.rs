@@ -6,7 +6,7 @@ mod support;
 
 use std::path::PathBuf;
 
-use cfq_relay::emulator::EmulatorOptions;
+use cfq_emulator::EmulatorOptions;
 use support::{ACCOUNT, Cfg, ConsumerCfg, TOKEN, TestEmulator, bin};
 
 /// The emulator as `emulate --queue orders --queue audit` runs it; `bare` exists too, created

@@ -6,7 +6,8 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cfq_relay::emulator::{ContentType, EmulatorOptions};
+use cfq_emulator::sink::{SinkOptions, accept_all};
+use cfq_emulator::{ContentType, EmulatorOptions};
 use support::{Answer, Hook, config, emulator, one_consumer, publish_text, start, wait_until};
 use tokio_util::sync::CancellationToken;
 
@@ -245,7 +246,7 @@ async fn two_consumers_in_one_process() {
             .iter()
             .all(|r| r.header("cfq-queue-id") == Some("qb"))
     );
-    assert!(b.max_in_flight.load(std::sync::atomic::Ordering::SeqCst) <= 8);
+    assert!(b.max_in_flight() <= 8);
     for q in ["alpha", "beta"] {
         let line =
             format!("cfq_relay_messages_delivered_total{{outcome=\"acked\",queue=\"{q}\"}} 300");
@@ -265,7 +266,7 @@ async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
         &[("q1", &hook.url(), "concurrency = 7\nbatch_size = 5", "")],
     );
     start(cfg).await.until_acked(&emu, "q1", 120).await;
-    let max = hook.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+    let max = hook.max_in_flight();
     assert!(
         max <= 7,
         "at most `concurrency` requests in flight, saw {max}"
@@ -300,19 +301,17 @@ async fn webhook_retry_after_sets_the_retry_delay() {
 async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default()).await;
-    let opts = cfq_relay::receiver::ReceiverOptions {
+    let opts = SinkOptions {
         delay: Duration::from_millis(50),
         capacity: Some(50),
         ..Default::default()
     };
-    let addr = cfq_relay::receiver::start("127.0.0.1:0".parse().unwrap(), opts, stop.clone())
-        .await
-        .unwrap();
+    let hook = Hook::start_with(opts, accept_all).await;
     let n = 1_500u64;
     for i in 0..n {
         publish_text(&emu, "q1", &format!("m{i}"));
     }
-    let cfg = config(&api, &[("q1", &format!("http://{addr}/hook"), "", "")]);
+    let cfg = one_consumer(&api, &hook.url(), "");
     // The defaults, breaker on: the slow start's overshoot past the capacity is a burst of
     // 503s that the limit handles; it must not open the breaker (which would stall 30 s).
     assert!(cfg.consumers[0].breaker.enabled);
@@ -329,14 +328,7 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
         began.elapsed()
     );
     let s = emu.stats("q1");
-    let stats: serde_json::Value = reqwest::get(format!("http://{addr}/_receiver/stats"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let served = stats["requests"].as_u64().unwrap();
-    let overloaded = stats["overloaded"].as_u64().unwrap();
+    let (served, overloaded) = (hook.stats().requests, hook.stats().overloaded);
     assert_eq!((s.acked, s.dead_lettered), (n, 0), "{s:?}");
     assert!(
         overloaded * 10 <= served + overloaded,

@@ -18,9 +18,9 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use cfq_emulator::{Emulator, EmulatorOptions, Fault, FaultOp};
 use cfq_relay::Config;
 use cfq_relay::cloudflare::ApiError;
-use cfq_relay::emulator::{Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::retry::retry_wait;
 use support::{
     Answer, Cfg, ConsumerCfg, EndState, Hook, InProcess, Tally, TestEmulator, api_requests,
@@ -212,7 +212,7 @@ async fn a_pull_in_flight_at_shutdown_hands_its_messages_back() {
 async fn a_hung_pull_is_abandoned_when_the_grace_is_over() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default()).await;
-    emu.inject_fault(Op::Pull, Fault::Hang);
+    emu.inject_fault(FaultOp::Pull, Fault::Hang);
     let proxy = Proxy::start(&api, Duration::ZERO).await;
     let (hook, _) = ok_hook(Duration::ZERO).await;
     let relay = start(relay_config(&proxy.base, &hook.url(), |c| {
@@ -303,7 +303,7 @@ async fn slow_webhook_with_short_leases_lets_no_lease_expire() {
     })
     .await;
     relay.stop().await;
-    let in_flight = hook.max_in_flight.load(Ordering::SeqCst);
+    let in_flight = hook.max_in_flight();
     assert!(in_flight <= 8, "{in_flight}");
     // Leases held = deliveries in flight + acks on their way (flushed within 100 ms).
     assert!(
@@ -419,7 +419,7 @@ async fn pull_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>, invalid: 
     for (step, (name, fault, class)) in faults.into_iter().enumerate() {
         let before = pulls(class);
         let ok_calls = emu.stats("q1").pull_calls;
-        emu.inject_fault(Op::Pull, fault);
+        emu.inject_fault(FaultOp::Pull, fault);
         wait_until(
             Duration::from_secs(10),
             &format!("{name} counted as {class}"),
@@ -528,7 +528,7 @@ async fn ack_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>) {
     let mut published = 0;
     for (step, (name, fault, class)) in faults.into_iter().enumerate() {
         let before = acks(class);
-        emu.inject_fault(Op::Ack, fault);
+        emu.inject_fault(FaultOp::Ack, fault);
         publish(&emu, "q1", &format!("step{step}"), 6);
         published += 6;
         wait_until(
@@ -727,7 +727,7 @@ async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let elsewhere = Hook::start(|_, _| Answer::ok()).await;
-    let raw = RawHook::start(elsewhere.addr).await;
+    let raw = RawHook::start(elsewhere.addr()).await;
     let refused = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()

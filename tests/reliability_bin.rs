@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use cfq_relay::emulator::{EmulatorOptions, Fault, Op};
+use cfq_emulator::{EmulatorOptions, Fault, FaultOp};
 use support::{
     ACCOUNT, Answer, Cfg, ConsumerCfg, EndState, Hook, RelayProcess, TOKEN, Tally, api_requests,
     assert_books, bin, emulator, http_status, ok_hook, publish, temp_file, wait_until,
@@ -299,14 +299,14 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
     let (hook, tally) = failing_once_hook().await;
     publish(&emu, "q1", "m", 5);
     emu.inject_fault(
-        Op::Pull,
+        FaultOp::Pull,
         Fault::Status {
             status: 502,
             body: "<html><body>502 Bad Gateway</body></html>".into(),
             retry_after: None,
         },
     );
-    emu.inject_fault(Op::Ack, Fault::Reset);
+    emu.inject_fault(FaultOp::Ack, Fault::Reset);
     let hook_url = format!("{}?sig={QUERY_SECRET}", hook.url());
     let secret_header = format!("headers = {{ X-Webhook-Secret = \"{HEADER_SECRET}\" }}");
     let cfg = cfg(&api, q1(&hook_url).webhook(&secret_header)).token(None);
@@ -328,7 +328,7 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
     );
     // A rejected token: logged loudly, with the permission hint.
     emu.inject_fault(
-        Op::Pull,
+        FaultOp::Pull,
         Fault::Status {
             status: 403,
             body: r#"{"success":false,"errors":[{"code":10000,"message":"Authentication error"}]}"#

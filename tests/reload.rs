@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use cfq_relay::emulator::EmulatorOptions;
+use cfq_emulator::EmulatorOptions;
 use cfq_relay::{Config, ReloadSummary};
 use support::{
     Answer, Cfg, ConsumerCfg, Hook, RelayProcess, emulator, publish, start, temp_file, temp_path,

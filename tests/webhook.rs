@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use base64::Engine;
-use cfq_relay::emulator::{ContentType, EmulatorOptions};
+use cfq_emulator::{ContentType, EmulatorOptions};
 use support::{
     Answer, Hook, Received, config, emulator, one_consumer, publish_text, start, wait_until,
 };
@@ -352,4 +352,19 @@ async fn retry_after_pauses_the_whole_consumer() {
         gap_a >= Duration::from_secs(2) && gap_a < Duration::from_secs(3),
         "a retried after {gap_a:?}"
     );
+}
+
+/// The webhook sink (`cfq-emulator`, which never imports the relay) reads the relay's headers
+/// by names of its own: they must stay the relay's.
+#[test]
+fn the_sinks_header_names_are_the_relays() {
+    use cfq_emulator::sink;
+    use cfq_relay::{delivery, signing};
+    assert_eq!(sink::HEADER_MESSAGE_ID, delivery::HEADER_MESSAGE_ID);
+    assert_eq!(sink::HEADER_ATTEMPT, delivery::HEADER_ATTEMPT);
+    assert_eq!(sink::HEADER_BATCH_SIZE, delivery::HEADER_BATCH_SIZE);
+    assert_eq!(sink::HEADER_BATCH_ID, delivery::HEADER_BATCH_ID);
+    assert_eq!(sink::HEADER_WEBHOOK_ID, signing::HEADER_ID);
+    assert_eq!(sink::HEADER_WEBHOOK_TIMESTAMP, signing::HEADER_TIMESTAMP);
+    assert_eq!(sink::HEADER_WEBHOOK_SIGNATURE, signing::HEADER_SIGNATURE);
 }

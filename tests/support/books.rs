@@ -6,7 +6,7 @@ use std::fmt::Debug;
 use std::ops::Deref;
 use std::time::Duration;
 
-use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions, MessageBook};
+use cfq_emulator::{ContentType, Emulator, EmulatorOptions, MessageBook};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::TOKEN;

@@ -4,7 +4,7 @@
 use std::ops::Deref;
 use std::time::Duration;
 
-use cfq_relay::emulator::Emulator;
+use cfq_emulator::Emulator;
 use cfq_relay::{Config, Running};
 use tokio_util::sync::CancellationToken;
 
