@@ -3,13 +3,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
-use support::{bin, temp_file};
+use support::{RelayProcess, bin, temp_file};
 
 const TOKEN: &str = "tok-first-hour-5ecret";
 
@@ -186,47 +183,19 @@ url = "http://127.0.0.1:9/audit"
     }
 }
 
-/// `run` until `want` lines matched `done`; returns the output. The API answers nothing (port
-/// 9), which the relay logs and retries: the start-up lines come first regardless.
-fn startup_output(name: &str, extra: &str, done: impl Fn(&str) -> bool) -> Vec<String> {
-    let path = temp_file(name, &base(extra));
-    let mut child = bin()
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let end = Instant::now() + Duration::from_secs(20);
-    let mut lines = Vec::new();
-    while !lines.iter().any(|l: &String| done(l)) {
-        let left = end.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => lines.push(line),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no expected line within 20s:\n{}", lines.join("\n"));
-            }
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    lines
+/// `run` until a line matches `done`; returns the output up to that line. The API answers
+/// nothing (port 9), which the relay logs and retries: the start-up lines come first regardless.
+async fn startup_output(name: &str, extra: &str, done: impl Fn(&str) -> bool) -> Vec<String> {
+    let relay = RelayProcess::spawn(name, &base(extra));
+    let line = relay.wait_line("the expected start-up line", &done).await;
+    let lines = relay.lines();
+    let end = lines.iter().position(|l| *l == line).unwrap();
+    lines[..=end].to_vec()
 }
 
-#[test]
-fn start_up_logs_one_short_line_per_consumer_and_the_config_only_at_debug() {
-    let lines = startup_output("startup-info.toml", "", |l| l.contains("consumer started"));
+#[tokio::test]
+async fn start_up_logs_one_short_line_per_consumer_and_the_config_only_at_debug() {
+    let lines = startup_output("startup-info", "", |l| l.contains("consumer started")).await;
     let consumer: Vec<&String> = lines
         .iter()
         .filter(|l| l.contains("consumer started"))
@@ -256,9 +225,10 @@ fn start_up_logs_one_short_line_per_consumer_and_the_config_only_at_debug() {
     }
 
     // At DEBUG: the effective configuration, redacted.
-    let lines = startup_output("startup-debug.toml", "[log]\nlevel = \"debug\"", |l| {
+    let lines = startup_output("startup-debug", "[log]\nlevel = \"debug\"", |l| {
         l.contains("effective configuration")
-    });
+    })
+    .await;
     let all = lines.join("\n");
     let dump = lines
         .iter()

@@ -496,7 +496,6 @@ fn pull_fault() -> Fault {
 
 #[tokio::test]
 async fn readiness_follows_pulls_and_shutdown() {
-    let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (gate, hook) = gated_hook().await;
     // The first two pulls fail.
@@ -597,7 +596,6 @@ async fn readiness_follows_pulls_and_shutdown() {
             .is_err(),
         "the admin server stops with the relay"
     );
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------

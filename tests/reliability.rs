@@ -24,8 +24,8 @@ use cfq_relay::cloudflare::ApiError;
 use cfq_relay::retry::retry_wait;
 use support::{
     Answer, Cfg, ConsumerCfg, EndState, Hook, InProcess, Tally, TestEmulator, api_requests,
-    assert_books, config, emulator, http_status, metric, ok_hook, publish, released, start,
-    wait_until,
+    assert_books, assert_handed_back, config, emulator, http_status, metric, ok_hook, publish,
+    released, start, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -129,9 +129,7 @@ async fn grace_over_abandons_deliveries_and_hands_their_messages_back() {
         hang.count() == 5
     })
     .await;
-    let t0 = Instant::now();
-    relay.stop().await;
-    let took = t0.elapsed();
+    let took = relay.stop_timed().await;
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "grace 1s, shutdown took {took:?}"
@@ -143,20 +141,9 @@ async fn grace_over_abandons_deliveries_and_hands_their_messages_back() {
         &[("queue", "q1"), ("reason", "shutdown")],
     );
     assert_eq!(released, 5.0, "{text}");
-    let s = emu.stats("q1");
     // Handed back with a zero-delay retry: ready again now, not after a lease expiry.
-    assert_eq!(
-        (s.in_flight, s.backlog, s.lease_expired),
-        (0, 5, 0),
-        "{s:?}"
-    );
-    for b in emu.books("q1") {
-        assert_eq!((b.deliveries, b.acks), (1, 0), "{b:?}");
-        assert_eq!(b.retries, vec![0], "{b:?}");
-    }
-    EndState::of(&emu, "q1", "grace over: abandoned and handed back", 0)
-        .with_shutdown(took)
-        .print();
+    let scenario = "grace over: abandoned and handed back";
+    assert_handed_back(&emu, "q1", 5, scenario, took);
 
     // Another relay (a replica, or this one restarted) gets them at once.
     let (hook, tally) = ok_hook(Duration::ZERO).await;
@@ -171,7 +158,6 @@ async fn grace_over_abandons_deliveries_and_hands_their_messages_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_in_flight_at_shutdown_hands_its_messages_back() {
-    let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let proxy = Proxy::start(&api, Duration::from_secs(1)).await;
     proxy.hold_pulls.store(1, Ordering::SeqCst);
@@ -185,32 +171,17 @@ async fn a_pull_in_flight_at_shutdown_hands_its_messages_back() {
         || proxy.pulls_started.load(Ordering::SeqCst) >= 1,
     )
     .await;
-    let t0 = Instant::now();
-    relay.stop().await;
-    let took = t0.elapsed();
+    let took = relay.stop_timed().await;
     // The pull answered 1 s after it started; its 8 messages were leased meanwhile.
     assert!(took < Duration::from_secs(3), "{took:?}");
     assert_eq!(hook.count(), 0, "nothing delivered after the stop");
     let text = metrics.render();
     assert_eq!(released(&text, "shutdown"), 8.0, "{text}");
-    let s = emu.stats("q1");
-    assert_eq!(
-        (s.in_flight, s.backlog, s.lease_expired),
-        (0, 8, 0),
-        "{s:?}"
-    );
-    assert_books(&emu, "q1", (1, 0, vec![0]), |b| {
-        (b.deliveries, b.acks, b.retries.clone())
-    });
-    EndState::of(&emu, "q1", "pull in flight at shutdown", 0)
-        .with_shutdown(took)
-        .print();
-    stop.cancel();
+    assert_handed_back(&emu, "q1", 8, "pull in flight at shutdown", took);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_pull_is_abandoned_when_the_grace_is_over() {
-    let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     emu.inject_fault(FaultOp::Pull, Fault::Hang);
     let proxy = Proxy::start(&api, Duration::ZERO).await;
@@ -226,9 +197,7 @@ async fn a_hung_pull_is_abandoned_when_the_grace_is_over() {
         || proxy.pulls_started.load(Ordering::SeqCst) >= 1,
     )
     .await;
-    let t0 = Instant::now();
-    relay.stop().await;
-    let took = t0.elapsed();
+    let took = relay.stop_timed().await;
     // The grace (1 s) bounds the stop, not the API timeout (30 s).
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
@@ -238,7 +207,6 @@ async fn a_hung_pull_is_abandoned_when_the_grace_is_over() {
         "RESULT hung pull at shutdown: shutdown={:.2}s (api_timeout 30s, grace 1s)",
         took.as_secs_f64()
     );
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -335,6 +303,14 @@ const HTML: &str =
     "<html><head><title>502 Bad Gateway</title></head><body>cloudflare</body></html>";
 
 /// `(name, fault, result label it must be counted under)`
+/// The [`api_faults`] counted as one of `classes`.
+fn api_faults_of(classes: &[&str]) -> Vec<(&'static str, Fault, &'static str)> {
+    api_faults()
+        .into_iter()
+        .filter(|(_, _, class)| classes.contains(class))
+        .collect()
+}
+
 fn api_faults() -> Vec<(&'static str, Fault, &'static str)> {
     vec![
         ("500 HTML page", status_fault(500, HTML, None), "5xx"),
@@ -374,19 +350,13 @@ fn api_faults() -> Vec<(&'static str, Fault, &'static str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_api_error_statuses_are_counted_backed_off_and_lose_nothing() {
-    let faults = api_faults()
-        .into_iter()
-        .filter(|(_, _, class)| ["5xx", "4xx", "429"].contains(class))
-        .collect();
+    let faults = api_faults_of(&["5xx", "4xx", "429"]);
     pull_faults("pull API error statuses", faults, 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_api_transport_faults_and_malformed_answers_lose_nothing() {
-    let mut faults: Vec<_> = api_faults()
-        .into_iter()
-        .filter(|(_, _, class)| ["transport_error", "malformed"].contains(class))
-        .collect();
+    let mut faults = api_faults_of(&["transport_error", "malformed"]);
     faults.push((
         "200 with messages missing fields",
         status_fault(
@@ -471,20 +441,14 @@ async fn pull_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>, invalid: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_api_error_statuses_lose_nothing_and_never_ack_a_failed_delivery() {
-    let mut faults: Vec<_> = api_faults()
-        .into_iter()
-        .filter(|(_, _, class)| ["5xx", "4xx"].contains(class))
-        .collect();
+    let mut faults = api_faults_of(&["5xx", "4xx"]);
     faults.push(("429 Retry-After 1", status_fault(429, "", Some("1")), "429"));
     ack_faults("ack API error statuses", faults).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_api_transport_faults_and_malformed_answers_lose_nothing() {
-    let mut faults: Vec<_> = api_faults()
-        .into_iter()
-        .filter(|(_, _, class)| ["transport_error", "malformed"].contains(class))
-        .collect();
+    let mut faults = api_faults_of(&["transport_error", "malformed"]);
     // Maybe applied by the emulator after the relay gave up waiting: the answer is lost, the
     // relay sends again (and may hear about unknown leases).
     faults.push((
@@ -724,7 +688,6 @@ fn api_retry_waits_honour_retry_after_floor_auth_and_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
-    let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let elsewhere = Hook::start(|_, _| Answer::ok()).await;
     let raw = RawHook::start(elsewhere.addr()).await;
@@ -849,7 +812,6 @@ async fn webhook_faults_each_map_to_an_outcome_and_stall_nothing() {
     let end = EndState::report(&emu, "q1", "webhook faults", raw.tally.total());
     assert_eq!((end.acked, end.duplicates, end.lease_expired), (29, 0, 0));
     EndState::of(&emu, "q2", "webhook connection refused", 0).print();
-    stop.cancel();
 }
 
 /// A webhook that misbehaves at the TCP level, by message body (`{kind}-{n}`), on the first

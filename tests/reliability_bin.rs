@@ -11,7 +11,8 @@ use std::time::Duration;
 use cfq_emulator::{EmulatorOptions, Fault, FaultOp};
 use support::{
     ACCOUNT, Answer, Cfg, ConsumerCfg, EndState, Hook, RelayProcess, TOKEN, Tally, api_requests,
-    assert_books, bin, emulator, http_status, ok_hook, publish, temp_file, wait_until,
+    assert_books, assert_handed_back, bin, emulator, http_status, ok_hook, publish, temp_file,
+    wait_until,
 };
 use tokio::time::Instant;
 
@@ -118,18 +119,7 @@ async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "grace 1s, took {took:?}"
     );
-    let s = emu.stats("q1");
-    assert_eq!(
-        (s.in_flight, s.backlog, s.lease_expired),
-        (0, 5, 0),
-        "{s:?}"
-    );
-    assert_books(&emu, "q1", (1, 0, vec![0]), |b| {
-        (b.deliveries, b.acks, b.retries.clone())
-    });
-    EndState::of(&emu, "q1", "SIGTERM past the grace (binary)", 0)
-        .with_shutdown(took)
-        .print();
+    assert_handed_back(&emu, "q1", 5, "SIGTERM past the grace (binary)", took);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

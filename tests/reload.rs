@@ -178,7 +178,6 @@ async fn add_change_remove_while_delivering_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_reload_changes_nothing() {
-    let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default()).await;
     let hook = Hook::start(|_, _| Answer::ok()).await;
     let other = Hook::start(|_, _| Answer::ok()).await;
@@ -293,7 +292,6 @@ async fn a_bad_reload_changes_nothing() {
             assert_eq!(book.acks, 1, "{q}: {book:?}");
         }
     }
-    stop.cancel();
 }
 
 /// The new `[cloudflare]` section points at another API (a second emulator): the restarted

@@ -57,6 +57,24 @@ pub fn assert_books<T: PartialEq + Debug>(
     }
 }
 
+/// Every message of `queue` (`n` of them) handed back at once: none leased, none lost to a
+/// lease expiry, each delivered once, never acked and retried with no delay. Prints the
+/// scenario's end state with the shutdown's duration `took`.
+pub fn assert_handed_back(emu: &Emulator, queue: &str, n: u64, scenario: &str, took: Duration) {
+    let s = emu.stats(queue);
+    assert_eq!(
+        (s.in_flight, s.backlog, s.lease_expired),
+        (0, n, 0),
+        "{s:?}"
+    );
+    assert_books(emu, queue, (1, 0, vec![0]), |b| {
+        (b.deliveries, b.acks, b.retries.clone())
+    });
+    EndState::of(emu, queue, scenario, 0)
+        .with_shutdown(took)
+        .print();
+}
+
 /// Publish one text message; returns its id.
 pub fn publish_text(emu: &Emulator, queue: &str, body: &str) -> String {
     emu.publish(

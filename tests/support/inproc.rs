@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use cfq_emulator::Emulator;
 use cfq_relay::{Config, Running};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::wait_until;
@@ -42,6 +43,13 @@ impl InProcess {
     pub async fn stop(self) {
         self.stop.cancel();
         self.running.wait().await.unwrap();
+    }
+
+    /// [`InProcess::stop`]; returns how long the drain took.
+    pub async fn stop_timed(self) -> Duration {
+        let t0 = Instant::now();
+        self.stop().await;
+        t0.elapsed()
     }
 
     /// Wait (at most 20 s) until `n` messages of `queue` are acked, then stop; returns the

@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use books::{EndState, TestEmulator, assert_books, emulator, publish, publish_text};
+pub use books::{
+    EndState, TestEmulator, assert_books, assert_handed_back, emulator, publish, publish_text,
+};
 pub use child::{RelayProcess, bin, check_config, temp_file, temp_path};
 pub use config::{Cfg, ConsumerCfg, config, one_consumer};
 pub use hook::{Answer, Hook, Received, Tally, ok_hook};
