@@ -99,14 +99,13 @@ async fn graceful_stop_finishes_in_flight_deliveries_and_stops_pulling_at_once()
         took < Duration::from_secs(4),
         "in-flight work took {took:?}"
     );
-    let end = EndState::of(
+    let end = EndState::report_stop(
         &emu,
         "q1",
         "graceful stop, deliveries in flight",
         tally.total(),
-    )
-    .with_shutdown(took);
-    end.print();
+        took,
+    );
     assert_eq!(
         (end.acked, end.remaining, end.duplicates, end.lease_expired),
         (10, 20, 0, 0)

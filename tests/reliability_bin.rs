@@ -80,14 +80,13 @@ async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
         assert_eq!((b.deliveries, b.acks), (1, 1), "{b:?}");
     }
     assert!(books[10..].iter().all(|b| b.deliveries == 0));
-    let end = EndState::of(
+    let end = EndState::report_stop(
         &emu,
         "q1",
         "SIGTERM with deliveries in flight (binary)",
         tally.total(),
-    )
-    .with_shutdown(took);
-    end.print();
+        took,
+    );
     assert_eq!(
         (end.acked, end.remaining, end.duplicates, end.lease_expired),
         (10, 20, 0, 0)
@@ -154,9 +153,7 @@ async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
         (0, 5, 5, 0),
         "{s:?}"
     );
-    EndState::of(&emu, "q1", "second signal (exit 130)", 0)
-        .with_shutdown(took)
-        .print();
+    EndState::report_stop(&emu, "q1", "second signal (exit 130)", 0, took);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -601,7 +598,5 @@ async fn sigterm_sends_a_partial_batch_at_once_and_exits_0() {
     assert_eq!(got[0].header("cfq-batch-size"), Some("5"));
     let s = emu.stats("q1");
     assert_eq!((s.acked, s.in_flight, s.lease_expired), (5, 0, 0), "{s:?}");
-    EndState::of(&emu, "q1", "SIGTERM with a partial batch (binary)", 5)
-        .with_shutdown(took)
-        .print();
+    EndState::report_stop(&emu, "q1", "SIGTERM with a partial batch (binary)", 5, took);
 }

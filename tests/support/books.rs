@@ -70,9 +70,7 @@ pub fn assert_handed_back(emu: &Emulator, queue: &str, n: u64, scenario: &str, t
     assert_books(emu, queue, (1, 0, vec![0]), |b| {
         (b.deliveries, b.acks, b.retries.clone())
     });
-    EndState::of(emu, queue, scenario, 0)
-        .with_shutdown(took)
-        .print();
+    EndState::report_stop(emu, queue, scenario, 0, took);
 }
 
 /// Publish one text message; returns its id.
@@ -142,6 +140,19 @@ impl EndState {
     /// [`EndState::of`], printed.
     pub fn report(emu: &Emulator, queue: &str, scenario: &str, delivered_ok: u64) -> Self {
         let end = Self::of(emu, queue, scenario, delivered_ok);
+        end.print();
+        end
+    }
+
+    /// [`EndState::report`] of a scenario whose shutdown took `took`.
+    pub fn report_stop(
+        emu: &Emulator,
+        queue: &str,
+        scenario: &str,
+        delivered_ok: u64,
+        took: Duration,
+    ) -> Self {
+        let end = Self::of(emu, queue, scenario, delivered_ok).with_shutdown(took);
         end.print();
         end
     }
