@@ -25,7 +25,7 @@ use cfq_relay::retry::retry_wait;
 use support::{
     Answer, Cfg, ConsumerCfg, EndState, Hook, InProcess, Tally, TestEmulator, api_requests,
     assert_books, assert_handed_back, config, emulator, http_status, metric, ok_hook, publish,
-    released, start, wait_until,
+    publish_and_ack, released, start, wait_until,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -396,12 +396,14 @@ async fn pull_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>, invalid: 
         )
         .await;
         let seen = Instant::now();
-        publish(&emu, "q1", &format!("step{step}"), 3);
-        published += 3;
-        wait_until(
+        let prefix = format!("step{step}");
+        publish_and_ack(
+            &emu,
+            "q1",
+            &prefix,
+            3,
+            &mut published,
             Duration::from_secs(10),
-            &format!("messages after {name} acked"),
-            || emu.stats("q1").acked == published,
         )
         .await;
         if name.starts_with("429") {
@@ -492,12 +494,14 @@ async fn ack_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>) {
     for (step, (name, fault, class)) in faults.into_iter().enumerate() {
         let before = acks(class);
         emu.inject_fault(FaultOp::Ack, fault);
-        publish(&emu, "q1", &format!("step{step}"), 6);
-        published += 6;
-        wait_until(
+        let prefix = format!("step{step}");
+        publish_and_ack(
+            &emu,
+            "q1",
+            &prefix,
+            6,
+            &mut published,
             Duration::from_secs(15),
-            &format!("messages of step {name} acked"),
-            || emu.stats("q1").acked == published,
         )
         .await;
         assert!(acks(class) > before, "{name} counted as {class}");

@@ -73,6 +73,23 @@ pub fn assert_handed_back(emu: &Emulator, queue: &str, n: u64, scenario: &str, t
     EndState::report_stop(emu, queue, scenario, 0, took);
 }
 
+/// Publish `n` more text messages `"{prefix}-{i}"` and wait (at most `limit`) until every
+/// message published so far (`published`, which counts these too) is acked.
+pub async fn publish_and_ack(
+    emu: &Emulator,
+    queue: &str,
+    prefix: &str,
+    n: usize,
+    published: &mut u64,
+    limit: Duration,
+) {
+    publish(emu, queue, prefix, n);
+    *published += n as u64;
+    let all = *published;
+    let what = format!("{all} acked on {queue} ({prefix})");
+    super::wait_until(limit, &what, || emu.stats(queue).acked == all).await;
+}
+
 /// Publish one text message; returns its id.
 pub fn publish_text(emu: &Emulator, queue: &str, body: &str) -> String {
     emu.publish(

@@ -25,7 +25,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use books::{
-    EndState, TestEmulator, assert_books, assert_handed_back, emulator, publish, publish_text,
+    EndState, TestEmulator, assert_books, assert_handed_back, emulator, publish, publish_and_ack,
+    publish_text,
 };
 pub use child::{RelayProcess, bin, check_config, temp_file, temp_path};
 pub use config::{Cfg, ConsumerCfg, config, one_consumer};
