@@ -893,6 +893,14 @@ async fn raw_answer(
         let _ = s.set_zero_linger();
         drop(s);
     };
+    // The status line of the 200 and 500 flavours of a fault (`cut200` / `cut500`, …); the
+    // relay is told "delivered" by the 200 ones, so those are tallied.
+    let status = if kind.ends_with("200") {
+        tally.record(&id);
+        "200 OK"
+    } else {
+        "500 Oops"
+    };
     match kind.as_str() {
         "hang" => tokio::time::sleep(Duration::from_secs(60)).await,
         "reset" => {
@@ -900,17 +908,9 @@ async fn raw_answer(
             rst(s);
         }
         "cut200" | "cut500" => {
-            let status = if kind == "cut200" {
-                "200 OK"
-            } else {
-                "500 Oops"
-            };
             let _ = s.write_all(head_of(status, 100_000).as_bytes()).await;
             let _ = s.write_all(&[b'x'; 100]).await;
             let _ = s.flush().await;
-            if kind == "cut200" {
-                tally.record(&id);
-            }
             // Let the head reach the relay before the reset.
             tokio::time::sleep(Duration::from_millis(50)).await;
             rst(s);
@@ -922,14 +922,6 @@ async fn raw_answer(
             let _ = s.write_all(a.as_bytes()).await;
         }
         "huge200" | "huge500" => {
-            let status = if kind == "huge200" {
-                "200 OK"
-            } else {
-                "500 Oops"
-            };
-            if kind == "huge200" {
-                tally.record(&id);
-            }
             let total: u64 = 1 << 30;
             let _ = s.write_all(head_of(status, total).as_bytes()).await;
             let block = vec![b'y'; 64 * 1024];
@@ -948,14 +940,6 @@ async fn raw_answer(
             huge.lock().unwrap().push((written, closed));
         }
         "slow200" | "slow500" => {
-            let status = if kind == "slow200" {
-                "200 OK"
-            } else {
-                "500 Oops"
-            };
-            if kind == "slow200" {
-                tally.record(&id);
-            }
             let _ = s.write_all(head_of(status, 1000).as_bytes()).await;
             for _ in 0..1000 {
                 if s.write_all(b"z").await.is_err() {
