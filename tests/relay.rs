@@ -356,10 +356,10 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
 #[tokio::test]
 async fn a_503_from_a_receiver_that_takes_the_rest_is_sent_again_at_once() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // Request 10 (the first after the first ten messages were taken) is turned away while the
     // other three of its pull are in flight: a receiver at its capacity, not down.
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i == 10 {
             Answer::status(503)
         } else {

@@ -692,12 +692,11 @@ fn api_retry_waits_honour_retry_after_floor_auth_and_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_share_of_failing_ack_calls_costs_only_those_calls() {
     const N: usize = 1500;
-    let stop = CancellationToken::new();
     let opts = EmulatorOptions {
         error_ratio: 0.2,
         ..Default::default()
     };
-    let (emu, api) = emulator(opts, &stop).await;
+    let (emu, api) = emulator(opts).await;
     let (hook, tally) = ok_hook(Duration::ZERO).await;
     let ids = publish(&emu, "q1", "m", N);
     // Smaller calls: more of them, so more fail.
@@ -754,7 +753,6 @@ async fn a_share_of_failing_ack_calls_costs_only_those_calls() {
     );
     let s = emu.stats("q1");
     assert_eq!((s.lease_expired, s.double_acks, s.dead_lettered), (0, 0, 0));
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
