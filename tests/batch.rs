@@ -3,8 +3,7 @@
 //! answers per-message results. Every test checks the emulator's books as well as what the
 //! webhook saw.
 
-mod common;
-mod reliability_kit;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -12,11 +11,14 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use cfq_emulator::{ContentType, Emulator, EmulatorOptions, Fault, FaultOp};
+use cfq_emulator::{ContentType, EmulatorOptions, Fault, FaultOp};
 use cfq_relay::secrets::Secret;
 use cfq_relay::signing::Signer;
-use common::{Answer, Received, Receiver, config, emulator, wait_until};
-use reliability_kit::{EndState, metric, publish};
+use support::{
+    Answer, Hook, Received, assert_books, config, delivered, emulator, one_consumer, publish_text,
+    released, start, wait_until,
+};
+use support::{EndState, metric, publish};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +49,7 @@ fn ids(r: &Received) -> Vec<String> {
 }
 
 /// Every message id the webhook was sent, with how many times.
-fn sent_counts(hook: &Receiver) -> HashMap<String, usize> {
+fn sent_counts(hook: &Hook) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
     for r in hook.received() {
         for id in ids(&r) {
@@ -57,44 +59,20 @@ fn sent_counts(hook: &Receiver) -> HashMap<String, usize> {
     counts
 }
 
-/// Run the relay with `cfg` until the emulator has `n` messages of `q1` acked (within
-/// `limit_s` seconds), then stop it; returns its metrics.
-async fn deliver_all(
-    cfg: cfq_relay::Config,
-    emu: &Emulator,
-    n: u64,
-    limit_s: u64,
-) -> cfq_relay::metrics::Metrics {
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    let metrics = relay.metrics().clone();
-    wait_until(Duration::from_secs(limit_s), "all acked", || {
-        emu.stats("q1").acked == n
-    })
-    .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
-    metrics
-}
-
 fn batch(max_messages: usize, max_wait: &str) -> String {
     format!("batch = {{ max_messages = {max_messages}, max_wait = \"{max_wait}\" }}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_content_type_arrives_byte_exact_inside_signed_batches() {
-    let stop = CancellationToken::new();
     // Raw JSON on the wire for this emulator: the relay must not base64-decode it twice.
     for json_raw in [false, true] {
-        let (emu, api) = emulator(
-            EmulatorOptions {
-                json_raw,
-                ..Default::default()
-            },
-            &stop,
-        )
+        let (emu, api) = emulator(EmulatorOptions {
+            json_raw,
+            ..Default::default()
+        })
         .await;
-        let hook = Receiver::start(|_, _| Answer::ok()).await;
+        let hook = Hook::start(|_, _| Answer::ok()).await;
         let bytes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
         let cases: Vec<(Option<ContentType>, Vec<u8>)> = vec![
             (
@@ -116,19 +94,18 @@ async fn every_content_type_arrives_byte_exact_inside_signed_batches() {
             let id = emu.publish("q1", *ct, payload, Duration::ZERO).unwrap();
             want.insert(id, (payload.clone(), ct.map(|c| c.as_str().to_owned())));
         }
-        let cfg = config(
+        let cfg = one_consumer(
             &api,
-            &[(
-                "q1",
-                &hook.url(),
-                "",
-                &format!(
-                    "signing_secrets = [\"{SECRET}\"]\nheaders = {{ X-Tenant = \"blue\" }}\n{}",
-                    batch(100, "300ms")
-                ),
-            )],
+            &hook.url(),
+            &format!(
+                "signing_secrets = [\"{SECRET}\"]\nheaders = {{ X-Tenant = \"blue\" }}\n{}",
+                batch(100, "300ms")
+            ),
         );
-        deliver_all(cfg, &emu, cases.len() as u64, 10).await;
+        start(cfg)
+            .await
+            .until_acked(&emu, "q1", cases.len() as u64)
+            .await;
 
         let got = hook.received();
         assert!(
@@ -182,19 +159,17 @@ async fn every_content_type_arrives_byte_exact_inside_signed_batches() {
             (cases.len() as u64, 0, 0)
         );
     }
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_ids_listed_as_failed_come_back() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let published = publish(&emu, "q1", "m", 20);
     let failed: Vec<String> = published.iter().step_by(7).cloned().collect(); // 3 ids
     let listed = failed.clone();
     // The first batch reports 3 of its messages failed, plus an id it never had; every
     // later request succeeds.
-    let hook = Receiver::start(move |r, i| {
+    let hook = Hook::start(move |r, i| {
         if i == 0 {
             let mut f: Vec<String> = ids(r)
                 .into_iter()
@@ -207,8 +182,8 @@ async fn only_the_ids_listed_as_failed_come_back() {
         }
     })
     .await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(100, "300ms"))]);
-    let metrics = deliver_all(cfg, &emu, 20, 15).await;
+    let cfg = one_consumer(&api, &hook.url(), &batch(100, "300ms"));
+    let text = start(cfg).await.until_acked(&emu, "q1", 20).await;
 
     let first = ids(&hook.received()[0]);
     let failed: Vec<String> = failed.into_iter().filter(|id| first.contains(id)).collect();
@@ -229,47 +204,34 @@ async fn only_the_ids_listed_as_failed_come_back() {
             );
         }
     }
-    let text = metrics.render();
     assert_eq!(
         metric(&text, "cfq_relay_batch_unknown_ids_total", &[]),
         1.0,
         "{text}"
     );
-    assert_eq!(
-        metric(
-            &text,
-            "cfq_relay_messages_delivered_total",
-            &[("outcome", "retried")]
-        ),
-        failed.len() as f64
-    );
-    let end = EndState::of(
+    assert_eq!(delivered(&text, "retried"), failed.len() as f64);
+    let end = EndState::report(
         &emu,
         "q1",
         "batch partial failure",
         20 + failed.len() as u64,
-    )
-    .print()
-    .clone();
+    );
     // 2xx answers said "delivered" for 20 messages once each, and for the retried ones a
     // second time (their first 2xx listed them as failed, so it was not a delivery).
     assert_eq!((end.acked, end.acked_twice, end.lease_expired), (20, 0, 0));
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_ids_alone_change_nothing_and_malformed_results_retry_the_batch() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 5);
-    let hook = Receiver::start(|_, i| match i {
+    let hook = Hook::start(|_, i| match i {
         0 => Answer::ok().with_body(r#"{"failed": ["ghost-1", "ghost-2"]}"#),
         _ => Answer::ok(),
     })
     .await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let cfg = one_consumer(&api, &hook.url(), &batch(10, "300ms"));
+    let relay = start(cfg).await;
     let metrics = relay.metrics().clone();
     wait_until(Duration::from_secs(10), "all acked", || {
         emu.stats("q1").acked == 5
@@ -281,43 +243,31 @@ async fn unknown_ids_alone_change_nothing_and_malformed_results_retry_the_batch(
         2.0
     );
 
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     assert_eq!(emu.stats("q1").retried, 0);
-    stop.cancel();
 
     // A `failed` the relay cannot read: nothing is taken as delivered.
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 4);
-    let hook = Receiver::start(|_, i| match i {
+    let hook = Hook::start(|_, i| match i {
         0 => Answer::ok().with_body(r#"{"failed": "everything"}"#),
         _ => Answer::ok(),
     })
     .await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
-    let _ = deliver_all(cfg, &emu, 4, 15).await;
-    for b in emu.books("q1") {
-        assert_eq!((b.deliveries, b.acks, b.retries.len()), (2, 1, 1), "{b:?}");
-    }
-    stop.cancel();
+    let cfg = one_consumer(&api, &hook.url(), &batch(10, "300ms"));
+    let _ = start(cfg).await.until_acked(&emu, "q1", 4).await;
+    assert_books(&emu, "q1", (2, 1, 1), |b| {
+        (b.deliveries, b.acks, b.retries.len())
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_refused_whole_is_redelivered_whole() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 10);
-    let hook = Receiver::start(|_, i| {
-        if i == 0 {
-            Answer::status(503).with_body("down for maintenance")
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
-    let metrics = deliver_all(cfg, &emu, 10, 15).await;
+    let hook = Hook::failing_first(1, Answer::status(503).with_body("down for maintenance")).await;
+    let cfg = one_consumer(&api, &hook.url(), &batch(10, "300ms"));
+    let text = start(cfg).await.until_acked(&emu, "q1", 10).await;
     let got = hook.received();
     assert_eq!(ids(&got[0]).len(), 10, "one batch of all ten");
     let counts = sent_counts(&hook);
@@ -327,7 +277,6 @@ async fn a_batch_refused_whole_is_redelivered_whole() {
         assert!(b.retries[0] >= 1, "{b:?}");
         assert_eq!(counts[&b.id], 2, "{b:?}");
     }
-    let text = metrics.render();
     assert_eq!(
         metric(
             &text,
@@ -337,35 +286,25 @@ async fn a_batch_refused_whole_is_redelivered_whole() {
         1.0,
         "one request, one answer: {text}"
     );
-    assert_eq!(
-        metric(
-            &text,
-            "cfq_relay_messages_delivered_total",
-            &[("outcome", "retried")]
-        ),
-        10.0
-    );
-    stop.cancel();
+    assert_eq!(delivered(&text, "retried"), 10.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // The first pull answers 2 s late: of its 3 s leases (counted from the request), less than
     // webhook timeout (1 s) + ack margin (300 ms) is left when the messages arrive.
     emu.inject_fault(FaultOp::Pull, Fault::Delay(Duration::from_secs(2)));
     publish(&emu, "q1", "m", 6);
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
-    let mut cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "5s"))]);
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    let mut cfg = one_consumer(&api, &hook.url(), &batch(10, "5s"));
     cfg.shutdown.grace_period = Duration::from_secs(2);
     // 10 messages held (one request of 10 at a time): the first pull asks for all of them.
     cfg.consumers[0].concurrency = 10;
     cfg.consumers[0].visibility_timeout = Duration::from_secs(3);
     cfg.consumers[0].webhook.timeout = Duration::from_secs(1);
     cfg.validate().unwrap();
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     let metrics = relay.metrics().clone();
     let started = Instant::now();
     wait_until(Duration::from_secs(15), "all acked", || {
@@ -378,25 +317,12 @@ async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
         "{:?}",
         started.elapsed()
     );
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     let text = metrics.render();
-    assert_eq!(
-        metric(
-            &text,
-            "cfq_relay_messages_released_total",
-            &[("reason", "lease")]
-        ),
-        6.0,
-        "{text}"
-    );
-    for b in emu.books("q1") {
-        assert_eq!(
-            (b.deliveries, b.acks, b.retries.clone()),
-            (2, 1, vec![0]),
-            "{b:?}"
-        );
-    }
+    assert_eq!(released(&text, "lease"), 6.0, "{text}");
+    assert_books(&emu, "q1", (2, 1, vec![0]), |b| {
+        (b.deliveries, b.acks, b.retries.clone())
+    });
     // Each was sent once, on its second lease.
     let counts = sent_counts(&hook);
     assert_eq!(counts.len(), 6);
@@ -408,19 +334,16 @@ async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
             .all(|i| i.attempts == 2)
     );
     assert_eq!(emu.stats("q1").lease_expired, 0);
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_sends_a_partial_batch_at_once() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 5);
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     // A batch of 5 out of 100 would wait 10 s for company.
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(100, "10s"))]);
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let cfg = one_consumer(&api, &hook.url(), &batch(100, "10s"));
+    let relay = start(cfg).await;
     let metrics = relay.metrics().clone();
     wait_until(Duration::from_secs(10), "5 pulled", || {
         metric(&metrics.render(), "cfq_relay_messages_pulled_total", &[]) == 5.0
@@ -428,67 +351,54 @@ async fn shutdown_sends_a_partial_batch_at_once() {
     .await;
     assert_eq!(hook.count(), 0, "the partial batch waits for company");
     let signalled = Instant::now();
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     let took = signalled.elapsed();
     assert!(took < Duration::from_secs(3), "drain took {took:?}");
     assert_eq!(hook.count(), 1);
     assert_eq!(ids(&hook.received()[0]).len(), 5);
     let s = emu.stats("q1");
     assert_eq!((s.acked, s.retried, s.lease_expired), (5, 0, 0));
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grace_period_that_runs_out_hands_the_batch_back() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 4);
-    let hook = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_secs(8))).await;
-    let mut cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "50ms"))]);
+    let hook = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(8))).await;
+    let mut cfg = one_consumer(&api, &hook.url(), &batch(10, "50ms"));
     cfg.shutdown.grace_period = Duration::from_millis(500);
     cfg.consumers[0].webhook.timeout = Duration::from_secs(10);
     cfg.validate().unwrap();
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(10), "the batch is in flight", || {
         hook.count() == 1
     })
     .await;
     let signalled = Instant::now();
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     assert!(signalled.elapsed() < Duration::from_secs(4));
     // Handed back with a zero-delay retry: ready for another replica at once.
     let s = emu.stats("q1");
     assert_eq!((s.acked, s.retried, s.lease_expired), (0, 4, 0), "{s:?}");
-    for b in emu.books("q1") {
-        assert_eq!(b.retries, vec![0], "{b:?}");
-    }
-    stop.cancel();
+    assert_books(&emu, "q1", vec![0], |b| b.retries.clone());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_counts_messages_and_batches_fill_up() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 60);
     let sizes = Arc::new(Mutex::new(Vec::new()));
     let s = sizes.clone();
-    let hook = Receiver::start(move |r, _| {
+    let hook = Hook::start(move |r, _| {
         s.lock().unwrap().push((ids(r).len(), r.at));
         Answer::ok()
     })
     .await;
     // 40 messages a second: 60 messages need at least 1 s, whatever the batch size.
-    let cfg = config(
+    let cfg = one_consumer(
         &api,
-        &[(
-            "q1",
-            &hook.url(),
-            "",
-            &format!("max_requests_per_second = 40.0\n{}", batch(20, "100ms")),
-        )],
+        &hook.url(),
+        &format!("max_requests_per_second = 40.0\n{}", batch(20, "100ms")),
     );
     let relay_stop = CancellationToken::new();
     let started = Instant::now();
@@ -511,23 +421,15 @@ async fn the_rate_limit_counts_messages_and_batches_fill_up() {
         sizes.len() as f64
     );
     assert_eq!(metric(&text, "cfq_relay_batch_messages_sum", &[]), 60.0);
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_counts_one_outcome_per_request() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 30);
     // The receiver is down for its first 2 requests, then recovers.
-    let hook = Receiver::start(|_, i| {
-        if i < 2 {
-            Answer::status(500)
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
+    let hook = Hook::failing_first(2, Answer::status(500)).await;
     let cfg = config(
         &api,
         &[(
@@ -537,8 +439,7 @@ async fn the_breaker_counts_one_outcome_per_request() {
             &batch(10, "20ms"),
         )],
     );
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     let metrics = relay.metrics().clone();
     // Two failed requests (20 messages) open it: pulls stop.
     wait_until(Duration::from_secs(10), "breaker open", || {
@@ -551,8 +452,7 @@ async fn the_breaker_counts_one_outcome_per_request() {
         emu.stats("q1").acked == 30
     })
     .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     let got = hook.received();
     assert_eq!(
         ids(&got[2]).len(),
@@ -575,74 +475,41 @@ async fn the_breaker_counts_one_outcome_per_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_on_a_batch_delays_every_message_and_pauses_pulls() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     publish(&emu, "q1", "m", 6);
-    let hook = Receiver::start(|_, i| {
-        if i == 0 {
-            Answer::status(429).with_header("retry-after", "2")
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
-    let cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "300ms"))]);
+    let hook = Hook::failing_first(1, Answer::status(429).with_header("retry-after", "2")).await;
+    let cfg = one_consumer(&api, &hook.url(), &batch(10, "300ms"));
     let started = Instant::now();
-    deliver_all(cfg, &emu, 6, 15).await;
+    start(cfg).await.until_acked(&emu, "q1", 6).await;
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "{:?}",
         started.elapsed()
     );
-    for b in emu.books("q1") {
-        assert_eq!(
-            (b.deliveries, b.acks, b.retries.clone()),
-            (2, 1, vec![2]),
-            "{b:?}"
-        );
-    }
+    assert_books(&emu, "q1", (2, 1, vec![2]), |b| {
+        (b.deliveries, b.acks, b.retries.clone())
+    });
     let got = hook.received();
     assert_eq!(got.len(), 2, "one refused batch, one accepted");
     assert!(got[1].at - got[0].at >= Duration::from_secs(2));
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_bytes_caps_the_body_and_a_larger_message_travels_alone() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let mut small = Vec::new();
     for i in 0..12 {
         let body = format!("{i:03}-{}", "x".repeat(200));
-        small.push(
-            emu.publish(
-                "q1",
-                Some(ContentType::Text),
-                body.as_bytes(),
-                Duration::ZERO,
-            )
-            .unwrap(),
-        );
+        small.push(publish_text(&emu, "q1", &body));
     }
-    let big = emu
-        .publish(
-            "q1",
-            Some(ContentType::Text),
-            "y".repeat(3000).as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
-    let cfg = config(
+    let big = publish_text(&emu, "q1", &"y".repeat(3000));
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    let cfg = one_consumer(
         &api,
-        &[(
-            "q1",
-            &hook.url(),
-            "",
-            "batch = { max_messages = 100, max_wait = \"300ms\", max_bytes = 1024 }",
-        )],
+        &hook.url(),
+        "batch = { max_messages = 100, max_wait = \"300ms\", max_bytes = 1024 }",
     );
-    deliver_all(cfg, &emu, 13, 10).await;
+    start(cfg).await.until_acked(&emu, "q1", 13).await;
     let got = hook.received();
     let mut seen = 0;
     for r in &got {
@@ -670,5 +537,4 @@ async fn max_bytes_caps_the_body_and_a_larger_message_travels_alone() {
         got.len() >= 5,
         "12 messages in batches of at most 3, and the large one"
     );
-    stop.cancel();
 }

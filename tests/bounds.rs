@@ -9,9 +9,7 @@
 //! Cloudflare API inside the test serves the answers the emulator would never give. Each
 //! scenario prints a `FIGURES` line: `cargo test --test bounds -- --nocapture`.
 
-mod child_kit;
-mod common;
-mod reliability_kit;
+mod support;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,10 +20,11 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use cfq_emulator::EmulatorOptions;
-use child_kit::{Relay, admin_addr, fd_count, vm_hwm_kib};
-use common::{ACCOUNT, Answer, Receiver, TOKEN, emulator, wait_until};
-use reliability_kit::{EndState, metric, publish};
 use serde_json::{Value, json};
+use support::{
+    ACCOUNT, Answer, Cfg, ConsumerCfg, EndState, Hook, RelayProcess, TOKEN, api_requests,
+    check_config, delivered, emulator, metric, publish, released, scrape, wait_until,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -131,23 +130,10 @@ fn text_message(id: &str, lease: Option<&str>, body: &str) -> Value {
     m
 }
 
-/// A config with only the required keys, plus the test's API and a free admin port.
-fn minimal_config(api: &str, hook: &str, extra_webhook: &str) -> String {
-    format!(
-        "[cloudflare]\naccount_id = \"{ACCOUNT}\"\napi_base_url = \"{api}\"\napi_token = \"{TOKEN}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[consumers]]\nqueue_id = \"q1\"\n[consumers.webhook]\nurl = \"{hook}\"\n{extra_webhook}\n"
-    )
-}
-
-/// The Prometheus text of a relay's admin server.
-async fn scrape(admin: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+/// A config with only the required keys (plus the admin port 0 and the token): one consumer of
+/// `q1` delivering to `hook`.
+fn minimal(api: &str, hook: &str) -> Cfg {
+    Cfg::minimal(api).consumer(ConsumerCfg::minimal("q1", hook))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -161,18 +147,15 @@ async fn scrape(admin: std::net::SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_under_a_minimal_config_dead_letters_nothing() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(
-        EmulatorOptions {
-            max_retries: 3,
-            ..Default::default()
-        },
-        &stop,
-    )
+    let (emu, api) = emulator(EmulatorOptions {
+        max_retries: 3,
+        ..Default::default()
+    })
     .await;
     let down = Arc::new(AtomicBool::new(true));
     let ok = Arc::new(AtomicUsize::new(0));
     let (d, o) = (down.clone(), ok.clone());
-    let hook = Receiver::start(move |_, _| {
+    let hook = Hook::start(move |_, _| {
         if d.load(Ordering::SeqCst) {
             Answer::status(503)
         } else {
@@ -182,7 +165,7 @@ async fn an_outage_under_a_minimal_config_dead_letters_nothing() {
     })
     .await;
     let ids = publish(&emu, "q1", "outage", 2000);
-    let config = cfq_relay::Config::from_toml(&minimal_config(&api, &hook.url(), "")).unwrap();
+    let config = minimal(&api, &hook.url()).config();
     assert!(config.consumers[0].breaker.enabled);
     let relay = cfq_relay::start(config, stop.clone()).await.unwrap();
 
@@ -219,11 +202,7 @@ async fn an_outage_under_a_minimal_config_dead_letters_nothing() {
         end.acked,
         end.dead_lettered,
         hook.count(),
-        metric(
-            &text,
-            "cfq_relay_messages_released_total",
-            &[("reason", "breaker")]
-        ),
+        released(&text, "breaker"),
         started.elapsed().as_secs_f64()
     );
     assert_eq!(end.dead_lettered, 0, "{end:?}");
@@ -249,10 +228,9 @@ async fn lease_less_answers_back_off_like_empty_pulls() {
         |_| 200,
     )
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let stop = CancellationToken::new();
-    let config =
-        cfq_relay::Config::from_toml(&minimal_config(&api.base_url, &hook.url(), "")).unwrap();
+    let config = minimal(&api.base_url, &hook.url()).config();
     let relay = cfq_relay::start(config, stop.clone()).await.unwrap();
     wait_until(Duration::from_secs(5), "a first pull", || api.pulls() > 0).await;
     let (from, at) = (api.pulls(), Instant::now());
@@ -282,11 +260,10 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
         "evil\n2026-01-01T00:00:00.000000Z  INFO forged line",
         "evil\u{1b}[2Jclear",
     ];
-    let served = Arc::new(AtomicBool::new(false));
-    let s = served.clone();
     let api = FakeApi::start(
-        move |_| {
-            if s.swap(true, Ordering::SeqCst) {
+        move |n| {
+            // One answer with messages, then empty ones.
+            if n > 0 {
                 return pull_answer(Vec::new());
             }
             let mut msgs = vec![text_message("good-1", Some("L-good"), "hello")];
@@ -298,13 +275,11 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
         |_| 200,
     )
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
-    let config = minimal_config(
-        &api.base_url,
-        &hook.url(),
-        "signing_secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]",
-    );
-    let relay = Relay::spawn("bad-ids", &config, None);
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    let signed = ConsumerCfg::minimal("q1", &hook.url())
+        .webhook("signing_secrets = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]");
+    let config = Cfg::minimal(&api.base_url).consumer(signed).text();
+    let relay = RelayProcess::spawn("bad-ids", &config);
     wait_until(Duration::from_secs(15), "three refused ids retried", || {
         api.retried()
             .iter()
@@ -321,13 +296,9 @@ async fn ids_with_cr_lf_or_esc_are_not_delivered_and_forge_no_log_line() {
     assert_eq!(received.len(), 1, "only the good id is delivered");
     assert_eq!(received[0].header("webhook-id"), Some("good-1"));
     assert!(received[0].header("webhook-signature").is_some());
-    let admin = admin_addr(&relay).await;
+    let admin = relay.admin().await;
     let text = scrape(admin).await;
-    let invalid = metric(
-        &text,
-        "cfq_relay_messages_delivered_total",
-        &[("outcome", "invalid_id")],
-    );
+    let invalid = delivered(&text, "invalid_id");
     let lines = relay.lines();
     let forged = lines
         .iter()
@@ -394,16 +365,12 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
         |_| 200,
     )
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
-    let relay = Relay::spawn(
-        "huge",
-        &minimal_config(&api.base_url, &hook.url(), ""),
-        None,
-    );
-    let admin = admin_addr(&relay).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    let relay = RelayProcess::spawn("huge", &minimal(&api.base_url, &hook.url()).text());
+    let admin = relay.admin().await;
     println!(
         "FIGURES huge: vm_hwm_at_start={:.1}MiB",
-        vm_hwm_kib(relay.pid()) as f64 / 1024.0
+        relay.vm_hwm_kib() as f64 / 1024.0
     );
     wait_until(
         Duration::from_secs(60),
@@ -412,17 +379,9 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
     )
     .await;
     let text = scrape(admin).await;
-    let oversized = metric(
-        &text,
-        "cfq_relay_messages_delivered_total",
-        &[("outcome", "oversized")],
-    );
-    let refused = metric(
-        &text,
-        "cfq_relay_api_requests_total",
-        &[("op", "pull"), ("result", "malformed")],
-    );
-    let hwm = vm_hwm_kib(relay.pid());
+    let oversized = delivered(&text, "oversized");
+    let refused = api_requests(&text, "pull", "malformed");
+    let hwm = relay.vm_hwm_kib();
     let delays: Vec<u64> = api.retried().iter().map(|(_, d)| *d).collect();
     println!(
         "FIGURES huge: pulls={} oversized_counted={oversized} answers_refused={refused} delivered={} vm_hwm={:.1}MiB",
@@ -456,16 +415,13 @@ async fn huge_answers_and_bodies_are_refused_within_bounded_memory() {
 /// descriptors than the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     publish(&emu, "q1", "before", 100);
-    let relay = Relay::spawn(
-        "admin-fds",
-        &minimal_config(&api, &hook.url(), ""),
-        Some(1024),
-    );
-    let admin = admin_addr(&relay).await;
+    let relay = RelayProcess::launch("admin-fds", &minimal(&api, &hook.url()).text())
+        .nofile(1024)
+        .spawn();
+    let admin = relay.admin().await;
     wait_until(Duration::from_secs(20), "first deliveries", || {
         hook.count() >= 100
     })
@@ -490,7 +446,7 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
         || hook.count() >= 200,
     )
     .await;
-    let fds = fd_count(relay.pid());
+    let fds = relay.fd_count();
     println!(
         "FIGURES admin_flood: idle_connections=1100 nofile_limit=1024 healthz={status} in {}ms relay_fds={fds} delivered={}",
         took.as_millis(),
@@ -508,7 +464,6 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
         relay.lines()
     );
     drop(idle);
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -518,9 +473,8 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
 /// one summary line with the count, at most one line per ten failures; the metrics count them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_stay_bounded_under_a_failing_webhook() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, n| {
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, n| {
         if n % 10 < 3 {
             Answer::status(500)
         } else {
@@ -529,8 +483,8 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
     })
     .await;
     publish(&emu, "q1", "flaky", 5000);
-    let relay = Relay::spawn("flaky", &minimal_config(&api, &hook.url(), ""), None);
-    let admin = admin_addr(&relay).await;
+    let relay = RelayProcess::spawn("flaky", &minimal(&api, &hook.url()).text());
+    let admin = relay.admin().await;
     // Past one limiter window, so a summary line has been written.
     wait_until(Duration::from_secs(60), "a suppression summary", || {
         relay
@@ -540,11 +494,7 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
     })
     .await;
     let text = scrape(admin).await;
-    let failures = metric(
-        &text,
-        "cfq_relay_messages_delivered_total",
-        &[("outcome", "retried")],
-    );
+    let failures = delivered(&text, "retried");
     let lines = relay.lines();
     let failure_lines = lines
         .iter()
@@ -561,7 +511,6 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
         (failure_lines as f64) * 10.0 <= failures,
         "{failure_lines} lines for {failures} failures"
     );
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -571,11 +520,10 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
 /// that item is isolated, and the other 99 land.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_batch_with_one_refused_item_lands_the_other_99() {
-    let served = Arc::new(AtomicBool::new(false));
-    let s = served.clone();
     let api = FakeApi::start(
-        move |_| {
-            if s.swap(true, Ordering::SeqCst) {
+        move |n| {
+            // One answer with messages, then empty ones.
+            if n > 0 {
                 return pull_answer(Vec::new());
             }
             pull_answer(
@@ -590,15 +538,13 @@ async fn an_ack_batch_with_one_refused_item_lands_the_other_99() {
         },
     )
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let stop = CancellationToken::new();
-    let text = minimal_config(&api.base_url, &hook.url(), "")
-        // One pull of 100 and one ack call of 100: a fixed pool, not the adaptive limit's start.
-        .replace(
-            "queue_id = \"q1\"",
-            "queue_id = \"q1\"\nconcurrency = 100\nconcurrency_mode = \"fixed\"",
-        );
-    let config = cfq_relay::Config::from_toml(&text).unwrap();
+    // One pull of 100 and one ack call of 100: a fixed pool, not the adaptive limit's start.
+    let fixed = ConsumerCfg::minimal("q1", &hook.url())
+        .concurrency(100)
+        .line("concurrency_mode = \"fixed\"");
+    let config = Cfg::minimal(&api.base_url).consumer(fixed).config();
     let _relay = cfq_relay::start(config, stop.clone()).await.unwrap();
     wait_until(Duration::from_secs(20), "99 acks landed", || {
         api.acked().len() == 99
@@ -653,7 +599,7 @@ async fn config_and_reload_errors_never_print_a_secret() {
              [[consumers]]\nqueue_id = \"q1\"\n[consumers.webhook]\nurl = \"http://127.0.0.1:9/hook\"\n{}\n",
             webhook_line.replace("SECRET", SECRET)
         );
-        let out = child_kit::check_config(&format!("secret-{i}"), &text);
+        let out = check_config(&format!("secret-{i}"), &text);
         assert_eq!(out.status.code(), Some(2), "{out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(want), "want {want:?} in {stderr}");
@@ -661,18 +607,16 @@ async fn config_and_reload_errors_never_print_a_secret() {
     }
 
     // A reload of a file with a syntax error on the token line logs no secret either.
-    let stop = CancellationToken::new();
-    let (_emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
-    let good = minimal_config(&api, &hook.url(), "");
-    let relay = Relay::spawn("reload-secret", &good, None);
-    admin_addr(&relay).await;
+    let (_emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    let good = minimal(&api, &hook.url()).text();
+    let relay = RelayProcess::spawn("reload-secret", &good);
+    relay.admin().await;
     let broken = good.replace(
         &format!("api_token = \"{TOKEN}\""),
         &format!("api_token = \"{SECRET}"),
     );
-    std::fs::write(relay.config_path(), broken).unwrap();
-    relay.signal("HUP");
+    relay.reload_file(&broken);
     wait_until(Duration::from_secs(10), "the reload failure", || {
         relay.lines().iter().any(|l| l.contains("reload failed"))
     })
@@ -681,5 +625,4 @@ async fn config_and_reload_errors_never_print_a_secret() {
     let line = lines.iter().find(|l| l.contains("reload failed")).unwrap();
     assert!(line.contains("TOML syntax error at line"), "{line}");
     assert!(!lines.iter().any(|l| l.contains(fragment)), "{lines:#?}");
-    stop.cancel();
 }

@@ -1,31 +1,14 @@
 //! The first hour with the real binary: the help a new user reads, the mistakes they make
 //! (a mistyped log level, two consumers on one queue) and what the start-up log tells them.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use support::{RelayProcess, bin, temp_file};
 
 const TOKEN: &str = "tok-first-hour-5ecret";
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cfq-relay"));
-    c.env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("RUST_LOG")
-        .env_remove("CFQ_RELAY_CONFIG")
-        .env_remove("CFQ_RELAY__LOG__LEVEL")
-        .env("NO_COLOR", "1");
-    c
-}
-
-fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cfq-relay-first-hour-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 /// A valid file; `EXTRA` is replaced by more TOML at the end.
 const BASE: &str = r#"
@@ -129,10 +112,10 @@ fn every_subcommand_and_flag_is_described() {
 
 #[test]
 fn a_mistyped_log_level_exits_2_naming_the_key_in_the_file_and_the_environment() {
-    let good = temp_config("level-good.toml", &base(""));
+    let good = temp_file("level-good.toml", &base(""));
     for level in ["warning", "verbose", "inof", "info,cfq_relay=loud"] {
         // In the file ...
-        let path = temp_config(
+        let path = temp_file(
             &format!("level-{level}.toml"),
             &base(&format!("[log]\nlevel = \"{level}\"")),
         );
@@ -181,7 +164,7 @@ queue_id = "0123456789abcdef0123456789abcd01"
 [consumers.webhook]
 url = "http://127.0.0.1:9/audit"
 "#;
-    let path = temp_config("two-on-one.toml", &base(second));
+    let path = temp_file("two-on-one.toml", &base(second));
     for cmd in ["check-config", "run"] {
         let out = bin().args([cmd, "--config"]).arg(&path).output().unwrap();
         let stderr = String::from_utf8(out.stderr).unwrap();
@@ -200,47 +183,19 @@ url = "http://127.0.0.1:9/audit"
     }
 }
 
-/// `run` until `want` lines matched `done`; returns the output. The API answers nothing (port
-/// 9), which the relay logs and retries: the start-up lines come first regardless.
-fn startup_output(name: &str, extra: &str, done: impl Fn(&str) -> bool) -> Vec<String> {
-    let path = temp_config(name, &base(extra));
-    let mut child = bin()
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let end = Instant::now() + Duration::from_secs(20);
-    let mut lines = Vec::new();
-    while !lines.iter().any(|l: &String| done(l)) {
-        let left = end.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => lines.push(line),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("no expected line within 20s:\n{}", lines.join("\n"));
-            }
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    lines
+/// `run` until a line matches `done`; returns the output up to that line. The API answers
+/// nothing (port 9), which the relay logs and retries: the start-up lines come first regardless.
+async fn startup_output(name: &str, extra: &str, done: impl Fn(&str) -> bool) -> Vec<String> {
+    let relay = RelayProcess::spawn(name, &base(extra));
+    let line = relay.wait_line("the expected start-up line", &done).await;
+    let lines = relay.lines();
+    let end = lines.iter().position(|l| *l == line).unwrap();
+    lines[..=end].to_vec()
 }
 
-#[test]
-fn start_up_logs_one_short_line_per_consumer_and_the_config_only_at_debug() {
-    let lines = startup_output("startup-info.toml", "", |l| l.contains("consumer started"));
+#[tokio::test]
+async fn start_up_logs_one_short_line_per_consumer_and_the_config_only_at_debug() {
+    let lines = startup_output("startup-info", "", |l| l.contains("consumer started")).await;
     let consumer: Vec<&String> = lines
         .iter()
         .filter(|l| l.contains("consumer started"))
@@ -270,9 +225,10 @@ fn start_up_logs_one_short_line_per_consumer_and_the_config_only_at_debug() {
     }
 
     // At DEBUG: the effective configuration, redacted.
-    let lines = startup_output("startup-debug.toml", "[log]\nlevel = \"debug\"", |l| {
+    let lines = startup_output("startup-debug", "[log]\nlevel = \"debug\"", |l| {
         l.contains("effective configuration")
-    });
+    })
+    .await;
     let all = lines.join("\n");
     let dump = lines
         .iter()
@@ -319,23 +275,28 @@ fn kubernetes_pod_can_read_its_token_and_runs_the_image_the_script_builds() {
     );
     assert_eq!(mode & 0o007, 0, "others must not: {mode:o}");
     // The image the manifest runs is the one scripts/image.sh builds and pushes.
-    let out = Command::new("sh")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh"))
-        .arg("--print")
-        .env_remove("IMAGE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let built = stdout_of(
+        Command::new("sh")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh"))
+            .arg("--print")
+            .env_remove("IMAGE"),
     );
-    let built = String::from_utf8(out.stdout).unwrap();
     assert_eq!(
         built.trim(),
         format!("ghcr.io/cfq-relay/cfq-relay:{}", env!("CARGO_PKG_VERSION"))
     );
     assert_eq!(yaml_value(&deployment, "image"), built.trim());
+}
+
+/// The stdout of `cmd`, which must succeed.
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn parse_version(v: &str) -> (u64, u64) {
@@ -347,17 +308,12 @@ fn parse_version(v: &str) -> (u64, u64) {
 fn rust_version_covers_every_dependency() {
     let declared = parse_version(env!("CARGO_PKG_RUST_VERSION"));
     assert!(declared >= (1, 85), "edition 2024 needs 1.85");
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+            .current_dir(env!("CARGO_MANIFEST_DIR")),
     );
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&out).unwrap();
     let mut checked = 0;
     for p in meta["packages"].as_array().unwrap() {
         if let Some(v) = p["rust_version"].as_str() {

@@ -1,7 +1,7 @@
 //! A private HTTPS receiver that requires a client certificate: the relay reaches it only with
 //! the configured CA bundle and client certificate (mutual TLS).
 
-mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,13 +11,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::post;
-use cfq_emulator::{ContentType, EmulatorOptions};
-use common::{config, emulator, wait_until};
+use cfq_emulator::EmulatorOptions;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
-use tokio_util::sync::CancellationToken;
+use support::{config, emulator, publish_text, start, wait_until};
 
 struct Pki {
     ca_pem: String,
@@ -115,12 +114,9 @@ async fn mutual_tls_with_a_private_ca() {
     let hits = Arc::new(AtomicUsize::new(0));
     let addr = mtls_receiver(&pki, hits.clone()).await;
     let url = format!("https://127.0.0.1:{}/hook", addr.port());
-
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     for q in ["with-cert", "no-cert", "no-ca"] {
-        emu.publish(q, Some(ContentType::Text), b"over mtls", Duration::ZERO)
-            .unwrap();
+        publish_text(&emu, q, "over mtls");
     }
     let with_cert =
         format!("ca_file = \"{ca}\"\nclient_cert_file = \"{cert}\"\nclient_key_file = \"{key}\"");
@@ -133,8 +129,7 @@ async fn mutual_tls_with_a_private_ca() {
             ("no-ca", &url, "", ""),
         ],
     );
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(
         Duration::from_secs(15),
         "mTLS delivery acked and the others retried",
@@ -145,8 +140,7 @@ async fn mutual_tls_with_a_private_ca() {
         },
     )
     .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     assert_eq!(
         hits.load(Ordering::SeqCst),
         1,
@@ -163,5 +157,4 @@ async fn mutual_tls_with_a_private_ca() {
         "unknown issuer: refused, retried"
     );
     std::fs::remove_dir_all(&dir).ok();
-    stop.cancel();
 }

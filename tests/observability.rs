@@ -3,13 +3,12 @@
 //! through start-up, API failures and shutdown; and the log output of the real binary (JSON
 //! lines, the default text format, `RUST_LOG`, the redacted startup config).
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -18,11 +17,12 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use cfq_emulator::{ContentType, EmulatorOptions, Fault, FaultOp};
 use cfq_relay::metrics::{API_RESULTS, OUTCOMES, RELEASE_REASONS, STATUS_CLASSES};
-use common::{ACCOUNT, Answer, Receiver, TOKEN, config, emulator, wait_until};
 use prometheus_parse::{LineInfo, Value};
 use serde_json::Value as Json;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::time::Instant;
+use support::{
+    ACCOUNT, Answer, Cfg, ConsumerCfg, Hook, RelayProcess, TOKEN, config, emulator, get,
+    publish_text, start, wait_for, wait_until,
+};
 use tokio_util::sync::CancellationToken;
 
 // ---------------------------------------------------------------------------------------------
@@ -39,27 +39,6 @@ fn unix_ms() -> u64 {
 /// for `bytes` and `json` bodies.
 fn base64_len(n: usize) -> u64 {
     (n.div_ceil(3) * 4) as u64
-}
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let resp = reqwest::get(format!("http://{addr}{path}"))
-        .await
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let status = resp.status().as_u16();
-    (status, resp.text().await.unwrap())
-}
-
-/// Poll an async condition every 10 ms until it holds or `limit` passes.
-async fn wait_for<F, Fut>(limit: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + limit;
-    while !cond().await {
-        assert!(Instant::now() < end, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// One parsed `/metrics` answer.
@@ -215,26 +194,12 @@ async fn scrape(addr: SocketAddr) -> Scrape {
 
 #[tokio::test]
 async fn scraped_metrics_match_the_emulator_and_parse() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // The first two requests fail (retried after ~1 s); every other one succeeds.
-    let hook = Receiver::start(|_, i| {
-        if i < 2 {
-            Answer::status(503)
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
+    let hook = Hook::failing_first(2, Answer::status(503)).await;
     const READY: u64 = 20;
     for i in 0..READY {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("ready {i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("ready {i}"));
     }
     // Published with an hour's delay: in the backlog, but no pull hands them out.
     let before_ms = unix_ms();
@@ -279,8 +244,7 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
         )],
     );
     let started_unix = unix_ms() as f64 / 1000.0;
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     let admin = relay.admin_addr();
 
     wait_until(Duration::from_secs(20), "all ready messages acked", || {
@@ -471,8 +435,7 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
     // `cargo test` needs nothing but the Rust toolchain).
 
     let registry = relay.metrics().clone();
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     // After the drain nothing moves: every pull the emulator answered is counted (but ours).
     let end = Scrape::parse(registry.render());
     let e3 = emu.stats("q1");
@@ -492,7 +455,6 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
     );
     assert_eq!(end.int("cfq_relay_queue_backlog_messages", &q), 3);
     end.check_format(&["orders"], &forbidden);
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -534,8 +496,7 @@ fn pull_fault() -> Fault {
 
 #[tokio::test]
 async fn readiness_follows_pulls_and_shutdown() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (gate, hook) = gated_hook().await;
     // The first two pulls fail.
     emu.inject_fault(FaultOp::Pull, pull_fault());
@@ -597,8 +558,7 @@ async fn readiness_follows_pulls_and_shutdown() {
     .await;
 
     // Shutdown: hold one delivery in flight, stop, and look while the drain waits for it.
-    emu.publish("q1", Some(ContentType::Text), b"held", Duration::ZERO)
-        .unwrap();
+    publish_text(&emu, "q1", "held");
     wait_until(Duration::from_secs(10), "delivery in flight", || {
         gate.arrived.load(Ordering::SeqCst) == 1
     })
@@ -636,86 +596,10 @@ async fn readiness_follows_pulls_and_shutdown() {
             .is_err(),
         "the admin server stops with the relay"
     );
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Logs of the real binary
-
-/// `cfq-relay run` in a child process with a clean environment; stderr collected line by line.
-struct Bin {
-    child: tokio::process::Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: tokio::task::JoinHandle<()>,
-    config: std::path::PathBuf,
-}
-
-impl Bin {
-    async fn start(name: &str, config_text: &str, env: &[(&str, &str)]) -> Bin {
-        let config = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("observability-{name}-{}.toml", std::process::id()));
-        std::fs::write(&config, config_text).unwrap();
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cfq-relay"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config)
-            // No CLOUDFLARE_API_TOKEN, RUST_LOG or CFQ_RELAY__* from the test's environment.
-            .env_clear()
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("the cfq-relay binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let reader = tokio::spawn(async move {
-            let mut r = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = r.next_line().await {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Bin {
-            child,
-            lines,
-            reader,
-            config,
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    async fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        wait_until(Duration::from_secs(20), what, || {
-            self.lines.lock().unwrap().iter().any(|l| pred(l))
-        })
-        .await;
-        self.lines().into_iter().find(|l| pred(l)).unwrap()
-    }
-
-    /// SIGTERM; the relay must drain and exit 0. Returns every stderr line.
-    async fn terminate(mut self) -> Vec<String> {
-        let pid = self.child.id().expect("still running").to_string();
-        let kill = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(kill.success());
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("the relay exits after SIGTERM")
-            .unwrap();
-        let _ = std::fs::remove_file(&self.config);
-        let lines = self.lines.clone();
-        self.reader.await.unwrap();
-        let lines = lines.lock().unwrap().clone();
-        assert!(status.success(), "exit {status:?}\n{}", lines.join("\n"));
-        lines
-    }
-}
 
 const HOOK_HEADER_SECRET: &str = "header-secret-3456";
 const HOOK_URL_PASSWORD: &str = "hookpass-5678";
@@ -725,15 +609,16 @@ const HOOK_QUERY_SECRET: &str = "query-secret-9012";
 /// a password is refused), the URL's query and a header (all secrets that must not be logged);
 /// `log` is the `[log]` table's body.
 fn bin_config(api: &str, hook: SocketAddr, log: &str) -> String {
-    format!(
-        "[cloudflare]\naccount_id = \"{ACCOUNT}\"\napi_base_url = \"{api}\"\napi_token = \"{TOKEN}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[log]\n{log}\n[shutdown]\ngrace_period = \"5s\"\n\
-         [[consumers]]\nqueue_id = \"q1\"\nvisibility_timeout = \"30s\"\nmax_idle_backoff = \"200ms\"\n\
-         [consumers.webhook]\nurl = \"http://{hook}/hook?sig={HOOK_QUERY_SECRET}\"\n\
-         basic_auth = {{ username = \"hookuser\", password = \"{HOOK_URL_PASSWORD}\" }}\n\
-         timeout = \"5s\"\nheaders = {{ X-Hook-Secret = \"{HOOK_HEADER_SECRET}\" }}\n\
-         [consumers.retry]\nbase_delay = \"1s\"\nmax_delay = \"2s\"\n"
-    )
+    let url = format!("http://{hook}/hook?sig={HOOK_QUERY_SECRET}");
+    let q1 = ConsumerCfg::new("q1", &url)
+        .webhook(&format!(
+            "basic_auth = {{ username = \"hookuser\", password = \"{HOOK_URL_PASSWORD}\" }}"
+        ))
+        .webhook(&format!(
+            "headers = {{ X-Hook-Secret = \"{HOOK_HEADER_SECRET}\" }}"
+        ))
+        .retry("1s", "2s");
+    Cfg::new(api).log(log).consumer(q1).text()
 }
 
 fn assert_no_secrets(lines: &[String]) {
@@ -751,31 +636,15 @@ fn assert_no_secrets(lines: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_one_object_per_line_with_fields() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, i| {
-        if i == 0 {
-            Answer::status(503)
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::failing_first(1, Answer::status(503)).await;
     for i in 0..3 {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
-    let bin = Bin::start(
+    let bin = RelayProcess::spawn(
         "json",
-        &bin_config(&api, hook.addr, "format = \"json\"\nlevel = \"info\""),
-        &[],
-    )
-    .await;
+        &bin_config(&api, hook.addr(), "format = \"json\"\nlevel = \"info\""),
+    );
     wait_until(Duration::from_secs(20), "all acked", || {
         emu.stats("q1").acked == 3
     })
@@ -844,7 +713,7 @@ async fn json_logs_are_one_object_per_line_with_fields() {
     assert_eq!(c["level"], "INFO");
     assert_eq!(c["queue"], "q1");
     assert_eq!(c["queue_id"], "q1");
-    assert_eq!(c["webhook"], format!("http://{}", hook.addr).as_str());
+    assert_eq!(c["webhook"], format!("http://{}", hook.addr()).as_str());
     assert_eq!(c["batch_size"], 100);
     assert_eq!(c["concurrency"], 1000);
     assert_eq!(c["visibility"], "30s");
@@ -874,24 +743,17 @@ async fn json_logs_are_one_object_per_line_with_fields() {
         assert!(!find(m).is_empty(), "{m}: {lines:#?}");
     }
     assert_no_secrets(&lines);
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_logs_are_the_default_and_rust_log_wins() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
-    let id = emu
-        .publish("q1", Some(ContentType::Text), b"hello", Duration::ZERO)
-        .unwrap();
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    let id = publish_text(&emu, "q1", "hello");
     // No `format` key: text. `level = "error"` would hide everything below; RUST_LOG wins.
-    let bin = Bin::start(
-        "text",
-        &bin_config(&api, hook.addr, "level = \"error\""),
-        &[("RUST_LOG", "info,cfq_relay=debug")],
-    )
-    .await;
+    let bin = RelayProcess::launch("text", &bin_config(&api, hook.addr(), "level = \"error\""))
+        .env("RUST_LOG", "info,cfq_relay=debug")
+        .spawn();
     wait_until(Duration::from_secs(20), "acked", || {
         emu.stats("q1").acked == 1
     })
@@ -939,7 +801,6 @@ async fn text_logs_are_the_default_and_rust_log_wins() {
         assert!(effective.contains(part), "{part} in {effective}");
     }
     assert_no_secrets(&lines);
-    stop.cancel();
 }
 
 #[test]

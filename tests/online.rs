@@ -2,26 +2,22 @@
 //! `cfq-relay emulate` runs it (one account, queues only when created): one test per failure,
 //! each a line naming the consumer, and never a pull.
 
-mod common;
+mod support;
 
 use std::path::PathBuf;
 
-use cfq_emulator::{Emulator, EmulatorOptions};
-use common::{ACCOUNT, TOKEN};
-use tokio_util::sync::CancellationToken;
+use cfq_emulator::EmulatorOptions;
+use support::{ACCOUNT, Cfg, ConsumerCfg, TOKEN, TestEmulator, bin};
 
 /// The emulator as `emulate --queue orders --queue audit` runs it; `bare` exists too, created
 /// through the API without a consumer.
-async fn emulator(stop: &CancellationToken) -> (Emulator, String) {
-    let (emu, api) = common::emulator(
-        EmulatorOptions {
-            account_id: Some(ACCOUNT.into()),
-            queues: vec!["orders".into(), "audit".into()],
-            create_queues_on_use: false,
-            ..EmulatorOptions::default()
-        },
-        stop,
-    )
+async fn emulator() -> (TestEmulator, String) {
+    let (emu, api) = support::emulator(EmulatorOptions {
+        account_id: Some(ACCOUNT.into()),
+        queues: vec!["orders".into(), "audit".into()],
+        create_queues_on_use: false,
+        ..EmulatorOptions::default()
+    })
     .await;
     let resp = reqwest::Client::new()
         .post(format!("{api}/accounts/{ACCOUNT}/queues"))
@@ -34,35 +30,29 @@ async fn emulator(stop: &CancellationToken) -> (Emulator, String) {
     (emu, api)
 }
 
+/// A config file of consumers `(name, queue id)` (webhooks that are never called), the
+/// relay's own admin address (never bound by `check-config`) and API calls that time out
+/// after 2 s.
 fn config(name: &str, api: &str, account: &str, token: &str, queues: &[(&str, &str)]) -> PathBuf {
-    let mut text = format!(
-        "[cloudflare]\naccount_id = \"{account}\"\napi_base_url = \"{api}\"\napi_token = \"{token}\"\napi_timeout = \"2s\"\n"
-    );
-    for (label, queue) in queues {
-        text.push_str(&format!(
-            "[[consumers]]\nname = \"{label}\"\nqueue_id = \"{queue}\"\n[consumers.webhook]\nurl = \"http://127.0.0.1:9/{label}\"\n"
-        ));
-    }
-    let dir = std::env::temp_dir().join(format!("cfq-relay-online-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    // It holds a token: readable by its owner only (else check-config warns, rightly).
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
+    let cfg = Cfg::minimal(api)
+        .no_admin()
+        .account(account)
+        .token(Some(token))
+        .api_timeout("2s");
+    queues
+        .iter()
+        .fold(cfg, |cfg, (label, queue)| {
+            let hook = format!("http://127.0.0.1:9/{label}");
+            cfg.consumer(ConsumerCfg::minimal(queue, &hook).name(label))
+        })
+        .write(name.trim_end_matches(".toml"))
 }
 
 /// Exit code, stdout, stderr.
 async fn check(path: &PathBuf) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cfq-relay"))
-        .env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("RUST_LOG")
-        .args(["check-config", "--online", "--config"])
-        .arg(path)
-        .output()
-        .await
-        .unwrap();
+    let mut cmd = bin();
+    cmd.args(["check-config", "--online", "--config"]).arg(path);
+    let out = tokio::process::Command::from(cmd).output().await.unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -72,8 +62,7 @@ async fn check(path: &PathBuf) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_when_every_queue_exists_with_an_http_pull_consumer() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(&stop).await;
+    let (emu, api) = emulator().await;
     let id = emu.queue_id("audit").unwrap();
     // By name (an emulator convenience) and by id (as on Cloudflare).
     let path = config(
@@ -93,13 +82,11 @@ async fn passes_when_every_queue_exists_with_an_http_pull_consumer() {
             "no pull: it would lease messages"
         );
     }
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_is_one_line_per_consumer_without_the_token() {
-    let stop = CancellationToken::new();
-    let (_emu, api) = emulator(&stop).await;
+    let (_emu, api) = emulator().await;
     let path = config(
         "token.toml",
         &api,
@@ -118,13 +105,11 @@ async fn a_refused_token_is_one_line_per_consumer_without_the_token() {
     );
     assert!(lines[1].contains("consumer \"a\""), "{err}");
     assert!(!err.contains("wrong-secret-token"), "{err}");
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_account_is_named() {
-    let stop = CancellationToken::new();
-    let (_emu, api) = emulator(&stop).await;
+    let (_emu, api) = emulator().await;
     let path = config(
         "account.toml",
         &api,
@@ -139,13 +124,11 @@ async fn an_unknown_account_is_named() {
             && err.contains("consumer \"o\""),
         "{err}"
     );
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_queue_and_a_queue_without_http_pull_consumer_are_named() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(&stop).await;
+    let (emu, api) = emulator().await;
     let path = config(
         "queues.toml",
         &api,
@@ -170,7 +153,6 @@ async fn an_unknown_queue_and_a_queue_without_http_pull_consumer_are_named() {
         "{err}"
     );
     assert_eq!(emu.stats("bare").pull_calls, 0);
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,12 +179,12 @@ async fn an_unreachable_api_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emulate_creates_the_queues_it_is_given() {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cfq-relay"))
-        .args(["emulate", "--listen", "127.0.0.1:0", "--token", TOKEN])
+    let mut cmd = bin();
+    cmd.args(["emulate", "--listen", "127.0.0.1:0", "--token", TOKEN])
         .args(["--queue", "orders", "--queue", "audit"])
-        .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(true)
         .spawn()
         .unwrap();

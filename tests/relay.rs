@@ -1,20 +1,20 @@
 //! End-to-end: the real relay (`cfq_relay::start`) against the bundled emulator and a real
 //! webhook receiver on 127.0.0.1:0.
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use cfq_emulator::sink::{SinkOptions, accept_all};
 use cfq_emulator::{ContentType, EmulatorOptions};
-use common::{Answer, Receiver, config, emulator, wait_until};
+use support::{Answer, Hook, config, emulator, one_consumer, publish_text, start, wait_until};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn every_content_type_arrives_byte_exact_with_headers() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
 
     let bytes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
     let cases: Vec<(Option<ContentType>, Vec<u8>, &str)> = vec![
@@ -59,18 +59,13 @@ async fn every_content_type_arrives_byte_exact_with_headers() {
         let id = emu.publish("q1", *ct, payload, Duration::ZERO).unwrap();
         ids.insert(id, (payload.clone(), *want_ct, ct.map(|c| c.as_str())));
     }
-    let cfg = config(
-        &api,
-        &[("q1", &hook.url(), "", "headers = { X-Tenant = \"blue\" }")],
-    );
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let cfg = one_consumer(&api, &hook.url(), "headers = { X-Tenant = \"blue\" }");
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(10), "all acked", || {
         emu.stats("q1").acked == cases.len() as u64
     })
     .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
 
     let got = hook.received();
     assert_eq!(got.len(), cases.len(), "one delivery per message");
@@ -100,21 +95,16 @@ async fn every_content_type_arrives_byte_exact_with_headers() {
         (s.acked, s.retried, s.lease_expired),
         (cases.len() as u64, 0, 0)
     );
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(
-        EmulatorOptions {
-            max_retries: 1,
-            ..EmulatorOptions::default()
-        },
-        &stop,
-    )
+    let (emu, api) = emulator(EmulatorOptions {
+        max_retries: 1,
+        ..EmulatorOptions::default()
+    })
     .await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     emu.publish(
         "q1",
         Some(ContentType::V8),
@@ -122,18 +112,16 @@ async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
         Duration::ZERO,
     )
     .unwrap();
-    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    let cfg = one_consumer(&api, &hook.url(), "");
     let mut cfg = cfg;
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(10), "dead-lettered", || {
         emu.stats("q1").dead_lettered == 1
     })
     .await;
     let metrics = relay.metrics().render();
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     assert_eq!(hook.count(), 0, "a v8 body is never sent");
     let s = emu.stats("q1");
     assert_eq!((s.acked, s.retried), (0, 2));
@@ -142,37 +130,21 @@ async fn v8_is_retried_until_dead_lettered_and_never_forwarded() {
             .contains("cfq_relay_messages_delivered_total{outcome=\"undecodable\",queue=\"q1\"} 2"),
         "{metrics}"
     );
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acked_once() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // 503 with no Retry-After, then a connection-level failure stand-in (500), then 200.
-    let hook = Receiver::start(|_, i| match i {
+    let hook = Hook::start(|_, i| match i {
         0 => Answer::status(503),
         1 => Answer::status(500),
         _ => Answer::ok(),
     })
     .await;
-    let id = emu
-        .publish(
-            "q1",
-            Some(ContentType::Text),
-            b"third time lucky",
-            Duration::ZERO,
-        )
-        .unwrap();
-    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    wait_until(Duration::from_secs(15), "acked", || {
-        emu.stats("q1").acked == 1
-    })
-    .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    let id = publish_text(&emu, "q1", "third time lucky");
+    let cfg = one_consumer(&api, &hook.url(), "");
+    start(cfg).await.until_acked(&emu, "q1", 1).await;
 
     let tries = hook.for_id(&id);
     assert_eq!(tries.len(), 3);
@@ -193,44 +165,32 @@ async fn failing_twice_then_succeeding_is_delivered_thrice_with_backoff_and_acke
     assert!(tries[2].at - tries[1].at >= Duration::from_secs(u64::from(book.retries[1])));
     assert_eq!(book.acks, 1, "acked exactly once");
     assert_eq!(book.deliveries, 3);
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn never_acked_without_a_2xx() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(
-        EmulatorOptions {
-            max_retries: 2,
-            ..EmulatorOptions::default()
-        },
-        &stop,
-    )
+    let (emu, api) = emulator(EmulatorOptions {
+        max_retries: 2,
+        ..EmulatorOptions::default()
+    })
     .await;
     // Every failure mode but success.
-    let hook = Receiver::start(|_, i| Answer::status([500, 404, 400, 429, 302, 408][i % 6])).await;
+    let hook = Hook::start(|_, i| Answer::status([500, 404, 400, 429, 302, 408][i % 6])).await;
     for i in 0..20 {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
-    let mut cfg = config(&api, &[("q1", &hook.url(), "", "")]);
+    let mut cfg = one_consumer(&api, &hook.url(), "");
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
     // This test is about the outcome policy: every delivery must reach the webhook until the
     // queue dead-letters it, so the breaker (on by default) would stop it halfway.
     cfg.consumers[0].breaker.enabled = false;
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(15), "all dead-lettered", || {
         emu.stats("q1").dead_lettered == 20
     })
     .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     let s = emu.stats("q1");
     assert_eq!(s.acked, 0, "nothing acked without a 2xx: {s:?}");
     assert_eq!(s.retried, 60, "three deliveries each, all retried: {s:?}");
@@ -241,10 +201,9 @@ async fn never_acked_without_a_2xx() {
 
 #[tokio::test]
 async fn two_consumers_in_one_process() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let a = Receiver::start(|_, _| Answer::ok()).await;
-    let b = Receiver::start(|_, _| Answer::ok()).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let a = Hook::start(|_, _| Answer::ok()).await;
+    let b = Hook::start(|_, _| Answer::ok()).await;
     for i in 0..300 {
         emu.publish(
             "qa",
@@ -268,15 +227,13 @@ async fn two_consumers_in_one_process() {
             ("qb", &b.url(), "name = \"beta\"\nconcurrency = 8", ""),
         ],
     );
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let relay = start(cfg).await;
     wait_until(Duration::from_secs(20), "both queues drained", || {
         emu.stats("qa").acked == 300 && emu.stats("qb").acked == 300
     })
     .await;
     let metrics = relay.metrics().render();
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    relay.stop().await;
     assert_eq!(a.count(), 300);
     assert_eq!(b.count(), 300);
     assert!(
@@ -289,42 +246,27 @@ async fn two_consumers_in_one_process() {
             .iter()
             .all(|r| r.header("cfq-queue-id") == Some("qb"))
     );
-    assert!(b.max_in_flight.load(std::sync::atomic::Ordering::SeqCst) <= 8);
+    assert!(b.max_in_flight() <= 8);
     for q in ["alpha", "beta"] {
         let line =
             format!("cfq_relay_messages_delivered_total{{outcome=\"acked\",queue=\"{q}\"}} 300");
         assert!(metrics.contains(&line), "{line}\n{metrics}");
     }
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_millis(100))).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok().delayed(Duration::from_millis(100))).await;
     for i in 0..120 {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
     let cfg = config(
         &api,
         &[("q1", &hook.url(), "concurrency = 7\nbatch_size = 5", "")],
     );
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    wait_until(Duration::from_secs(20), "all acked", || {
-        emu.stats("q1").acked == 120
-    })
-    .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
-    let max = hook.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+    start(cfg).await.until_acked(&emu, "q1", 120).await;
+    let max = hook.max_in_flight();
     assert!(
         max <= 7,
         "at most `concurrency` requests in flight, saw {max}"
@@ -337,38 +279,19 @@ async fn slow_webhook_never_sees_more_than_concurrency_in_flight() {
     assert!(s.in_flight == 0 && s.lease_expired == 0, "{s:?}");
     // The relay never held more leases than it had slots for.
     assert_eq!(hook.count(), 120);
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn webhook_retry_after_sets_the_retry_delay() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, i| {
-        if i == 0 {
-            Answer::status(429).with_header("retry-after", "3")
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
-    let id = emu
-        .publish("q1", Some(ContentType::Text), b"x", Duration::ZERO)
-        .unwrap();
-    let cfg = config(&api, &[("q1", &hook.url(), "", "")]);
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
-    wait_until(Duration::from_secs(15), "acked", || {
-        emu.stats("q1").acked == 1
-    })
-    .await;
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::failing_first(1, Answer::status(429).with_header("retry-after", "3")).await;
+    let id = publish_text(&emu, "q1", "x");
+    let cfg = one_consumer(&api, &hook.url(), "");
+    start(cfg).await.until_acked(&emu, "q1", 1).await;
     let book = emu.books("q1").into_iter().find(|b| b.id == id).unwrap();
     assert_eq!(book.retries, vec![3]);
     let tries = hook.for_id(&id);
     assert!(tries[1].at - tries[0].at >= Duration::from_secs(3));
-    stop.cancel();
 }
 
 /// A small receiver (50 requests at once, 503 at once beyond): with only the required keys the
@@ -377,27 +300,18 @@ async fn webhook_retry_after_sets_the_retry_delay() {
 #[tokio::test]
 async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let opts = cfq_emulator::sink::SinkOptions {
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let opts = SinkOptions {
         delay: Duration::from_millis(50),
         capacity: Some(50),
         ..Default::default()
     };
-    let sink = cfq_emulator::sink::Sink::start("127.0.0.1:0".parse().unwrap(), opts, stop.clone())
-        .await
-        .unwrap();
-    let addr = sink.addr();
+    let hook = Hook::start_with(opts, accept_all).await;
     let n = 1_500u64;
     for i in 0..n {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
-    let cfg = config(&api, &[("q1", &format!("http://{addr}/hook"), "", "")]);
+    let cfg = one_consumer(&api, &hook.url(), "");
     // The defaults, breaker on: the slow start's overshoot past the capacity is a burst of
     // 503s that the limit handles; it must not open the breaker (which would stall 30 s).
     assert!(cfg.consumers[0].breaker.enabled);
@@ -414,14 +328,7 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
         began.elapsed()
     );
     let s = emu.stats("q1");
-    let stats: serde_json::Value = reqwest::get(format!("http://{addr}/_receiver/stats"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let served = stats["requests"].as_u64().unwrap();
-    let overloaded = stats["overloaded"].as_u64().unwrap();
+    let (served, overloaded) = (hook.stats().requests, hook.stats().overloaded);
     assert_eq!((s.acked, s.dead_lettered), (n, 0), "{s:?}");
     assert!(
         overloaded * 10 <= served + overloaded,
@@ -449,10 +356,10 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
 #[tokio::test]
 async fn a_503_from_a_receiver_that_takes_the_rest_is_sent_again_at_once() {
     let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // Request 10 (the first after the first ten messages were taken) is turned away while the
     // other three of its pull are in flight: a receiver at its capacity, not down.
-    let hook = Receiver::start(|_, i| {
+    let hook = Hook::start(|_, i| {
         if i == 10 {
             Answer::status(503)
         } else {

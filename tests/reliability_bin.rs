@@ -4,237 +4,32 @@
 //! and the webhook receiver run inside the test; the relay is `cfq-relay run` in a child process.
 //! Each scenario prints a `RESULT` line (`cargo test --test reliability_bin -- --nocapture`).
 
-mod common;
-mod reliability_kit;
+mod support;
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cfq_emulator::{EmulatorOptions, Fault, FaultOp};
-use common::{ACCOUNT, Answer, Receiver, TOKEN, emulator, wait_until};
-use reliability_kit::{EndState, Tally, metric, publish};
+use support::{
+    ACCOUNT, Answer, Cfg, ConsumerCfg, EndState, Hook, RelayProcess, TOKEN, Tally, api_requests,
+    assert_books, assert_handed_back, bin, emulator, http_status, ok_hook, publish, temp_file,
+    wait_until,
+};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-// ---------------------------------------------------------------------------------------------
-// A relay in a child process
-
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cfq-relay-reliability-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// The scenarios' config: API calls time out after 2 s, info logs, a 10 s grace, and `q1`.
+fn cfg(api: &str, q1: ConsumerCfg) -> Cfg {
+    Cfg::new(api)
+        .api_timeout("2s")
+        .log_level("info")
+        .grace("10s")
+        .consumer(q1)
 }
 
-fn write_config(name: &str, text: &str) -> PathBuf {
-    let path = temp_dir().join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cfq-relay"));
-    c.env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("RUST_LOG")
-        .env_remove("CFQ_RELAY_CONFIG")
-        .env("NO_COLOR", "1");
-    c
-}
-
-/// `cfq-relay run` with its output collected line by line.
-struct Relay {
-    child: Child,
-    output: Arc<Mutex<Vec<String>>>,
-}
-
-impl Relay {
-    fn spawn(name: &str, config: &str, env: &[(&str, &str)]) -> Relay {
-        let path = write_config(&format!("{name}.toml"), config);
-        let mut cmd = bin();
-        cmd.args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let output = Arc::new(Mutex::new(Vec::new()));
-        collect(child.stdout.take().unwrap(), output.clone());
-        collect(child.stderr.take().unwrap(), output.clone());
-        Relay { child, output }
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{sig}");
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().join("\n")
-    }
-
-    fn logged(&self, needle: &str) -> bool {
-        self.output
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    /// The admin address, from the start-up log line (the config asks for port 0).
-    async fn admin(&self) -> SocketAddr {
-        let mut found = None;
-        wait_until(Duration::from_secs(10), "the admin server log line", || {
-            found = self
-                .output
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains("admin server listening"))
-                .and_then(|l| {
-                    let at = l.find("127.0.0.1:")?;
-                    let addr: String = l[at..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                        .collect();
-                    addr.parse().ok()
-                });
-            found.is_some()
-        })
-        .await;
-        found.unwrap()
-    }
-
-    async fn wait_ready(&self) -> SocketAddr {
-        let admin = self.admin().await;
-        let url = format!("http://{admin}/readyz");
-        let end = Instant::now() + Duration::from_secs(10);
-        while http_status(&url).await != 200 {
-            assert!(
-                Instant::now() < end,
-                "relay never ready:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        admin
-    }
-
-    /// Wait (at most `limit`) for the process to end.
-    async fn exit(&mut self, limit: Duration) -> ExitStatus {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < end,
-                "relay still running after {limit:?}:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        // A failed test must not leave its relay behind.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn collect(stream: impl Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
-            let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-            into.lock().unwrap().push(text);
-            line.clear();
-        }
-    });
-}
-
-async fn http_status(url: &str) -> u16 {
-    match reqwest::get(url).await {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
-    }
-}
-
-/// The settings a scenario varies; `text()` is the TOML file.
-struct Cfg {
-    api: String,
-    hook: String,
-    grace: &'static str,
-    visibility: &'static str,
-    timeout: &'static str,
-    concurrency: usize,
-    /// Extra lines of `[consumers.webhook]`.
-    webhook_extra: String,
-    /// The token line of `[cloudflare]` (empty: the token comes from the environment).
-    token: String,
-    log_level: &'static str,
-}
-
-impl Cfg {
-    fn new(api: &str, hook: &str) -> Cfg {
-        Cfg {
-            api: api.to_owned(),
-            hook: hook.to_owned(),
-            grace: "10s",
-            visibility: "30s",
-            timeout: "5s",
-            concurrency: 16,
-            webhook_extra: String::new(),
-            token: format!("api_token = \"{TOKEN}\""),
-            log_level: "info",
-        }
-    }
-
-    fn text(&self) -> String {
-        format!(
-            "[cloudflare]\naccount_id = \"{ACCOUNT}\"\napi_base_url = \"{api}\"\n{token}\napi_timeout = \"2s\"\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"{log}\"\n\
-             [shutdown]\ngrace_period = \"{grace}\"\n\
-             [[consumers]]\nqueue_id = \"q1\"\nvisibility_timeout = \"{vis}\"\nconcurrency = {conc}\nmax_idle_backoff = \"200ms\"\n\
-             [consumers.webhook]\nurl = \"{hook}\"\ntimeout = \"{timeout}\"\n{extra}\n\
-             [consumers.retry]\nbase_delay = \"0s\"\nmax_delay = \"10s\"\n",
-            api = self.api,
-            token = self.token,
-            log = self.log_level,
-            grace = self.grace,
-            vis = self.visibility,
-            conc = self.concurrency,
-            hook = self.hook,
-            timeout = self.timeout,
-            extra = self.webhook_extra,
-        )
-    }
-}
-
-/// A webhook receiver answering 200 after `delay`, tallying the answers.
-async fn ok_hook(delay: Duration) -> (Receiver, Tally) {
-    let tally = Tally::default();
-    let t = tally.clone();
-    let hook = Receiver::start(move |r, _| {
-        t.record(r.header("cfq-message-id").unwrap_or("?"));
-        Answer::ok().delayed(delay)
-    })
-    .await;
-    (hook, tally)
+/// The scenarios' consumer of `q1`: 16 slots, failed deliveries retried at once.
+fn q1(hook: &str) -> ConsumerCfg {
+    ConsumerCfg::new("q1", hook)
+        .concurrency(16)
+        .retry("0s", "10s")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -242,13 +37,11 @@ async fn ok_hook(delay: Duration) -> (Receiver, Tally) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (hook, tally) = ok_hook(Duration::from_millis(1500)).await;
     publish(&emu, "q1", "m", 30);
-    let mut cfg = Cfg::new(&api, &hook.url());
-    cfg.concurrency = 10;
-    let mut relay = Relay::spawn("sigterm", &cfg.text(), &[]);
+    let cfg = cfg(&api, q1(&hook.url()).concurrency(10));
+    let mut relay = RelayProcess::spawn("sigterm", &cfg.text());
     let admin = relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "10 deliveries in flight", || {
         hook.count() >= 10
@@ -287,15 +80,13 @@ async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
         assert_eq!((b.deliveries, b.acks), (1, 1), "{b:?}");
     }
     assert!(books[10..].iter().all(|b| b.deliveries == 0));
-    let end = EndState::of(
+    let end = EndState::report_stop(
         &emu,
         "q1",
         "SIGTERM with deliveries in flight (binary)",
         tally.total(),
-    )
-    .with_shutdown(took)
-    .print()
-    .clone();
+        took,
+    );
     assert_eq!(
         (end.acked, end.remaining, end.duplicates, end.lease_expired),
         (10, 20, 0, 0)
@@ -304,19 +95,15 @@ async fn sigterm_stops_pulling_finishes_in_flight_deliveries_and_exits_0() {
         "RESULT SIGTERM: exit 0, /readyz 503 after {:.0}ms",
         unready_after.as_secs_f64() * 1000.0
     );
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hang = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
-    let mut cfg = Cfg::new(&api, &hang.url());
-    cfg.grace = "1s";
-    cfg.timeout = "20s";
-    let mut relay = Relay::spawn("grace", &cfg.text(), &[]);
+    let cfg = cfg(&api, q1(&hang.url()).timeout("20s")).grace("1s");
+    let mut relay = RelayProcess::spawn("grace", &cfg.text());
     relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "5 deliveries hanging", || {
         hang.count() == 5
@@ -331,35 +118,16 @@ async fn sigterm_past_the_grace_hands_messages_back_and_exits_0() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "grace 1s, took {took:?}"
     );
-    let s = emu.stats("q1");
-    assert_eq!(
-        (s.in_flight, s.backlog, s.lease_expired),
-        (0, 5, 0),
-        "{s:?}"
-    );
-    for b in emu.books("q1") {
-        assert_eq!(
-            (b.deliveries, b.acks, b.retries.clone()),
-            (1, 0, vec![0]),
-            "{b:?}"
-        );
-    }
-    EndState::of(&emu, "q1", "SIGTERM past the grace (binary)", 0)
-        .with_shutdown(took)
-        .print();
-    stop.cancel();
+    assert_handed_back(&emu, "q1", 5, "SIGTERM past the grace (binary)", took);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hang = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
     publish(&emu, "q1", "m", 5);
-    let mut cfg = Cfg::new(&api, &hang.url());
-    cfg.grace = "20s";
-    cfg.timeout = "20s";
-    let mut relay = Relay::spawn("second-signal", &cfg.text(), &[]);
+    let cfg = cfg(&api, q1(&hang.url()).timeout("20s")).grace("20s");
+    let mut relay = RelayProcess::spawn("second-signal", &cfg.text());
     relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "5 deliveries hanging", || {
         hang.count() == 5
@@ -385,10 +153,7 @@ async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
         (0, 5, 5, 0),
         "{s:?}"
     );
-    EndState::of(&emu, "q1", "second signal (exit 130)", 0)
-        .with_shutdown(took)
-        .print();
-    stop.cancel();
+    EndState::report_stop(&emu, "q1", "second signal (exit 130)", 0, took);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,13 +161,12 @@ async fn a_second_signal_exits_at_once_and_leases_bring_the_messages_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (hook, tally) = ok_hook(Duration::from_millis(20)).await;
     let n = 300;
     publish(&emu, "q1", "m", n);
-    let cfg = Cfg::new(&api, &hook.url());
-    let mut relay = Relay::spawn("crash-1", &cfg.text(), &[]);
+    let cfg = cfg(&api, q1(&hook.url()));
+    let mut relay = RelayProcess::spawn("crash-1", &cfg.text());
     wait_until(Duration::from_secs(20), "100 acked", || {
         emu.stats("q1").acked >= 100
     })
@@ -417,7 +181,7 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
     let expired = emu.stats("q1").lease_expired;
     assert_eq!(expired, at_kill.in_flight);
 
-    let mut relay = Relay::spawn("crash-2", &cfg.text(), &[]);
+    let mut relay = RelayProcess::spawn("crash-2", &cfg.text());
     wait_until(
         Duration::from_secs(20),
         "all acked after the restart",
@@ -429,13 +193,10 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
     let status = relay.exit(Duration::from_secs(10)).await;
     let took = t0.elapsed();
     assert_eq!(status.code(), Some(0));
-    for b in emu.books("q1") {
-        assert_eq!(b.acks, 1, "{b:?}");
-    }
-    let end = EndState::of(&emu, "q1", "kill -9 mid-run, restart", tally.total())
-        .with_shutdown(took)
-        .print()
-        .clone();
+    assert_books(&emu, "q1", 1, |b| b.acks);
+    let end =
+        EndState::of(&emu, "q1", "kill -9 mid-run, restart", tally.total()).with_shutdown(took);
+    end.print();
     assert_eq!((end.acked, end.remaining, end.dead_lettered), (n, 0, 0));
     // Redeliveries are exactly the leases the dead process held; duplicates at most those.
     assert_eq!(end.deliveries, n as u64 + expired);
@@ -445,7 +206,6 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
         "RESULT kill -9: {} acked before the kill, {} leases held by the dead process",
         at_kill.acked, at_kill.in_flight
     );
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -453,20 +213,19 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     let (hook, tally) = ok_hook(Duration::from_millis(50)).await;
     let n = 900;
     publish(&emu, "q1", "m", n);
     let mut replicas = Vec::new();
     for r in 0..3 {
-        let mut cfg = Cfg::new(&api, &hook.url());
-        cfg.visibility = "4s";
-        cfg.timeout = "1s";
-        cfg.grace = "2s";
-        cfg.concurrency = 8;
-        cfg.webhook_extra = format!("headers = {{ X-Replica = \"r{r}\" }}");
-        replicas.push(Relay::spawn(&format!("replica-{r}"), &cfg.text(), &[]));
+        let replica = q1(&hook.url())
+            .visibility("4s")
+            .timeout("1s")
+            .concurrency(8)
+            .webhook(&format!("headers = {{ X-Replica = \"r{r}\" }}"));
+        let cfg = cfg(&api, replica).grace("2s");
+        replicas.push(RelayProcess::spawn(&format!("replica-{r}"), &cfg.text()));
     }
     let by_replica = |r: &str| {
         hook.received()
@@ -497,13 +256,10 @@ async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() 
         assert_eq!(status.code(), Some(0), "{}", replicas[r].output());
     }
     let shares: Vec<usize> = ["r0", "r1", "r2"].iter().map(|r| by_replica(r)).collect();
-    for b in emu.books("q1") {
-        assert_eq!(b.acks, 1, "{b:?}");
-    }
-    let end = EndState::of(&emu, "q1", "three replicas, one killed", tally.total())
-        .with_shutdown(took)
-        .print()
-        .clone();
+    assert_books(&emu, "q1", 1, |b| b.acks);
+    let end =
+        EndState::of(&emu, "q1", "three replicas, one killed", tally.total()).with_shutdown(took);
+    end.print();
     assert_eq!((end.acked, end.remaining), (n, 0));
     // Every redelivery is a lease that expired (the killed replica's), nothing else.
     assert_eq!(end.deliveries, n as u64 + end.lease_expired, "{end:?}");
@@ -515,7 +271,6 @@ async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() 
     println!(
         "RESULT replicas: webhook requests per replica {shares:?} (r1 killed after {r1_deliveries})"
     );
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -525,12 +280,10 @@ async fn three_replicas_share_the_work_and_a_killed_one_leaves_nothing_behind() 
 async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
     const HEADER_SECRET: &str = "hdr-5ecret-9d1e7c";
     const QUERY_SECRET: &str = "qs-5ecret-41b2";
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // First deliveries fail, so error paths log too; the failure's body tries to forge a log
     // line.
-    let hook = FailingOnceHook::start().await;
-    let tally = hook.tally.clone();
+    let (hook, tally) = failing_once_hook().await;
     publish(&emu, "q1", "m", 5);
     emu.inject_fault(
         FaultOp::Pull,
@@ -541,25 +294,23 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
         },
     );
     emu.inject_fault(FaultOp::Ack, Fault::Reset);
-    let mut cfg = Cfg::new(&api, &format!("{}?sig={QUERY_SECRET}", hook.url()));
-    cfg.token = String::new();
-    cfg.webhook_extra = format!("headers = {{ X-Webhook-Secret = \"{HEADER_SECRET}\" }}");
-    let mut relay = Relay::spawn(
-        "secrets",
-        &cfg.text(),
-        &[("RUST_LOG", "trace"), ("CLOUDFLARE_API_TOKEN", TOKEN)],
-    );
+    let hook_url = format!("{}?sig={QUERY_SECRET}", hook.url());
+    let secret_header = format!("headers = {{ X-Webhook-Secret = \"{HEADER_SECRET}\" }}");
+    let cfg = cfg(&api, q1(&hook_url).webhook(&secret_header)).token(None);
+    let mut relay = RelayProcess::launch("secrets", &cfg.text())
+        .env("RUST_LOG", "trace")
+        .env("CLOUDFLARE_API_TOKEN", TOKEN)
+        .spawn();
     let admin = relay.admin().await;
+
     wait_until(Duration::from_secs(20), "all acked", || {
         emu.stats("q1").acked == 5
     })
     .await;
     assert!(
-        hook.secrets
-            .lock()
-            .unwrap()
+        hook.received()
             .iter()
-            .all(|s| s == HEADER_SECRET),
+            .all(|r| r.header("x-webhook-secret") == Some(HEADER_SECRET)),
         "the header does reach the webhook"
     );
     // A rejected token: logged loudly, with the permission hint.
@@ -612,19 +363,11 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
         auth.contains("Queues read and write permission") && auth.contains("10000"),
         "{auth}"
     );
-    assert_eq!(
-        metric(
-            &metrics,
-            "cfq_relay_api_requests_total",
-            &[("op", "pull"), ("result", "4xx")]
-        ),
-        1.0
-    );
+    assert_eq!(api_requests(&metrics, "pull", "4xx"), 1.0);
     println!(
         "RESULT secrets: {lines} output lines at trace level and /metrics checked: no token, header or query secret"
     );
     EndState::of(&emu, "q1", "trace-level run with faults", tally.total()).print();
-    stop.cancel();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -632,9 +375,9 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
 
 #[test]
 fn every_bad_value_fails_check_config_and_run_with_one_line_naming_the_key() {
-    let dir = temp_dir();
-    let empty_token = dir.join("empty-token");
-    std::fs::write(&empty_token, "  \n").unwrap();
+    let empty_token = temp_file("empty-token", "  \n");
+    // A directory: it exists, but cannot be read as a token.
+    let dir = empty_token.parent().unwrap().to_owned();
     let base = |cloudflare: &str, consumer: &str, webhook: &str, tail: &str| {
         format!(
             "[cloudflare]\naccount_id = \"{ACCOUNT}\"\n{cloudflare}\n\
@@ -770,7 +513,7 @@ fn every_bad_value_fails_check_config_and_run_with_one_line_naming_the_key() {
     ];
     let mut named = 0;
     for (name, text, env, key) in &cases {
-        let path = write_config(&format!("bad-{}.toml", name.replace(' ', "-")), text);
+        let path = temp_file(&format!("bad-{}.toml", name.replace(' ', "-")), text);
         for cmd in ["check-config", "run"] {
             let mut c = bin();
             c.arg(cmd).arg("--config").arg(&path);
@@ -813,71 +556,31 @@ fn every_bad_value_fails_check_config_and_run_with_one_line_naming_the_key() {
 
 /// A webhook that answers the first delivery of each message with a 500 whose body holds a
 /// newline and a would-be log line, and later ones with 200.
-struct FailingOnceHook {
-    addr: SocketAddr,
-    tally: Tally,
-    /// `X-Webhook-Secret` of every request.
-    secrets: Arc<Mutex<Vec<String>>>,
-}
-
-impl FailingOnceHook {
-    async fn start() -> FailingOnceHook {
-        use axum::http::{HeaderMap, StatusCode};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let tally = Tally::default();
-        let secrets = Arc::new(Mutex::new(Vec::new()));
-        let (t, sec) = (tally.clone(), secrets.clone());
-        let app = axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |headers: HeaderMap| {
-                let (t, sec) = (t.clone(), sec.clone());
-                async move {
-                    let h = |n: &str| {
-                        headers
-                            .get(n)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned()
-                    };
-                    sec.lock().unwrap().push(h("x-webhook-secret"));
-                    if h("cfq-attempt") == "1" {
-                        (
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "oops\nFORGED 2026-01-01T00:00:00Z ERROR cfq_relay: all good\r\n",
-                        )
-                    } else {
-                        t.record(&h("cfq-message-id"));
-                        (StatusCode::OK, "ok")
-                    }
-                }
-            }),
-        );
-        tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        FailingOnceHook {
-            addr,
-            tally,
-            secrets,
+async fn failing_once_hook() -> (Hook, Tally) {
+    let tally = Tally::default();
+    let t = tally.clone();
+    let hook = Hook::start(move |r, _| {
+        if r.header("cfq-attempt") == Some("1") {
+            Answer::status(500)
+                .with_body("oops\nFORGED 2026-01-01T00:00:00Z ERROR cfq_relay: all good\r\n")
+        } else {
+            t.record(r.header("cfq-message-id").unwrap_or(""));
+            Answer::ok().with_body("ok")
         }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
+    })
+    .await;
+    (hook, tally)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_a_partial_batch_at_once_and_exits_0() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     publish(&emu, "q1", "m", 5);
-    let mut cfg = Cfg::new(&api, &hook.url());
     // 5 messages of a batch of 100 would wait 10 s for company.
-    cfg.webhook_extra = "batch = { max_messages = 100, max_wait = \"10s\" }".into();
-    let mut relay = Relay::spawn("batch-sigterm", &cfg.text(), &[]);
+    let batch = "batch = { max_messages = 100, max_wait = \"10s\" }";
+    let cfg = cfg(&api, q1(&hook.url()).webhook(batch));
+    let mut relay = RelayProcess::spawn("batch-sigterm", &cfg.text());
     relay.wait_ready().await;
     wait_until(Duration::from_secs(10), "5 messages held", || {
         emu.stats("q1").in_flight == 5
@@ -895,8 +598,5 @@ async fn sigterm_sends_a_partial_batch_at_once_and_exits_0() {
     assert_eq!(got[0].header("cfq-batch-size"), Some("5"));
     let s = emu.stats("q1");
     assert_eq!((s.acked, s.in_flight, s.lease_expired), (5, 0, 0), "{s:?}");
-    EndState::of(&emu, "q1", "SIGTERM with a partial batch (binary)", 5)
-        .with_shutdown(took)
-        .print();
-    stop.cancel();
+    EndState::report_stop(&emu, "q1", "SIGTERM with a partial batch (binary)", 5, took);
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use cfq_relay::cloudflare::{AckResult, ApiError, PullResult, interpret};
-use cfq_relay::delivery::decode_body;
+use cfq_relay::delivery::{DecodeError, decode_body};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -240,7 +240,27 @@ proptest! {
         ]),
         body in ".{0,200}",
     ) {
-        let _ = decode_body(content_type.as_deref(), body);
+        // Whatever comes in, the answer follows the content type: v8 is refused, json and
+        // bytes decode or name their error, anything else travels as the text it is.
+        let kind = content_type.as_deref().map(str::to_ascii_lowercase);
+        let decoded = decode_body(content_type.as_deref(), body.clone());
+        match (kind.as_deref(), decoded) {
+            (Some("v8"), r) => prop_assert!(matches!(r, Err(DecodeError::V8)), "{:?}", r),
+            (Some("json"), Ok(p)) => {
+                prop_assert_eq!(p.content_type, "application/json");
+                prop_assert!(serde_json::from_slice::<Value>(&p.bytes).is_ok());
+            }
+            (Some("json"), Err(e)) => prop_assert!(matches!(e, DecodeError::Json), "{:?}", e),
+            (Some("bytes"), Ok(p)) => prop_assert_eq!(p.content_type, "application/octet-stream"),
+            (Some("bytes"), Err(e)) => {
+                prop_assert!(matches!(e, DecodeError::Base64("bytes")), "{:?}", e)
+            }
+            (_, Ok(p)) => {
+                prop_assert_eq!(p.content_type, "text/plain; charset=utf-8");
+                prop_assert_eq!(p.bytes.as_ref(), body.as_bytes());
+            }
+            (_, Err(e)) => prop_assert!(false, "text refused: {:?}", e),
+        }
     }
 
     #[test]

@@ -2,61 +2,36 @@
 //! unchanged ones keep running, nothing in flight is lost, and a bad config changes nothing.
 //! Library tests drive `Running::reload`; the last test sends SIGHUP to the real binary.
 
-mod common;
+mod support;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cfq_emulator::{ContentType, EmulatorOptions};
+use cfq_emulator::EmulatorOptions;
 use cfq_relay::{Config, ReloadSummary};
-use common::{ACCOUNT, Answer, Receiver, TOKEN, emulator, wait_until};
+use support::{
+    Answer, Cfg, ConsumerCfg, Hook, RelayProcess, emulator, publish, start, temp_file, temp_path,
+    wait_until,
+};
 use tokio_util::sync::CancellationToken;
 
-/// One `[[consumers]]` entry: queue id, webhook URL, concurrency, extra webhook keys.
-struct C<'a>(&'a str, &'a str, usize, &'a str);
-
-fn config_text(api: &str, grace: &str, consumers: &[C]) -> String {
-    let mut text = format!(
-        "[cloudflare]\naccount_id = \"{ACCOUNT}\"\napi_base_url = \"{api}\"\napi_token = \"{TOKEN}\"\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ngrace_period = \"{grace}\"\n"
-    );
-    for C(queue, hook, concurrency, webhook_extra) in consumers {
-        text.push_str(&format!(
-            "[[consumers]]\nqueue_id = \"{queue}\"\nconcurrency = {concurrency}\n\
-             visibility_timeout = \"30s\"\nmax_idle_backoff = \"100ms\"\n\
-             [consumers.webhook]\nurl = \"{hook}\"\ntimeout = \"5s\"\n{webhook_extra}\n\
-             [consumers.retry]\nbase_delay = \"1s\"\nmax_delay = \"10s\"\n"
-        ));
-    }
-    text
+/// One consumer: queue id, webhook URL, concurrency, more webhook keys; idle pulls 100 ms
+/// apart.
+fn consumer(queue: &str, hook: &str, concurrency: usize, webhook: &str) -> ConsumerCfg {
+    ConsumerCfg::new(queue, hook)
+        .concurrency(concurrency)
+        .idle("100ms")
+        .webhook(webhook)
 }
 
-fn config(api: &str, grace: &str, consumers: &[C]) -> Config {
-    let text = config_text(api, grace, consumers);
-    Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
-}
-
-fn publish(emu: &cfq_emulator::Emulator, queue: &str, n: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            emu.publish(
-                queue,
-                Some(ContentType::Text),
-                format!("{queue}-{i}").as_bytes(),
-                Duration::ZERO,
-            )
-            .unwrap()
-        })
-        .collect()
-}
-
-fn ids(hooks: &[&Receiver]) -> Vec<String> {
-    hooks
+fn cfg(api: &str, grace: &'static str, consumers: &[ConsumerCfg]) -> Cfg {
+    consumers
         .iter()
-        .flat_map(|h| h.received())
-        .map(|r| r.header("cfq-message-id").unwrap().to_owned())
-        .collect()
+        .fold(Cfg::new(api).grace(grace), |cfg, c| cfg.consumer(c.clone()))
+}
+
+fn ids(hooks: &[&Hook]) -> Vec<String> {
+    hooks.iter().flat_map(|h| h.ids()).collect()
 }
 
 fn names(v: &[&str]) -> Vec<String> {
@@ -65,49 +40,49 @@ fn names(v: &[&str]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_change_remove_while_delivering_loses_nothing() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // qa: unchanged by the reload, each delivery takes longer than the 2 s grace period: were
     // it drained, its deliveries would be abandoned and redelivered.
-    let hook_a = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_secs(3))).await;
+    let hook_a = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(3))).await;
     // qb: changed (new webhook); qd: removed. Both slow enough to be busy at the reload.
-    let hook_b = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_millis(300))).await;
-    let hook_b2 = Receiver::start(|_, _| Answer::ok()).await;
-    let hook_d = Receiver::start(|_, _| Answer::ok().delayed(Duration::from_millis(300))).await;
+    let hook_b = Hook::start(|_, _| Answer::ok().delayed(Duration::from_millis(300))).await;
+    let hook_b2 = Hook::start(|_, _| Answer::ok()).await;
+    let hook_d = Hook::start(|_, _| Answer::ok().delayed(Duration::from_millis(300))).await;
     // qc: added.
-    let hook_c = Receiver::start(|_, _| Answer::ok()).await;
+    let hook_c = Hook::start(|_, _| Answer::ok()).await;
 
-    let a = publish(&emu, "qa", 20);
-    let b = publish(&emu, "qb", 50);
-    let c = publish(&emu, "qc", 30);
-    publish(&emu, "qd", 50);
+    let a = publish(&emu, "qa", "qa", 20);
+    let b = publish(&emu, "qb", "qb", 50);
+    let c = publish(&emu, "qc", "qc", 30);
+    publish(&emu, "qd", "qd", 50);
 
-    let before = config(
+    let before = cfg(
         &api,
         "2s",
         &[
-            C("qa", &hook_a.url(), 20, ""),
-            C("qb", &hook_b.url(), 5, ""),
-            C("qd", &hook_d.url(), 5, ""),
+            consumer("qa", &hook_a.url(), 20, ""),
+            consumer("qb", &hook_b.url(), 5, ""),
+            consumer("qd", &hook_d.url(), 5, ""),
         ],
-    );
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(before, relay_stop.clone()).await.unwrap();
+    )
+    .config();
+    let relay = start(before).await;
     wait_until(Duration::from_secs(10), "deliveries in flight", || {
         hook_a.count() == 20 && hook_b.count() >= 5 && hook_d.count() >= 5
     })
     .await;
     assert_eq!(emu.stats("qc").pull_calls, 0, "qc is not configured yet");
 
-    let after = config(
+    let after = cfg(
         &api,
         "2s",
         &[
-            C("qa", &hook_a.url(), 20, ""),
-            C("qb", &hook_b2.url(), 5, ""),
-            C("qc", &hook_c.url(), 5, ""),
+            consumer("qa", &hook_a.url(), 20, ""),
+            consumer("qb", &hook_b2.url(), 5, ""),
+            consumer("qc", &hook_c.url(), 5, ""),
         ],
-    );
+    )
+    .config();
     let summary = relay.reload(after).await.unwrap();
     assert_eq!(
         summary,
@@ -198,35 +173,35 @@ async fn add_change_remove_while_delivering_loses_nothing() {
         metrics.contains("cfq_relay_messages_delivered_total{outcome=\"acked\",queue=\"qa\"} 20")
     );
 
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
-    stop.cancel();
+    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_reload_changes_nothing() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
-    let other = Receiver::start(|_, _| Answer::ok()).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    let other = Hook::start(|_, _| Answer::ok()).await;
     let relay_stop = CancellationToken::new();
     let relay = cfq_relay::start(
-        config(&api, "2s", &[C("qa", &hook.url(), 8, "")]),
+        cfg(&api, "2s", &[consumer("qa", &hook.url(), 8, "")]).config(),
         relay_stop.clone(),
     )
     .await
     .unwrap();
-    publish(&emu, "qa", 10);
+    publish(&emu, "qa", "qa", 10);
     wait_until(Duration::from_secs(10), "first batch acked", || {
         emu.stats("qa").acked == 10
     })
     .await;
 
     // The token cannot be resolved: refused before anything changes.
-    let text = config_text(&api, "2s", &[C("qa", &other.url(), 8, "")]).replace(
-        &format!("api_token = \"{TOKEN}\""),
-        "api_token_file = \"/nonexistent/cfq-relay-token\"",
-    );
+    let text = cfg(&api, "2s", &[consumer("qa", &other.url(), 8, "")])
+        .token(None)
+        .text()
+        .replace(
+            "[admin]",
+            "api_token_file = \"/nonexistent/cfq-relay-token\"\n[admin]",
+        );
     let err = relay
         .reload(Config::from_toml(&text).unwrap())
         .await
@@ -237,24 +212,25 @@ async fn a_bad_reload_changes_nothing() {
     );
 
     // One consumer builds, the next does not (unreadable secret): all or nothing.
-    let bad = config(
+    let bad = cfg(
         &api,
         "2s",
         &[
-            C("qb", &other.url(), 8, ""),
-            C(
+            consumer("qb", &other.url(), 8, ""),
+            consumer(
                 "qa",
                 &other.url(),
                 8,
                 "bearer_token_file = \"/nonexistent/bearer\"",
             ),
         ],
-    );
+    )
+    .config();
     let err = relay.reload(bad).await.unwrap_err();
     assert!(format!("{err:#}").contains("bearer_token_file"), "{err:#}");
-    publish(&emu, "qb", 3);
+    publish(&emu, "qb", "qb", 3);
 
-    publish(&emu, "qa", 10);
+    publish(&emu, "qa", "qa", 10);
     wait_until(Duration::from_secs(10), "second batch acked", || {
         emu.stats("qa").acked == 20
     })
@@ -270,11 +246,17 @@ async fn a_bad_reload_changes_nothing() {
 
     // A good reload after the bad ones applies normally.
     let summary = relay
-        .reload(config(
-            &api,
-            "2s",
-            &[C("qa", &hook.url(), 8, ""), C("qb", &other.url(), 8, "")],
-        ))
+        .reload(
+            cfg(
+                &api,
+                "2s",
+                &[
+                    consumer("qa", &hook.url(), 8, ""),
+                    consumer("qb", &other.url(), 8, ""),
+                ],
+            )
+            .config(),
+        )
         .await
         .unwrap();
     assert_eq!(summary.added, names(&["qb"]));
@@ -285,11 +267,15 @@ async fn a_bad_reload_changes_nothing() {
     .await;
 
     // Settings that only apply at a restart are reported, not half-applied.
-    let mut moved = config(
+    let mut moved = cfg(
         &api,
         "2s",
-        &[C("qa", &hook.url(), 8, ""), C("qb", &other.url(), 8, "")],
-    );
+        &[
+            consumer("qa", &hook.url(), 8, ""),
+            consumer("qb", &other.url(), 8, ""),
+        ],
+    )
+    .config();
     moved.admin.listen = "127.0.0.1:1".parse().unwrap();
     let summary = relay.reload(moved).await.unwrap();
     assert_eq!(summary.needs_restart, names(&["admin"]));
@@ -306,68 +292,107 @@ async fn a_bad_reload_changes_nothing() {
             assert_eq!(book.acks, 1, "{q}: {book:?}");
         }
     }
-    stop.cancel();
 }
 
+/// The new `[cloudflare]` section points at another API (a second emulator): the restarted
+/// consumers pull there, and the old ones stop pulling from the first. A consumer kept running
+/// on its old client would go on pulling (and acking) on the first emulator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_cloudflare_section_restarts_every_consumer() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let (old_emu, old_api) = emulator(EmulatorOptions::default()).await;
+    let (new_emu, new_api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let relay_stop = CancellationToken::new();
     let url = hook.url();
-    let consumers = |h| [C("qa", h, 4, ""), C("qb", h, 4, "")];
-    let relay = cfq_relay::start(config(&api, "2s", &consumers(&url)), relay_stop.clone())
-        .await
-        .unwrap();
-    let text = config_text(&api, "2s", &consumers(&url))
-        .replace("[admin]", "api_timeout = \"20s\"\n[admin]");
+    let consumers = |h| [consumer("qa", h, 4, ""), consumer("qb", h, 4, "")];
+    let relay = cfq_relay::start(
+        cfg(&old_api, "2s", &consumers(&url)).config(),
+        relay_stop.clone(),
+    )
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(10), "both consumers pulling", || {
+        old_emu.stats("qa").pull_calls > 0 && old_emu.stats("qb").pull_calls > 0
+    })
+    .await;
+    let text = cfg(&new_api, "2s", &consumers(&url)).text();
     let summary = relay
         .reload(Config::from_toml(&text).unwrap())
         .await
         .unwrap();
     assert_eq!(summary.changed, names(&["qa", "qb"]));
     assert!(summary.unchanged.is_empty());
-    publish(&emu, "qa", 5);
-    publish(&emu, "qb", 5);
+    publish(&new_emu, "qa", "qa", 5);
+    publish(&new_emu, "qb", "qb", 5);
     wait_until(Duration::from_secs(10), "acked after the restart", || {
-        emu.stats("qa").acked == 5 && emu.stats("qb").acked == 5
+        new_emu.stats("qa").acked == 5 && new_emu.stats("qb").acked == 5
     })
     .await;
+    // The old consumers have drained by now (their successors start only then): from here on
+    // the first emulator sees no pull while the new consumers go on polling the second.
+    let old_pulls = |q| old_emu.stats(q).pull_calls;
+    let before = (old_pulls("qa"), old_pulls("qb"));
+    let polled = (
+        new_emu.stats("qa").pull_calls,
+        new_emu.stats("qb").pull_calls,
+    );
+    publish(&old_emu, "qa", "qa", 3);
+    publish(&old_emu, "qb", "qb", 3);
+    wait_until(
+        Duration::from_secs(10),
+        "five more polls of each queue",
+        || {
+            new_emu.stats("qa").pull_calls >= polled.0 + 5
+                && new_emu.stats("qb").pull_calls >= polled.1 + 5
+        },
+    )
+    .await;
+    assert_eq!(
+        (old_pulls("qa"), old_pulls("qb")),
+        before,
+        "an old consumer still pulls from the previous API"
+    );
+    assert_eq!(
+        (
+            old_emu.stats("qa").deliveries,
+            old_emu.stats("qb").deliveries
+        ),
+        (0, 0),
+        "an old consumer delivered from the previous API"
+    );
     relay_stop.cancel();
     relay.wait().await.unwrap();
-    stop.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_secret_file_restarts_its_consumer() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
-    let dir = TempDir::new("rotate");
-    let token = dir.0.join("bearer");
-    std::fs::write(&token, "first-secret\n").unwrap();
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    let token = temp_file("rotate-bearer", "first-secret\n");
     let extra = format!("bearer_token_file = {:?}", token.display().to_string());
     let url = hook.url();
-    let consumers = [C("qa", &url, 4, &extra), C("qb", &url, 4, "")];
-    let relay_stop = CancellationToken::new();
-    let relay = cfq_relay::start(config(&api, "2s", &consumers), relay_stop.clone())
-        .await
-        .unwrap();
-    publish(&emu, "qa", 1);
+    let consumers = [consumer("qa", &url, 4, &extra), consumer("qb", &url, 4, "")];
+    let relay = start(cfg(&api, "2s", &consumers).config()).await;
+    publish(&emu, "qa", "qa", 1);
     wait_until(Duration::from_secs(10), "first acked", || {
         emu.stats("qa").acked == 1
     })
     .await;
 
     // Same config, same file name, new content: qa restarts with the new secret.
-    let summary = relay.reload(config(&api, "2s", &consumers)).await.unwrap();
+    let summary = relay
+        .reload(cfg(&api, "2s", &consumers).config())
+        .await
+        .unwrap();
     assert!(summary.changed.is_empty(), "nothing changed yet: {summary}");
     std::fs::write(&token, "second-secret\n").unwrap();
-    let summary = relay.reload(config(&api, "2s", &consumers)).await.unwrap();
+    let summary = relay
+        .reload(cfg(&api, "2s", &consumers).config())
+        .await
+        .unwrap();
     assert_eq!(summary.changed, names(&["qa"]));
     assert_eq!(summary.unchanged, names(&["qb"]));
-    publish(&emu, "qa", 1);
+    publish(&emu, "qa", "qa", 1);
     wait_until(Duration::from_secs(10), "second acked", || {
         emu.stats("qa").acked == 2
     })
@@ -378,48 +403,10 @@ async fn a_rotated_secret_file_restarts_its_consumer() {
         .map(|r| r.header("authorization").unwrap_or_default().to_owned())
         .collect();
     assert_eq!(auth, ["Bearer first-secret", "Bearer second-secret"]);
-    relay_stop.cancel();
-    relay.wait().await.unwrap();
-    stop.cancel();
+    relay.stop().await;
 }
 
 // ---- the real binary ----
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("cfq-relay-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{sig} {pid}");
-}
-
-async fn log_contains(path: &Path, what: &str) {
-    let path = path.to_owned();
-    wait_until(Duration::from_secs(10), what, || {
-        std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .contains(what)
-    })
-    .await;
-}
 
 /// Reads systemd notifications (`sd_notify`) the binary sends to `NOTIFY_SOCKET`.
 struct Notifications(tokio::net::UnixDatagram);
@@ -444,91 +431,77 @@ impl Notifications {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_file_and_a_bad_edit_keeps_the_running_config() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
-    let dir = TempDir::new("sighup");
-    let path = dir.0.join("config.toml");
-    let log = dir.0.join("stderr.log");
-    let notify = Notifications(tokio::net::UnixDatagram::bind(dir.0.join("notify.sock")).unwrap());
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    let socket = temp_path("sighup-notify.sock");
+    let _ = std::fs::remove_file(&socket);
+    let notify = Notifications(tokio::net::UnixDatagram::bind(&socket).unwrap());
     let url = hook.url();
-    std::fs::write(&path, config_text(&api, "2s", &[C("q1", &url, 4, "")])).unwrap();
-
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cfq-relay"))
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("RUST_LOG")
-        .env("NOTIFY_SOCKET", dir.0.join("notify.sock"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
+    let mut relay = RelayProcess::launch(
+        "sighup",
+        &cfg(&api, "2s", &[consumer("q1", &url, 4, "")]).text(),
+    )
+    .env("NOTIFY_SOCKET", socket.to_str().unwrap())
+    .spawn();
     notify.expect("READY=1").await;
 
-    publish(&emu, "q1", 5);
+    publish(&emu, "q1", "q1", 5);
     wait_until(Duration::from_secs(10), "q1 acked", || {
         emu.stats("q1").acked == 5
     })
     .await;
 
     // Add a consumer in the file and send SIGHUP.
-    std::fs::write(
-        &path,
-        config_text(&api, "2s", &[C("q1", &url, 4, ""), C("q2", &url, 4, "")]),
-    )
-    .unwrap();
-    signal(pid, "HUP");
+    relay.reload_file(
+        &cfg(
+            &api,
+            "2s",
+            &[consumer("q1", &url, 4, ""), consumer("q2", &url, 4, "")],
+        )
+        .text(),
+    );
     let reloading = notify.expect("RELOADING=1").await;
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
     notify.expect("READY=1").await;
-    log_contains(
-        &log,
-        "added: q2; changed: none; removed: none; unchanged: q1",
-    )
-    .await;
-    publish(&emu, "q2", 5);
+    relay
+        .wait_logged("added: q2; changed: none; removed: none; unchanged: q1")
+        .await;
+    publish(&emu, "q2", "q2", 5);
     wait_until(Duration::from_secs(10), "q2 acked", || {
         emu.stats("q2").acked == 5
     })
     .await;
 
     // A broken edit: refused with the key named, and both consumers keep running.
-    std::fs::write(
-        &path,
-        config_text(&api, "2s", &[C("q1", &url, 0, ""), C("q2", &url, 4, "")]),
-    )
-    .unwrap();
-    signal(pid, "HUP");
+    relay.reload_file(
+        &cfg(
+            &api,
+            "2s",
+            &[consumer("q1", &url, 0, ""), consumer("q2", &url, 4, "")],
+        )
+        .text(),
+    );
     notify.expect("READY=1").await;
-    log_contains(&log, "configuration reload failed").await;
-    log_contains(
-        &log,
-        "`consumers[0].concurrency` must be between 1 and 10000",
-    )
-    .await;
-    publish(&emu, "q1", 5);
-    publish(&emu, "q2", 5);
+    relay.wait_logged("configuration reload failed").await;
+    relay
+        .wait_logged("`consumers[0].concurrency` must be between 1 and 10000")
+        .await;
+    publish(&emu, "q1", "q1", 5);
+    publish(&emu, "q2", "q2", 5);
     wait_until(Duration::from_secs(10), "still delivering", || {
         emu.stats("q1").acked == 10 && emu.stats("q2").acked == 10
     })
     .await;
-    assert!(child.try_wait().unwrap().is_none(), "still running");
+    assert!(relay.running(), "still running");
 
-    signal(pid, "TERM");
+    relay.signal("TERM");
     notify.expect("STOPPING=1").await;
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    let status = relay.exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}\n{}", relay.output());
     assert_eq!(hook.count(), 20);
     for q in ["q1", "q2"] {
         for book in emu.books(q) {
             assert_eq!(book.acks, 1, "{q}: {book:?}");
         }
     }
-    stop.cancel();
 }

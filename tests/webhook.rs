@@ -2,13 +2,15 @@
 //! (the `standardwebhooks` crate, a dev-dependency), outbound auth, status policy, envelope mode,
 //! circuit breaker, rate limit.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
 use base64::Engine;
 use cfq_emulator::{ContentType, EmulatorOptions};
-use common::{Answer, Received, Receiver, config, emulator, wait_until};
+use support::{
+    Answer, Hook, Received, config, emulator, one_consumer, publish_text, start, wait_until,
+};
 use tokio_util::sync::CancellationToken;
 
 const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -30,29 +32,10 @@ fn reference_verify(cases: &[(&str, &Received, bool)]) -> Vec<bool> {
         .collect()
 }
 
-async fn relay_until_acked(
-    cfg: cfq_relay::Config,
-    emu: &cfq_emulator::Emulator,
-    queue: &str,
-    n: u64,
-) -> String {
-    let stop = CancellationToken::new();
-    let relay = cfq_relay::start(cfg, stop.clone()).await.unwrap();
-    wait_until(Duration::from_secs(20), "acked", || {
-        emu.stats(queue).acked >= n
-    })
-    .await;
-    let metrics = relay.metrics().render();
-    stop.cancel();
-    relay.wait().await.unwrap();
-    metrics
-}
-
 #[tokio::test]
 async fn signatures_verify_with_the_reference_implementation_and_rotate() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     emu.publish(
         "q1",
         Some(ContentType::Json),
@@ -60,16 +43,10 @@ async fn signatures_verify_with_the_reference_implementation_and_rotate() {
         Duration::ZERO,
     )
     .unwrap();
-    emu.publish(
-        "q1",
-        Some(ContentType::Text),
-        "plain ✓ text".as_bytes(),
-        Duration::ZERO,
-    )
-    .unwrap();
+    publish_text(&emu, "q1", "plain ✓ text");
     let webhook = format!("signing_secrets = [\"{SECRET_A}\", \"{SECRET_B}\"]");
-    let cfg = config(&api, &[("q1", &hook.url(), "", &webhook)]);
-    relay_until_acked(cfg, &emu, "q1", 2).await;
+    let cfg = one_consumer(&api, &hook.url(), &webhook);
+    start(cfg).await.until_acked(&emu, "q1", 2).await;
 
     let got = hook.received();
     assert_eq!(got.len(), 2);
@@ -95,52 +72,34 @@ async fn signatures_verify_with_the_reference_implementation_and_rotate() {
             cases[i].0, cases[i].2
         );
     }
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn signing_secret_id_is_stable_across_retries() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, i| {
-        if i == 0 {
-            Answer::status(500)
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
-    emu.publish("q1", Some(ContentType::Text), b"x", Duration::ZERO)
-        .unwrap();
-    let mut cfg = config(
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::failing_first(1, Answer::status(500)).await;
+    publish_text(&emu, "q1", "x");
+    let mut cfg = one_consumer(
         &api,
-        &[(
-            "q1",
-            &hook.url(),
-            "",
-            &format!("signing_secrets = [\"{SECRET_A}\"]"),
-        )],
+        &hook.url(),
+        &format!("signing_secrets = [\"{SECRET_A}\"]"),
     );
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
-    relay_until_acked(cfg, &emu, "q1", 1).await;
+    start(cfg).await.until_acked(&emu, "q1", 1).await;
     let got = hook.received();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
     let results = reference_verify(&[(SECRET_A, &got[0], false), (SECRET_A, &got[1], false)]);
     assert_eq!(results, vec![true, true]);
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn bearer_basic_and_custom_headers_arrive() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let bearer_hook = Receiver::start(|_, _| Answer::ok()).await;
-    let basic_hook = Receiver::start(|_, _| Answer::ok()).await;
-    emu.publish("qa", Some(ContentType::Text), b"a", Duration::ZERO)
-        .unwrap();
-    emu.publish("qb", Some(ContentType::Text), b"b", Duration::ZERO)
-        .unwrap();
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let bearer_hook = Hook::start(|_, _| Answer::ok()).await;
+    let basic_hook = Hook::start(|_, _| Answer::ok()).await;
+    publish_text(&emu, "qa", "a");
+    publish_text(&emu, "qb", "b");
     let dir = std::env::temp_dir().join(format!("cfq-relay-auth-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let pw = dir.join("password");
@@ -184,15 +143,13 @@ async fn bearer_basic_and_custom_headers_arrive() {
     );
     assert_eq!(b.header("authorization"), Some(expected.as_str()));
     std::fs::remove_dir_all(&dir).ok();
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn status_policy_branches() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
     // Answer by body: the status to return on the first attempt; 200 afterwards.
-    let hook = Receiver::start(|r, _| {
+    let hook = Hook::start(|r, _| {
         let first = r.header("cfq-attempt") == Some("1");
         let want: u16 = std::str::from_utf8(&r.body).unwrap().parse().unwrap();
         Answer::status(if first { want } else { 200 })
@@ -200,14 +157,7 @@ async fn status_policy_branches() {
     .await;
     let mut ids = std::collections::HashMap::new();
     for status in [200u16, 409, 410, 202, 404] {
-        let id = emu
-            .publish(
-                "q1",
-                Some(ContentType::Text),
-                status.to_string().as_bytes(),
-                Duration::ZERO,
-            )
-            .unwrap();
+        let id = publish_text(&emu, "q1", &status.to_string());
         ids.insert(status, id);
     }
     let mut cfg = config(
@@ -220,43 +170,30 @@ async fn status_policy_branches() {
         )],
     );
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
-    let metrics = relay_until_acked(cfg, &emu, "q1", 5).await;
+    let metrics = start(cfg).await.until_acked(&emu, "q1", 5).await;
     let books = emu.books("q1");
     let book = |s: u16| books.iter().find(|b| b.id == ids[&s]).unwrap().clone();
-    assert_eq!((book(200).deliveries, book(200).acks), (1, 1), "2xx: acked");
-    assert_eq!(
-        (book(409).deliveries, book(409).acks),
-        (1, 1),
-        "configured success: acked"
-    );
-    assert_eq!(
-        (book(410).deliveries, book(410).acks),
-        (1, 1),
-        "configured drop: acked once, not retried"
-    );
-    assert_eq!(
-        (book(202).deliveries, book(202).acks),
-        (2, 1),
-        "configured retry: retried, then acked"
-    );
-    assert_eq!(
-        (book(404).deliveries, book(404).acks),
-        (2, 1),
-        "other 4xx: retried by default"
-    );
+    // (status, (deliveries, acks), why)
+    for (status, want, why) in [
+        (200, (1, 1), "2xx: acked"),
+        (409, (1, 1), "configured success: acked"),
+        (410, (1, 1), "configured drop: acked once, not retried"),
+        (202, (2, 1), "configured retry: retried, then acked"),
+        (404, (2, 1), "other 4xx: retried by default"),
+    ] {
+        assert_eq!((book(status).deliveries, book(status).acks), want, "{why}");
+    }
     for (outcome, n) in [("acked", 4), ("dropped", 1), ("retried", 2)] {
         let line =
             format!("cfq_relay_messages_delivered_total{{outcome=\"{outcome}\",queue=\"q1\"}} {n}");
         assert!(metrics.contains(&line), "{line}\n{metrics}");
     }
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn envelope_mode_wraps_the_body_with_metadata() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let json_id = emu
         .publish(
             "q1",
@@ -268,14 +205,12 @@ async fn envelope_mode_wraps_the_body_with_metadata() {
     let bytes_id = emu
         .publish("q1", Some(ContentType::Bytes), &[0, 255, 7], Duration::ZERO)
         .unwrap();
-    let text_id = emu
-        .publish("q1", Some(ContentType::Text), b"hi", Duration::ZERO)
-        .unwrap();
+    let text_id = publish_text(&emu, "q1", "hi");
     let cfg = config(
         &api,
         &[("q1", &hook.url(), "name = \"orders\"", "envelope = true")],
     );
-    relay_until_acked(cfg, &emu, "q1", 3).await;
+    start(cfg).await.until_acked(&emu, "q1", 3).await;
     for r in hook.received() {
         assert_eq!(r.header("content-type"), Some("application/json"));
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -295,23 +230,18 @@ async fn envelope_mode_wraps_the_body_with_metadata() {
             assert_eq!(v["body"], "hi");
         }
     }
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn breaker_opens_under_a_failing_receiver_and_closes_on_recovery() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(
-        EmulatorOptions {
-            max_retries: 100,
-            ..EmulatorOptions::default()
-        },
-        &stop,
-    )
+    let (emu, api) = emulator(EmulatorOptions {
+        max_retries: 100,
+        ..EmulatorOptions::default()
+    })
     .await;
     let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let h = healthy.clone();
-    let hook = Receiver::start(move |_, _| {
+    let hook = Hook::start(move |_, _| {
         if h.load(std::sync::atomic::Ordering::SeqCst) {
             Answer::ok()
         } else {
@@ -320,13 +250,7 @@ async fn breaker_opens_under_a_failing_receiver_and_closes_on_recovery() {
     })
     .await;
     for i in 0..50 {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
     let mut cfg = config(
         &api,
@@ -374,29 +298,18 @@ async fn breaker_opens_under_a_failing_receiver_and_closes_on_recovery() {
     relay.wait().await.unwrap();
     let s = emu.stats("q1");
     assert_eq!((s.acked, s.dead_lettered, s.lease_expired), (50, 0, 0));
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn rate_limit_holds_within_ten_percent() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, _| Answer::ok()).await;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
     let n = 61;
     for i in 0..n {
-        emu.publish(
-            "q1",
-            Some(ContentType::Text),
-            format!("m{i}").as_bytes(),
-            Duration::ZERO,
-        )
-        .unwrap();
+        publish_text(&emu, "q1", &format!("m{i}"));
     }
-    let cfg = config(
-        &api,
-        &[("q1", &hook.url(), "", "max_requests_per_second = 20")],
-    );
-    relay_until_acked(cfg, &emu, "q1", n).await;
+    let cfg = one_consumer(&api, &hook.url(), "max_requests_per_second = 20");
+    start(cfg).await.until_acked(&emu, "q1", n).await;
     let got = hook.received();
     assert_eq!(got.len() as u64, n);
     let span = got.last().unwrap().at - got.first().unwrap().at;
@@ -413,33 +326,20 @@ async fn rate_limit_holds_within_ten_percent() {
             .count();
         assert!(in_window <= 21, "burst of {in_window} within a second");
     }
-    stop.cancel();
 }
 
 #[tokio::test]
 async fn retry_after_pauses_the_whole_consumer() {
-    let stop = CancellationToken::new();
-    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let hook = Receiver::start(|_, i| {
-        if i == 0 {
-            Answer::status(503).with_header("retry-after", "2")
-        } else {
-            Answer::ok()
-        }
-    })
-    .await;
-    let a = emu
-        .publish("q1", Some(ContentType::Text), b"a", Duration::ZERO)
-        .unwrap();
-    let b = emu
-        .publish("q1", Some(ContentType::Text), b"b", Duration::ZERO)
-        .unwrap();
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::failing_first(1, Answer::status(503).with_header("retry-after", "2")).await;
+    let a = publish_text(&emu, "q1", "a");
+    let b = publish_text(&emu, "q1", "b");
     // One at a time, so the second message is pulled only after the first answer.
     let cfg = config(
         &api,
         &[("q1", &hook.url(), "concurrency = 1\nbatch_size = 1", "")],
     );
-    relay_until_acked(cfg, &emu, "q1", 2).await;
+    start(cfg).await.until_acked(&emu, "q1", 2).await;
     let first_a = hook.for_id(&a)[0].at;
     let second_a = hook.for_id(&a)[1].at;
     let first_b = hook.for_id(&b)[0].at;
@@ -452,7 +352,6 @@ async fn retry_after_pauses_the_whole_consumer() {
         gap_a >= Duration::from_secs(2) && gap_a < Duration::from_secs(3),
         "a retried after {gap_a:?}"
     );
-    stop.cancel();
 }
 
 /// The webhook sink (`cfq-emulator`, which never imports the relay) reads the relay's headers

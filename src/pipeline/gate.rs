@@ -408,12 +408,12 @@ mod tests {
             None,
         );
         let t = Instant::now();
-        let mut opened = false;
-        for i in 0..20 {
-            // Alternate: never 3 in a row, but half fail.
-            opened |= g.record(t, i % 2 == 0).is_some();
-        }
-        assert!(opened && g.is_open());
+        // Alternate, failing first: never 3 in a row, and the ratio is at or over 0.5 from the
+        // first failure on. Below `min_requests` (10) it must not open; the first failure from
+        // the 10th request on opens it: the 11th (the 10th succeeds).
+        let opened_at = (1..=20).find(|i| g.record(t, i % 2 == 1).is_some());
+        assert_eq!(opened_at, Some(11));
+        assert!(g.is_open());
     }
 
     #[test]
