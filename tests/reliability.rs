@@ -699,6 +699,18 @@ async fn a_share_of_failing_ack_calls_costs_only_those_calls() {
     let (emu, api) = emulator(opts).await;
     let (hook, tally) = ok_hook(Duration::ZERO).await;
     let ids = publish(&emu, "q1", "m", N);
+    // Two ack calls fail for sure (the ratio alone may spare every one of the ~20 calls), fewer
+    // than the failures in a row that back every call off.
+    for _ in 0..2 {
+        emu.inject_fault(
+            FaultOp::Ack,
+            Fault::Status {
+                status: 500,
+                body: "injected".into(),
+                retry_after: None,
+            },
+        );
+    }
     // Smaller calls: more of them, so more fail.
     let cfg = relay_config(&api, &hook.url(), |c| c.consumers[0].batch_size = 25);
     let relay_stop = CancellationToken::new();
@@ -730,7 +742,7 @@ async fn a_share_of_failing_ack_calls_costs_only_those_calls() {
         failed("ack"),
         failed("pull")
     );
-    assert!(failed("ack") >= 3.0, "ack calls failed: {text}");
+    assert!(failed("ack") >= 2.0, "ack calls failed: {text}");
     assert_eq!(
         metric(&text, "cfq_relay_leases_expired_total", &[]),
         0.0,
