@@ -48,7 +48,6 @@ pub mod webhook;
 // The flat paths the binary, the tests and the bench use (`cfq_relay::delivery`, …), kept
 // deliberately: each names a module of the layer folders above.
 pub use cloudflare::{online, retry};
-pub use config::secrets;
 pub use ops::{admin, metrics, supervisor};
 pub use pipeline::{acker, batch, concurrency, consumer, ctx, gate, policy, poller, worker};
 pub use webhook::{delivery, guard, signing};

@@ -8,7 +8,6 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
-use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
@@ -17,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::Config;
 use crate::cloudflare::QueueClient;
-use crate::config::ConsumerConfig;
+use crate::config::{ConsumerConfig, Secret};
 use crate::ops::admin::ConsumerSet;
 use crate::ops::metrics::Metrics;
 use crate::pipeline::consumer::{Consumer, Readiness};
@@ -140,7 +139,7 @@ pub(crate) struct Supervisor {
     /// The configuration in effect (its `admin` and `log` are those of the start: they are
     /// not reloaded).
     config: Config,
-    token: SecretString,
+    token: Secret,
     api_http: reqwest::Client,
     webhook_http: reqwest::Client,
     metrics: Metrics,
@@ -159,7 +158,7 @@ impl Supervisor {
     /// serves reloads and the shutdown.
     pub fn new(
         config: Config,
-        token: SecretString,
+        token: Secret,
         api_http: reqwest::Client,
         webhook_http: reqwest::Client,
         metrics: Metrics,
@@ -196,7 +195,7 @@ impl Supervisor {
     fn prepare(
         &self,
         config: &Config,
-        token: &SecretString,
+        token: &Secret,
         c: &ConsumerConfig,
     ) -> anyhow::Result<Prepared> {
         let label = c.label().to_owned();
@@ -305,7 +304,7 @@ impl Supervisor {
         let cloudflare_changed = old_cf.account_id != new_cf.account_id
             || old_cf.api_base_url != new_cf.api_base_url
             || old_cf.api_timeout != new_cf.api_timeout
-            || self.token.expose_secret() != token.expose_secret();
+            || self.token.expose() != token.expose();
 
         let mut start = Vec::new();
         for c in &new.consumers {

@@ -14,8 +14,7 @@ use anyhow::Context;
 use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
 use reqwest::header::AUTHORIZATION;
 
-use crate::config::secrets::{self, Secret};
-use crate::config::{ConfigError, ConsumerConfig, WebhookConfig};
+use crate::config::{ConfigError, ConsumerConfig, Secret, WebhookConfig};
 use crate::pipeline::policy::{Attempt, retry_after_header};
 use crate::webhook::signing::{self, Signer};
 
@@ -203,25 +202,12 @@ impl WebhookAuth {
     /// Resolve `bearer_token*`, `basic_auth.password*` and `signing_secret*`; `prefix` is the
     /// config key of the webhook table for error messages (e.g. `consumers[0].webhook`).
     pub fn resolve(w: &WebhookConfig, prefix: &str) -> Result<Self, ConfigError> {
-        let invalid = |k: &str, m: String| ConfigError::Invalid {
-            key: format!("{prefix}.{k}"),
-            message: m,
-        };
-        let bearer = secrets::resolve(
-            &format!("{prefix}.bearer_token"),
-            w.bearer_token.as_ref(),
-            w.bearer_token_file.as_deref(),
-            w.bearer_token_env.as_deref(),
-        )?;
+        let invalid = |k: &str, m: &str| ConfigError::invalid(format!("{prefix}.{k}"), m);
+        let bearer = w.bearer_token_source(prefix).resolve()?;
         let basic = match &w.basic_auth {
             None => None,
             Some(b) => {
-                let password = secrets::resolve(
-                    &format!("{prefix}.basic_auth.password"),
-                    b.password.as_ref(),
-                    b.password_file.as_deref(),
-                    b.password_env.as_deref(),
-                )?;
+                let password = w.password_source(prefix).resolve()?;
                 let pair = format!(
                     "{}:{}",
                     b.username,
@@ -234,7 +220,7 @@ impl WebhookAuth {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "bearer_token",
-                    "and `basic_auth` are both set; choose one".into(),
+                    "and `basic_auth` are both set; choose one",
                 ));
             }
             (Some(t), None) => Some(format!("Bearer {}", t.expose())),
@@ -246,7 +232,7 @@ impl WebhookAuth {
                 let mut h = HeaderValue::from_str(&v).map_err(|_| {
                     invalid(
                         "bearer_token",
-                        "contains characters not allowed in an HTTP header".into(),
+                        "contains characters not allowed in an HTTP header",
                     )
                 })?;
                 h.set_sensitive(true);
@@ -254,20 +240,11 @@ impl WebhookAuth {
             }
             None => None,
         };
-        let secrets: Vec<Secret> = if let Some(s) = secrets::resolve(
-            &format!("{prefix}.signing_secret"),
-            None,
-            w.signing_secret_file.as_deref(),
-            w.signing_secret_env.as_deref(),
-        )? {
-            s.expose().split_whitespace().map(Secret::new).collect()
-        } else {
-            w.signing_secrets.clone()
-        };
+        let secrets = w.resolve_signing_secrets(prefix)?;
         let signer = if secrets.is_empty() {
             None
         } else {
-            Some(Signer::new(&secrets).map_err(|e| invalid("signing_secrets", e))?)
+            Some(Signer::new(&secrets).map_err(|e| invalid("signing_secrets", &e))?)
         };
         Ok(Self {
             authorization,
