@@ -29,18 +29,17 @@ pub(super) fn check_range(
     min: Duration,
     max: Duration,
 ) -> Result<(), ConfigError> {
-    if v < min || v > max {
-        return Err(ConfigError::invalid(
-            key,
-            format!(
-                "must be between {} and {}, got {}",
-                fmt_duration(min),
-                fmt_duration(max),
-                fmt_duration(v)
-            ),
-        ));
+    check_between(key, Human(v), Human(min), Human(max))
+}
+
+/// A duration that displays as `1h 30m`.
+#[derive(PartialEq, PartialOrd)]
+struct Human(Duration);
+
+impl Display for Human {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        humantime::format_duration(self.0).fmt(f)
     }
-    Ok(())
 }
 
 /// An absolute `http://` or `https://` URL with a host.
@@ -58,5 +57,5 @@ pub(super) fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
 
 /// Human-readable duration, e.g. `1h 30m`, `250ms`.
 pub fn fmt_duration(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
+    Human(d).to_string()
 }

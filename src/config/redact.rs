@@ -53,12 +53,6 @@ impl<'a> IntoIterator for &'a ExtraHeaders {
     }
 }
 
-impl FromIterator<(String, String)> for ExtraHeaders {
-    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
-        Self(iter.into_iter().collect())
-    }
-}
-
 impl fmt::Debug for ExtraHeaders {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.0.keys()).finish()

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::ConfigError;
 
-/// A secret string. `Debug` prints `[REDACTED]`; the value is reachable only via [`Secret::expose`].
+/// A secret string. `Debug` prints `"[REDACTED]"`; the value is reachable only via [`Secret::expose`].
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -29,13 +29,8 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[REDACTED]")
-    }
-}
-
-impl From<String> for Secret {
-    fn from(value: String) -> Self {
-        Self(value)
+        // Quoted, as a string field would be: `api_token: Some("[REDACTED]")`.
+        fmt::Debug::fmt("[REDACTED]", f)
     }
 }
 
@@ -117,11 +112,6 @@ impl<'a> SecretSource<'a> {
     pub fn or(mut self, next: SecretSource<'a>) -> Self {
         self.places.extend(next.places);
         self
-    }
-
-    /// Whether any place is set at all (a set place may still fail to resolve).
-    pub fn is_set(&self) -> bool {
-        !self.places.is_empty()
     }
 
     /// Whether the value is written in the config file itself.
@@ -221,8 +211,8 @@ mod tests {
     #[test]
     fn debug_is_redacted() {
         let s = Secret::new("hunter2");
-        assert_eq!(format!("{s:?}"), "[REDACTED]");
-        assert_eq!(format!("{:?}", Some(vec![s])), "Some([[REDACTED]])");
+        assert_eq!(format!("{s:?}"), "\"[REDACTED]\"");
+        assert_eq!(format!("{:?}", Some(vec![s])), "Some([\"[REDACTED]\"])");
         let inline = Secret::new("hunter2");
         let source = SecretSource::keys("k", Some(&inline), None, None);
         assert!(!format!("{source:?}").contains("hunter2"));
@@ -290,7 +280,7 @@ mod tests {
         assert_eq!(got(None).unwrap().as_deref(), Some("inline"));
         assert_eq!(got(Some(" env ")).unwrap().as_deref(), Some("env"));
         assert_eq!(got(Some(" ")).unwrap_err(), "`SOME_TOKEN` is set but empty");
-        assert!(source.is_inline() && source.is_set());
+        assert!(source.is_inline());
         assert_eq!(source.files().count(), 0, "ambient files are not config keys");
     }
 }

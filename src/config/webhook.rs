@@ -143,6 +143,16 @@ impl WebhookConfig {
         )
     }
 
+    /// The mTLS private key's place (a file only: `client_key_file`).
+    pub fn client_key_source(&self, at: &str) -> SecretSource<'_> {
+        SecretSource::keys(
+            &format!("{at}.client_key"),
+            None,
+            self.client_key_file.as_deref(),
+            None,
+        )
+    }
+
     /// The signing secrets, read from their source: the variable or the file (split on white
     /// space) if set, else `signing_secrets`.
     pub fn resolve_signing_secrets(&self, at: &str) -> Result<Vec<Secret>, ConfigError> {
@@ -154,23 +164,21 @@ impl WebhookConfig {
 
     /// Every secret of this webhook that the config holds or points at: whether one is written
     /// inline (the extra headers count: they often carry credentials), and the secret files as
-    /// (key, path) — the mTLS key among them.
+    /// (key, path), the mTLS key among them. A new secret joins here as one more source.
     pub fn secret_places(&self, at: &str) -> (bool, Vec<(String, PathBuf)>) {
         let sources = [
             self.signing_secret_source(at),
             self.bearer_token_source(at),
             self.password_source(at),
+            self.client_key_source(at),
         ];
         let inline = !self.signing_secrets.is_empty()
             || !self.headers.is_empty()
             || sources.iter().any(SecretSource::is_inline);
-        let mut files: Vec<(String, PathBuf)> = sources
+        let files = sources
             .iter()
             .flat_map(|s| s.files().map(|(k, p)| (k.to_owned(), p.to_owned())))
             .collect();
-        if let Some(p) = &self.client_key_file {
-            files.push((format!("{at}.client_key_file"), p.clone()));
-        }
         (inline, files)
     }
 
