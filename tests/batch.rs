@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::config::Secret;
+use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::signing::Signer;
 use common::{Answer, Received, Receiver, config, emulator, wait_until};
 use reliability_kit::{EndState, metric, publish};

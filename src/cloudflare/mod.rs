@@ -332,8 +332,8 @@ impl QueueClient {
                 "{base}/accounts/{account_id}/queues/{queue_id}/messages/{op}"
             ))
         };
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-            .map_err(|_| {
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
                 anyhow::anyhow!("the API token contains characters not allowed in an HTTP header")
             })?;
         auth.set_sensitive(true);

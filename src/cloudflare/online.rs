@@ -61,10 +61,9 @@ pub async fn check(config: &Config, token: &Secret) -> anyhow::Result<Vec<Proble
         .timeout(cf.api_timeout)
         .build()
         .context("building the API HTTP client")?;
-    let mut auth =
-        HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
-            anyhow::anyhow!("the API token contains characters not allowed in an HTTP header")
-        })?;
+    let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+        anyhow::anyhow!("the API token contains characters not allowed in an HTTP header")
+    })?;
     auth.set_sensitive(true);
     let base = format!(
         "{}/accounts/{}/queues",

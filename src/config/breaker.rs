@@ -43,10 +43,7 @@ impl Validate for BreakerConfig {
         if !(self.failure_ratio > 0.0 && self.failure_ratio <= 1.0) {
             return Err(ConfigError::invalid(
                 format!("{at}.failure_ratio"),
-                format!(
-                    "must be above 0 and at most 1, got {}",
-                    self.failure_ratio
-                ),
+                format!("must be above 0 and at most 1, got {}", self.failure_ratio),
             ));
         }
         if self.consecutive_failures == 0 {

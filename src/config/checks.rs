@@ -51,7 +51,10 @@ pub(super) fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
             format!("must be an http or https URL, got scheme {:?}", u.scheme()),
         )),
         // The URL parser's message names the problem, never the URL.
-        Err(e) => Err(ConfigError::invalid(key, format!("is not a valid URL: {e}"))),
+        Err(e) => Err(ConfigError::invalid(
+            key,
+            format!("is not a valid URL: {e}"),
+        )),
     }
 }
 

@@ -116,7 +116,9 @@ impl<'a> SecretSource<'a> {
 
     /// Whether the value is written in the config file itself.
     pub fn is_inline(&self) -> bool {
-        self.places.iter().any(|p| matches!(p.from, Origin::Inline(_)))
+        self.places
+            .iter()
+            .any(|p| matches!(p.from, Origin::Inline(_)))
     }
 
     /// The files named by config keys, as (key, path).
@@ -281,6 +283,10 @@ mod tests {
         assert_eq!(got(Some(" env ")).unwrap().as_deref(), Some("env"));
         assert_eq!(got(Some(" ")).unwrap_err(), "`SOME_TOKEN` is set but empty");
         assert!(source.is_inline());
-        assert_eq!(source.files().count(), 0, "ambient files are not config keys");
+        assert_eq!(
+            source.files().count(),
+            0,
+            "ambient files are not config keys"
+        );
     }
 }

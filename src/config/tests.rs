@@ -59,27 +59,48 @@ fn each_bad_value_names_its_key() {
             GOOD.replace("account_id = \"0123456789abcdef0123456789abcdef\"", ""),
             "`cloudflare.account_id` is required",
         ),
-        (with("", "batch_size = 0"), "`consumers[0].batch_size` must be between 1 and 100, got 0"),
-        (with("", "batch_size = 101"), "`consumers[0].batch_size` must be between 1 and 100, got 101"),
+        (
+            with("", "batch_size = 0"),
+            "`consumers[0].batch_size` must be between 1 and 100, got 0",
+        ),
+        (
+            with("", "batch_size = 101"),
+            "`consumers[0].batch_size` must be between 1 and 100, got 101",
+        ),
         (
             with("", "visibility_timeout = \"13h\""),
             "`consumers[0].visibility_timeout` must be between 1s and 12h, got 13h",
         ),
-        (with("", "concurrency = 0"), "`consumers[0].concurrency` must be between 1 and 10000"),
         (
-            format!("{}timeout = \"10s\"\n", with("", "visibility_timeout = \"10s\"")),
+            with("", "concurrency = 0"),
+            "`consumers[0].concurrency` must be between 1 and 10000",
+        ),
+        (
+            format!(
+                "{}timeout = \"10s\"\n",
+                with("", "visibility_timeout = \"10s\"")
+            ),
             "`consumers[0].webhook.timeout` must be shorter than visibility_timeout (10s), got 10s",
         ),
         (
-            format!("{}timeout = \"10s\"\n", with("", "visibility_timeout = \"11s\"")),
+            format!(
+                "{}timeout = \"10s\"\n",
+                with("", "visibility_timeout = \"11s\"")
+            ),
             "`consumers[0].webhook.timeout` must leave room for the pull and the ack within visibility_timeout (11s): at most 8s 800ms, got 10s",
         ),
         (
             with("", "").replace("http://127.0.0.1/h", "ftp://example.com/x"),
             "`consumers[0].webhook.url` must be an http or https URL, got scheme \"ftp\"",
         ),
-        (with("", "").replace("http://127.0.0.1/h", "not a url"), "`consumers[0].webhook.url` is not a valid URL"),
-        (with("api_base_url = \"file:///x\"", ""), "`cloudflare.api_base_url` must be an http or https URL"),
+        (
+            with("", "").replace("http://127.0.0.1/h", "not a url"),
+            "`consumers[0].webhook.url` is not a valid URL",
+        ),
+        (
+            with("api_base_url = \"file:///x\"", ""),
+            "`cloudflare.api_base_url` must be an http or https URL",
+        ),
         (
             with("", "").replace("url = \"http://127.0.0.1/h\"", ""),
             "`consumers[0].webhook.url` is required",
@@ -92,7 +113,10 @@ fn each_bad_value_names_its_key() {
             format!("{}\n[consumers.retry]\nbase_delay = \"2h\"\n", with("", "")),
             "`consumers[0].retry.base_delay` must be between 0s and retry.max_delay (1h), got 2h",
         ),
-        (with("", "").replace("api_token = \"t\"", "api_token = \"  \""), "`cloudflare.api_token` is empty"),
+        (
+            with("", "").replace("api_token = \"t\"", "api_token = \"  \""),
+            "`cloudflare.api_token` is empty",
+        ),
         (
             format!("{}\n[shutdown]\ngrace_period = \"60s\"\n", with("", "")),
             "`shutdown.grace_period` must be shorter than the visibility_timeout of consumers[0] (1m), got 1m",
@@ -102,7 +126,14 @@ fn each_bad_value_names_its_key() {
             "`consumers` needs at least one [[consumers]] entry",
         ),
         (
-            format!("{}\n[consumers.webhook.headers]\n\"bad name\" = \"x\"\n", with("", "")).replace("[consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n\n[consumers.webhook.headers]", "[consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n[consumers.webhook.headers]"),
+            format!(
+                "{}\n[consumers.webhook.headers]\n\"bad name\" = \"x\"\n",
+                with("", "")
+            )
+            .replace(
+                "[consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n\n[consumers.webhook.headers]",
+                "[consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n[consumers.webhook.headers]",
+            ),
             "`consumers[0].webhook.headers` has an invalid header name",
         ),
         (
@@ -113,7 +144,10 @@ fn each_bad_value_names_its_key() {
             format!("{}success_statuses = [700]\n", with("", "")),
             "`consumers[0].webhook.success_statuses` must hold HTTP statuses between 100 and 599, got 700",
         ),
-        (with("", "name = \"a b\""), "`consumers[0].name` must be 1 to 64 characters"),
+        (
+            with("", "name = \"a b\""),
+            "`consumers[0].name` must be 1 to 64 characters",
+        ),
         (
             with("", "").replace("http://127.0.0.1/h", "http://user:pw@127.0.0.1/h"),
             "`consumers[0].webhook.url` must not contain a user name or password: use [consumers.webhook.basic_auth]",
@@ -122,7 +156,10 @@ fn each_bad_value_names_its_key() {
             with("", "").replace("http://127.0.0.1/h", "http://user@127.0.0.1/h"),
             "`consumers[0].webhook.url` must not contain a user name or password",
         ),
-        (with("", "max_pulls_in_flight = 0"), "`consumers[0].max_pulls_in_flight` must be between 1 and 32"),
+        (
+            with("", "max_pulls_in_flight = 0"),
+            "`consumers[0].max_pulls_in_flight` must be between 1 and 32",
+        ),
         (
             format!("{}\n[log]\nlevel = \"loud=?=\"\n", with("", "")),
             "`log.level` directive 1 is not a known level",
@@ -185,9 +222,7 @@ fn no_error_prints_a_secret_value() {
         (
             base(
                 "api_token = \"t\"",
-                &format!(
-                    "[consumers.webhook.basic_auth]\nusername = \"u\"\npassword = {SECRET}"
-                ),
+                &format!("[consumers.webhook.basic_auth]\nusername = \"u\"\npassword = {SECRET}"),
             ),
             "line 10",
         ),
@@ -392,10 +427,7 @@ fn token_precedence_env_then_file_then_inline() {
     std::fs::write(&file, "from-file\n").unwrap();
     let mut cf = c.cloudflare.clone();
     cf.api_token_file = Some(file.clone());
-    assert_eq!(
-        token_from(&cf, None).unwrap().expose(),
-        "from-file"
-    );
+    assert_eq!(token_from(&cf, None).unwrap().expose(), "from-file");
 
     std::fs::write(&file, "  \n").unwrap();
     let e = token_from(&cf, None).unwrap_err().to_string();
@@ -415,9 +447,7 @@ fn token_precedence_env_then_file_then_inline() {
     cf.api_token = None;
     let e = token_from(&cf, None).unwrap_err().to_string();
     assert!(e.contains("no API token"), "{e}");
-    let e = token_from(&cf, Some(" "))
-        .unwrap_err()
-        .to_string();
+    let e = token_from(&cf, Some(" ")).unwrap_err().to_string();
     assert!(e.contains("CLOUDFLARE_API_TOKEN"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -449,15 +479,11 @@ fn systemd_credential_after_env_before_file_and_inline() {
     std::fs::write(creds.join(TOKEN_CREDENTIAL), " \n").unwrap();
     let e = resolve(None).unwrap_err();
     assert!(
-        e.starts_with("`$CREDENTIALS_DIRECTORY/cloudflare-api-token` ")
-            && e.contains("is empty"),
+        e.starts_with("`$CREDENTIALS_DIRECTORY/cloudflare-api-token` ") && e.contains("is empty"),
         "{e}"
     );
     // Without the directory (not under systemd) the credential plays no part.
-    assert_eq!(
-        token_from(&cf, None).unwrap().expose(),
-        "from-file"
-    );
+    assert_eq!(token_from(&cf, None).unwrap().expose(), "from-file");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -562,4 +588,3 @@ fn environment_overrides_keys() {
     assert!(status.status.success(), "{out}");
     assert!(out.contains("1 passed"), "the child ran no test: {out}");
 }
-

@@ -11,7 +11,9 @@ use smart_default::SmartDefault;
 
 use super::checks::{check_between, check_http_url, check_range};
 use super::consumer::lease_margin;
-use super::{ConfigError, ExtraHeaders, RedactedUrl, Secret, SecretSource, Validate, decode_secret};
+use super::{
+    ConfigError, ExtraHeaders, RedactedUrl, Secret, SecretSource, Validate, decode_secret,
+};
 
 /// The webhook timeout when neither it nor a short lease says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -202,7 +202,7 @@ impl WebhookAuth {
     /// Resolve `bearer_token*`, `basic_auth.password*` and `signing_secret*`; `prefix` is the
     /// config key of the webhook table for error messages (e.g. `consumers[0].webhook`).
     pub fn resolve(w: &WebhookConfig, prefix: &str) -> Result<Self, ConfigError> {
-        let invalid = |k: &str, m: &str| ConfigError::invalid(format!("{prefix}.{k}"), m);
+        let invalid = |k: &str, m: String| ConfigError::invalid(format!("{prefix}.{k}"), m);
         let bearer = w.bearer_token_source(prefix).resolve()?;
         let basic = match &w.basic_auth {
             None => None,
@@ -220,7 +220,7 @@ impl WebhookAuth {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "bearer_token",
-                    "and `basic_auth` are both set; choose one",
+                    "and `basic_auth` are both set; choose one".into(),
                 ));
             }
             (Some(t), None) => Some(format!("Bearer {}", t.expose())),
@@ -232,7 +232,7 @@ impl WebhookAuth {
                 let mut h = HeaderValue::from_str(&v).map_err(|_| {
                     invalid(
                         "bearer_token",
-                        "contains characters not allowed in an HTTP header",
+                        "contains characters not allowed in an HTTP header".into(),
                     )
                 })?;
                 h.set_sensitive(true);
@@ -244,7 +244,7 @@ impl WebhookAuth {
         let signer = if secrets.is_empty() {
             None
         } else {
-            Some(Signer::new(&secrets).map_err(|e| invalid("signing_secrets", &e))?)
+            Some(Signer::new(&secrets).map_err(|e| invalid("signing_secrets", e))?)
         };
         Ok(Self {
             authorization,
