@@ -588,3 +588,124 @@ fn environment_overrides_keys() {
     assert!(status.status.success(), "{out}");
     assert!(out.contains("1 passed"), "the child ran no test: {out}");
 }
+
+/// Sections left out, or written empty, are their `Default`: the defaults live in one place
+/// (the `#[default]` beside each field) and serde reads them from there.
+#[test]
+fn sections_left_out_are_their_defaults() {
+    let c = Config::from_toml(GOOD).unwrap();
+    let q = &c.consumers[0];
+    assert_eq!(c.admin, AdminConfig::default());
+    assert_eq!(c.log, LogConfig::default());
+    assert_eq!(q.retry, RetryConfig::default());
+    assert_eq!(q.breaker, BreakerConfig::default());
+    assert_eq!(q.concurrency_mode, ConcurrencyMode::default());
+    // The same values the docs and example.toml state.
+    assert_eq!(c.log.level, "info");
+    assert_eq!(q.breaker.consecutive_failures, 10);
+    assert_eq!(q.breaker.window, Duration::from_secs(30));
+    assert_eq!(q.max_idle_backoff, Duration::from_secs(2));
+    assert_eq!(q.max_pulls_in_flight, 4);
+    // A table that is present but empty takes every default too.
+    let text = format!(
+        "{}\n[consumers.webhook.batch]\n\n[consumers.retry]\n\n[consumers.breaker]\n",
+        with("", "")
+    );
+    let c = Config::from_toml(&text).unwrap();
+    let q = &c.consumers[0];
+    assert_eq!(q.webhook.batch, Some(BatchConfig::default()));
+    assert_eq!(BatchConfig::default().max_messages, 50);
+    assert_eq!(q.retry, RetryConfig::default());
+    assert_eq!(q.breaker, BreakerConfig::default());
+}
+
+/// Every secret key, inline: `Debug` of the whole config shows none of them (each is redacted
+/// by its type: `Secret`, `RedactedUrl`, `ExtraHeaders`).
+#[test]
+fn debug_redacts_every_secret_by_its_type() {
+    let text = format!(
+        "[cloudflare]\naccount_id = \"abc\"\napi_token = \"tok-1111\"\n\
+         api_base_url = \"https://u:pw-2222@api.example/v4?k=q-3333\"\n\
+         [[consumers]]\nqueue_id = \"q1\"\n[consumers.webhook]\n\
+         url = \"https://u:pw-4444@hook.example/h?sig=s-5555\"\n\
+         signing_secrets = [\"whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=\"]\n\
+         bearer_token = \"bt-6666\"\nheaders = {{ X-Key = \"hv-7777\" }}\n\
+         [consumers.webhook.basic_auth]\nusername = \"user\"\npassword = \"pw-8888\"\n"
+    );
+    // Parsed without validation: the URL credentials and bearer + basic are refused later.
+    let c: Config = layers(&text, false).unwrap().try_deserialize().unwrap();
+    let debug = format!("{c:?}");
+    for secret in [
+        "tok-1111", "pw-2222", "q-3333", "pw-4444", "s-5555", "c2VjcmV0", "bt-6666", "hv-7777",
+        "pw-8888",
+    ] {
+        assert!(!debug.contains(secret), "{secret} in {debug}");
+    }
+    for shown in [
+        "api.example",
+        "hook.example",
+        "X-Key",
+        "\"user\"",
+        "[REDACTED]",
+    ] {
+        assert!(debug.contains(shown), "{shown} not in {debug}");
+    }
+}
+
+/// The webhook's secret files (through their `SecretSource`s) and certificates: what the
+/// permission check warns about and what a reload fingerprints.
+#[test]
+fn webhook_secret_files_are_found_by_their_sources() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("cfq-relay-wfiles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = |name: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, "x").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        p.display().to_string()
+    };
+    let (signing, bearer, password, ca, cert, key) = (
+        path("signing"),
+        path("bearer"),
+        path("password"),
+        path("ca"),
+        path("cert"),
+        path("key"),
+    );
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, "").unwrap();
+    std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = format!(
+        "[cloudflare]\naccount_id = \"abc\"\n[[consumers]]\nqueue_id = \"q1\"\n\
+         [consumers.webhook]\nurl = \"http://127.0.0.1/h\"\n\
+         signing_secret_file = \"{signing}\"\nbearer_token_file = \"{bearer}\"\n\
+         ca_file = \"{ca}\"\nclient_cert_file = \"{cert}\"\nclient_key_file = \"{key}\"\n\
+         [consumers.webhook.basic_auth]\nusername = \"u\"\npassword_file = \"{password}\"\n"
+    );
+    let c = Config::from_toml(&text).unwrap();
+    let found = c.readable_by_others(&config_path);
+    let keys: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "consumers[0].webhook.signing_secret_file",
+            "consumers[0].webhook.bearer_token_file",
+            "consumers[0].webhook.basic_auth.password_file",
+            "consumers[0].webhook.client_key_file",
+        ],
+        "no inline secret, so not the config file; the certificates are not secrets"
+    );
+    assert_eq!(found[3].1, Path::new(&key));
+    let mut files: Vec<String> = c.consumers[0]
+        .webhook
+        .files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    files.sort();
+    let mut want = vec![signing, bearer, password, ca, cert, key];
+    want.sort();
+    assert_eq!(files, want);
+    std::fs::remove_dir_all(&dir).ok();
+}
