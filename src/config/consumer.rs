@@ -73,9 +73,8 @@ impl ConsumerConfig {
         self.name.as_deref().unwrap_or(&self.queue_id)
     }
 
-    /// The queue id and the name (the checks that come before the two are compared with the
-    /// other consumers').
-    pub(super) fn validate_identity(&self, at: &str) -> Result<(), ConfigError> {
+    /// The queue id and the name.
+    fn validate_identity(&self, at: &str) -> Result<(), ConfigError> {
         let key = |k: &str| format!("{at}.{k}");
         if self.queue_id.trim().is_empty() {
             return Err(ConfigError::invalid(key("queue_id"), "is required"));
@@ -139,10 +138,12 @@ impl ConsumerConfig {
     }
 }
 
-/// The settings of one consumer and its sections, after [`ConsumerConfig::validate_identity`].
+/// One consumer and its sections (that no two consumers share a queue or a name is the
+/// whole config's check).
 impl Validate for ConsumerConfig {
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
         let key = |k: &str| format!("{at}.{k}");
+        self.validate_identity(at)?;
         check_between(&key("batch_size"), self.batch_size, 1, 100)?;
         check_range(
             &key("visibility_timeout"),

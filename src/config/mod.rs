@@ -173,7 +173,7 @@ impl Config {
         let mut queues = HashMap::new();
         for (i, c) in self.consumers.iter().enumerate() {
             let at = format!("consumers[{i}]");
-            c.validate_identity(&at)?;
+            c.validate(&at)?;
             // Checked before the names: two consumers of one queue must not be "fixed" by
             // giving them distinct names.
             if let Some(first) = queues.insert(c.queue_id.to_ascii_lowercase(), i) {
@@ -196,7 +196,6 @@ impl Config {
                     ),
                 ));
             }
-            c.validate(&at)?;
             if self.shutdown.grace_period >= c.visibility_timeout {
                 return Err(ConfigError::invalid(
                     "shutdown.grace_period",
