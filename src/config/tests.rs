@@ -623,17 +623,15 @@ fn sections_left_out_are_their_defaults() {
 /// by its type: `Secret`, `RedactedUrl`, `ExtraHeaders`).
 #[test]
 fn debug_redacts_every_secret_by_its_type() {
-    let text = format!(
-        "[cloudflare]\naccount_id = \"abc\"\napi_token = \"tok-1111\"\n\
+    let text = "[cloudflare]\naccount_id = \"abc\"\napi_token = \"tok-1111\"\n\
          api_base_url = \"https://u:pw-2222@api.example/v4?k=q-3333\"\n\
          [[consumers]]\nqueue_id = \"q1\"\n[consumers.webhook]\n\
          url = \"https://u:pw-4444@hook.example/h?sig=s-5555\"\n\
          signing_secrets = [\"whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=\"]\n\
-         bearer_token = \"bt-6666\"\nheaders = {{ X-Key = \"hv-7777\" }}\n\
-         [consumers.webhook.basic_auth]\nusername = \"user\"\npassword = \"pw-8888\"\n"
-    );
+         bearer_token = \"bt-6666\"\nheaders = { X-Key = \"hv-7777\" }\n\
+         [consumers.webhook.basic_auth]\nusername = \"user\"\npassword = \"pw-8888\"\n";
     // Parsed without validation: the URL credentials and bearer + basic are refused later.
-    let c: Config = layers(&text, false).unwrap().try_deserialize().unwrap();
+    let c: Config = layers(text, false).unwrap().try_deserialize().unwrap();
     let debug = format!("{c:?}");
     for secret in [
         "tok-1111", "pw-2222", "q-3333", "pw-4444", "s-5555", "c2VjcmV0", "bt-6666", "hv-7777",
