@@ -43,11 +43,6 @@ fn defaults_apply() {
     assert_eq!(q.label(), "q1");
 }
 
-/// The token as resolved with `env` as `CLOUDFLARE_API_TOKEN` and no other variable set.
-fn token_from(cf: &CloudflareConfig, env: Option<&str>) -> Result<Secret, ConfigError> {
-    cf.resolve_token_with(|var| (var == TOKEN_ENV).then(|| env.map(str::to_owned)).flatten())
-}
-
 fn err_of(text: &str) -> String {
     Config::from_toml(text).unwrap_err().to_string()
 }
@@ -411,80 +406,6 @@ fn the_breaker_is_on_by_default() {
             .breaker
             .enabled
     );
-}
-
-#[test]
-fn token_precedence_env_then_file_then_inline() {
-    let c = Config::from_toml(GOOD).unwrap();
-    let t = token_from(&c.cloudflare, Some("from-env")).unwrap();
-    assert_eq!(t.expose(), "from-env");
-    let t = token_from(&c.cloudflare, None).unwrap();
-    assert_eq!(t.expose(), "secret-token-value");
-
-    let dir = std::env::temp_dir().join(format!("cfq-relay-token-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("token");
-    std::fs::write(&file, "from-file\n").unwrap();
-    let mut cf = c.cloudflare.clone();
-    cf.api_token_file = Some(file.clone());
-    assert_eq!(token_from(&cf, None).unwrap().expose(), "from-file");
-
-    std::fs::write(&file, "  \n").unwrap();
-    let e = token_from(&cf, None).unwrap_err().to_string();
-    assert!(
-        e.contains("`cloudflare.api_token_file`") && e.contains("is empty"),
-        "{e}"
-    );
-
-    cf.api_token_file = Some(dir.join("missing"));
-    let e = token_from(&cf, None).unwrap_err().to_string();
-    assert!(
-        e.contains("`cloudflare.api_token_file` cannot be read"),
-        "{e}"
-    );
-
-    cf.api_token_file = None;
-    cf.api_token = None;
-    let e = token_from(&cf, None).unwrap_err().to_string();
-    assert!(e.contains("no API token"), "{e}");
-    let e = token_from(&cf, Some(" ")).unwrap_err().to_string();
-    assert!(e.contains("CLOUDFLARE_API_TOKEN"), "{e}");
-    std::fs::remove_dir_all(&dir).ok();
-}
-
-#[test]
-fn systemd_credential_after_env_before_file_and_inline() {
-    let dir = std::env::temp_dir().join(format!("cfq-relay-creds-{}", std::process::id()));
-    let creds = dir.join("credentials");
-    std::fs::create_dir_all(&creds).unwrap();
-    let file = dir.join("token-file");
-    std::fs::write(&file, "from-file").unwrap();
-    let mut cf = Config::from_toml(GOOD).unwrap().cloudflare;
-    cf.api_token_file = Some(file);
-    let resolve = |env: Option<&str>| {
-        cf.resolve_token_with(|var| match var {
-            TOKEN_ENV => env.map(str::to_owned),
-            "CREDENTIALS_DIRECTORY" => Some(creds.display().to_string()),
-            _ => None,
-        })
-        .map(|t| t.expose().to_owned())
-        .map_err(|e| e.to_string())
-    };
-
-    // No credential file in the directory: falls through to api_token_file.
-    assert_eq!(resolve(None).unwrap(), "from-file");
-    std::fs::write(creds.join(TOKEN_CREDENTIAL), "from-credential\n").unwrap();
-    assert_eq!(resolve(None).unwrap(), "from-credential");
-    assert_eq!(resolve(Some("from-env")).unwrap(), "from-env");
-    std::fs::write(creds.join(TOKEN_CREDENTIAL), " \n").unwrap();
-    let e = resolve(None).unwrap_err();
-    assert!(
-        e.starts_with("`$CREDENTIALS_DIRECTORY/cloudflare-api-token` ") && e.contains("is empty"),
-        "{e}"
-    );
-    // Without the directory (not under systemd) the credential plays no part.
-    assert_eq!(token_from(&cf, None).unwrap().expose(), "from-file");
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
