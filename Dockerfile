@@ -17,8 +17,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # Dependencies in their own layer: built against stub sources, so that a change to src/
-# does not rebuild them.
+# does not rebuild them. The workspace's members under crates/ come whole: cargo needs every
+# member, and the binary's tool commands (emulate, receive, demo) use crates/emulator.
 COPY Cargo.toml Cargo.lock ./
+COPY crates ./crates
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \

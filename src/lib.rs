@@ -15,9 +15,11 @@
 //! | 2 | [`webhook`] | the webhook client: guard, delivery, signing |
 //! | 3 | [`pipeline`] | one consumer: poller, worker, batch, policy, gate, concurrency, acker |
 //! | 4 | [`ops`] | the supervisor, the admin server and the metrics |
-//! | tools | [`emulator`], [`receiver`], [`demo`] | the local Cloudflare API, the webhook sink and the demo (never used by the pipeline) |
 //!
-//! The binary (`src/main.rs`) parses arguments and wires these together.
+//! The binary (`src/main.rs`) parses arguments and wires these together; its tool commands
+//! (`emulate`, `receive`, `demo`, in `src/cli/`) use the workspace crate `cfq-emulator`
+//! (`crates/emulator`: the local Cloudflare API and the webhook sink), which the library never
+//! imports.
 //!
 //! # Data flow of one consumer
 //!
@@ -37,12 +39,9 @@
 
 pub mod cloudflare;
 pub mod config;
-pub mod demo;
-pub mod emulator;
 pub mod logs;
 pub mod ops;
 pub mod pipeline;
-pub mod receiver;
 pub mod webhook;
 
 // The flat paths the binary, the tests and the bench use (`cfq_relay::delivery`, …), kept

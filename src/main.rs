@@ -11,10 +11,13 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use cfq_emulator::EmulatorOptions;
+use cfq_emulator::sink::SinkOptions;
 use cfq_relay::config::{ConfigError, LogFormat, check_log_filter};
-use cfq_relay::emulator::{Emulator, EmulatorOptions};
 use cfq_relay::{Config, Reloader};
 use sd_notify::NotifyState;
+
+mod cli;
 
 /// Every message costs a few dozen short-lived allocations (bodies, headers, futures, in
 /// reqwest and hyper mostly). jemalloc serves them with ~10 % fewer instructions per message
@@ -265,34 +268,19 @@ fn main() -> ExitCode {
             account_id,
         } => {
             init_logging("info", LogFormat::Text);
-            runtime(async move {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(watch_signals(shutdown.clone()));
-                let emulator = Emulator::new(EmulatorOptions {
-                    token,
-                    max_retries,
-                    latency: Duration::from_millis(latency_ms),
-                    json_raw,
-                    error_ratio,
-                    account_id: Some(account_id.clone()),
-                    queues: queues.clone(),
-                    create_queues_on_use: false,
-                });
-                let addr = emulator.start(listen, shutdown.clone()).await?;
-                println!(
-                    "Cloudflare Queues emulator: api_base_url = \"{}\", account_id = \"{account_id}\"",
-                    Emulator::base_url(addr)
-                );
-                if queues.is_empty() {
-                    println!("no queue yet: add `--queue NAME`, or create one with POST …/queues");
-                }
-                for name in &queues {
-                    let id = emulator.queue_id(name).unwrap_or_default();
-                    println!("queue {name:?}: queue_id = \"{id}\" (the name works too)");
-                }
-                shutdown.cancelled().await;
-                Ok(())
-            })
+            let opts = EmulatorOptions {
+                token,
+                max_retries,
+                latency: Duration::from_millis(latency_ms),
+                json_raw,
+                error_ratio,
+                account_id: Some(account_id),
+                queues,
+                create_queues_on_use: false,
+            };
+            runtime(with_signals(|shutdown| {
+                cli::emulate(listen, opts, shutdown)
+            }))
         }
         Command::Receive {
             listen,
@@ -302,20 +290,16 @@ fn main() -> ExitCode {
             delay_per_in_flight_us,
         } => {
             init_logging("info", LogFormat::Text);
-            runtime(async move {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(watch_signals(shutdown.clone()));
-                let opts = cfq_relay::receiver::ReceiverOptions {
-                    delay: Duration::from_millis(delay_ms),
-                    print,
-                    capacity,
-                    delay_per_in_flight: Duration::from_micros(delay_per_in_flight_us),
-                };
-                let addr = cfq_relay::receiver::start(listen, opts, shutdown.clone()).await?;
-                println!("webhook receiver: url = \"http://{addr}/hook\"");
-                shutdown.cancelled().await;
-                Ok(())
-            })
+            let opts = SinkOptions {
+                delay: Duration::from_millis(delay_ms),
+                print,
+                capacity,
+                delay_per_in_flight: Duration::from_micros(delay_per_in_flight_us),
+                record: false,
+            };
+            runtime(with_signals(|shutdown| {
+                cli::receive(listen, opts, shutdown)
+            }))
         }
         Command::Demo {
             messages,
@@ -323,17 +307,12 @@ fn main() -> ExitCode {
             batch,
         } => {
             init_logging("error", LogFormat::Text);
-            runtime(async move {
-                let summary = cfq_relay::demo::run(cfq_relay::demo::DemoOptions {
-                    messages_per_type: messages,
-                    fail_every,
-                    batch: batch.map(usize::from),
-                    ..Default::default()
-                })
-                .await?;
-                println!("{}", summary.line());
-                Ok(())
-            })
+            runtime(cli::demo(cli::demo::DemoOptions {
+                messages_per_type: messages,
+                fail_every,
+                batch: batch.map(usize::from),
+                ..Default::default()
+            }))
         }
     }
 }
@@ -409,6 +388,15 @@ fn readable_by_others(config: &Config, path: &Path) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// A shutdown token that SIGTERM or Ctrl-C cancels, handed to a tool command (`cli`).
+async fn with_signals<F: std::future::Future<Output = anyhow::Result<()>>>(
+    command: impl FnOnce(CancellationToken) -> F,
+) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    command(shutdown).await
 }
 
 fn runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

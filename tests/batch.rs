@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use cfq_emulator::{ContentType, Emulator, EmulatorOptions, Fault, FaultOp};
 use cfq_relay::config::Secret;
-use cfq_relay::emulator::{ContentType, Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::signing::Signer;
 use common::{Answer, Received, Receiver, config, emulator, wait_until};
 use reliability_kit::{EndState, metric, publish};
@@ -354,7 +354,7 @@ async fn a_batch_whose_leases_are_near_their_end_is_handed_back() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     // The first pull answers 2 s late: of its 3 s leases (counted from the request), less than
     // webhook timeout (1 s) + ack margin (300 ms) is left when the messages arrive.
-    emu.inject_fault(Op::Pull, Fault::Delay(Duration::from_secs(2)));
+    emu.inject_fault(FaultOp::Pull, Fault::Delay(Duration::from_secs(2)));
     publish(&emu, "q1", "m", 6);
     let hook = Receiver::start(|_, _| Answer::ok()).await;
     let mut cfg = config(&api, &[("q1", &hook.url(), "", &batch(10, "5s"))]);

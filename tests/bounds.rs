@@ -21,7 +21,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use cfq_relay::emulator::EmulatorOptions;
+use cfq_emulator::EmulatorOptions;
 use child_kit::{Relay, admin_addr, fd_count, vm_hwm_kib};
 use common::{ACCOUNT, Answer, Receiver, TOKEN, emulator, wait_until};
 use reliability_kit::{EndState, metric, publish};

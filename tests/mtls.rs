@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::post;
-use cfq_relay::emulator::{ContentType, EmulatorOptions};
+use cfq_emulator::{ContentType, EmulatorOptions};
 use common::{config, emulator, wait_until};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::RootCertStore;

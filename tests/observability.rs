@@ -16,7 +16,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
-use cfq_relay::emulator::{ContentType, EmulatorOptions, Fault, Op};
+use cfq_emulator::{ContentType, EmulatorOptions, Fault, FaultOp};
 use cfq_relay::metrics::{API_RESULTS, OUTCOMES, RELEASE_REASONS, STATUS_CLASSES};
 use common::{ACCOUNT, Answer, Receiver, TOKEN, config, emulator, wait_until};
 use prometheus_parse::{LineInfo, Value};
@@ -252,7 +252,7 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
     let want_bytes: u64 = delayed.iter().map(|(_, _, wire)| wire).sum();
     // One failed pull and one failed ack call, to see the result label move.
     emu.inject_fault(
-        Op::Pull,
+        FaultOp::Pull,
         Fault::Status {
             status: 500,
             body: r#"{"success":false,"errors":[{"code":10001,"message":"boom"}]}"#.into(),
@@ -260,7 +260,7 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
         },
     );
     emu.inject_fault(
-        Op::Ack,
+        FaultOp::Ack,
         Fault::Status {
             status: 502,
             body: "bad gateway".into(),
@@ -538,8 +538,8 @@ async fn readiness_follows_pulls_and_shutdown() {
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
     let (gate, hook) = gated_hook().await;
     // The first two pulls fail.
-    emu.inject_fault(Op::Pull, pull_fault());
-    emu.inject_fault(Op::Pull, pull_fault());
+    emu.inject_fault(FaultOp::Pull, pull_fault());
+    emu.inject_fault(FaultOp::Pull, pull_fault());
     let mut cfg = config(&api, &[("q1", &hook, "", "")]);
     // Room to hold a delivery open through the shutdown checks below.
     cfg.consumers[0].webhook.timeout = Duration::from_secs(20);
@@ -581,7 +581,7 @@ async fn readiness_follows_pulls_and_shutdown() {
 
     // While the API keeps failing (three pulls in a row), not ready; ready again after.
     for _ in 0..3 {
-        emu.inject_fault(Op::Pull, pull_fault());
+        emu.inject_fault(FaultOp::Pull, pull_fault());
     }
     wait_for(
         Duration::from_secs(15),

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use cfq_relay::emulator::{Emulator, EmulatorOptions};
+use cfq_emulator::{Emulator, EmulatorOptions};
 use common::{ACCOUNT, TOKEN};
 use tokio_util::sync::CancellationToken;
 

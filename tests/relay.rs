@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use cfq_relay::emulator::{ContentType, EmulatorOptions};
+use cfq_emulator::{ContentType, EmulatorOptions};
 use common::{Answer, Receiver, config, emulator, wait_until};
 use tokio_util::sync::CancellationToken;
 
@@ -378,14 +378,15 @@ async fn webhook_retry_after_sets_the_retry_delay() {
 async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    let opts = cfq_relay::receiver::ReceiverOptions {
+    let opts = cfq_emulator::sink::SinkOptions {
         delay: Duration::from_millis(50),
         capacity: Some(50),
         ..Default::default()
     };
-    let addr = cfq_relay::receiver::start("127.0.0.1:0".parse().unwrap(), opts, stop.clone())
+    let sink = cfq_emulator::sink::Sink::start("127.0.0.1:0".parse().unwrap(), opts, stop.clone())
         .await
         .unwrap();
+    let addr = sink.addr();
     let n = 1_500u64;
     for i in 0..n {
         emu.publish(

@@ -19,9 +19,9 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use cfq_emulator::{Emulator, EmulatorOptions, Fault, FaultOp};
 use cfq_relay::Config;
 use cfq_relay::cloudflare::ApiError;
-use cfq_relay::emulator::{Emulator, EmulatorOptions, Fault, Op};
 use cfq_relay::retry::retry_wait;
 use common::{Answer, Receiver, config, emulator, wait_until};
 use reliability_kit::{EndState, Tally, metric, publish};
@@ -264,7 +264,7 @@ async fn a_pull_in_flight_at_shutdown_hands_its_messages_back() {
 async fn a_hung_pull_is_abandoned_when_the_grace_is_over() {
     let stop = CancellationToken::new();
     let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
-    emu.inject_fault(Op::Pull, Fault::Hang);
+    emu.inject_fault(FaultOp::Pull, Fault::Hang);
     let proxy = Proxy::start(&api, Duration::ZERO).await;
     let (hook, _) = ok_hook(Duration::ZERO).await;
     let relay_stop = CancellationToken::new();
@@ -518,7 +518,7 @@ async fn pull_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>, invalid: 
     for (step, (name, fault, class)) in faults.into_iter().enumerate() {
         let before = pulls(class);
         let ok_calls = emu.stats("q1").pull_calls;
-        emu.inject_fault(Op::Pull, fault);
+        emu.inject_fault(FaultOp::Pull, fault);
         wait_until(
             Duration::from_secs(10),
             &format!("{name} counted as {class}"),
@@ -639,7 +639,7 @@ async fn ack_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>) {
     let mut published = 0;
     for (step, (name, fault, class)) in faults.into_iter().enumerate() {
         let before = acks(class);
-        emu.inject_fault(Op::Ack, fault);
+        emu.inject_fault(FaultOp::Ack, fault);
         publish(&emu, "q1", &format!("step{step}"), 6);
         published += 6;
         wait_until(

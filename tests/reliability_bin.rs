@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cfq_relay::emulator::{EmulatorOptions, Fault, Op};
+use cfq_emulator::{EmulatorOptions, Fault, FaultOp};
 use common::{ACCOUNT, Answer, Receiver, TOKEN, emulator, wait_until};
 use reliability_kit::{EndState, Tally, metric, publish};
 use tokio::time::Instant;
@@ -533,14 +533,14 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
     let tally = hook.tally.clone();
     publish(&emu, "q1", "m", 5);
     emu.inject_fault(
-        Op::Pull,
+        FaultOp::Pull,
         Fault::Status {
             status: 502,
             body: "<html><body>502 Bad Gateway</body></html>".into(),
             retry_after: None,
         },
     );
-    emu.inject_fault(Op::Ack, Fault::Reset);
+    emu.inject_fault(FaultOp::Ack, Fault::Reset);
     let mut cfg = Cfg::new(&api, &format!("{}?sig={QUERY_SECRET}", hook.url()));
     cfg.token = String::new();
     cfg.webhook_extra = format!("headers = {{ X-Webhook-Secret = \"{HEADER_SECRET}\" }}");
@@ -564,7 +564,7 @@ async fn no_secret_in_any_output_at_trace_level_and_auth_failures_are_loud() {
     );
     // A rejected token: logged loudly, with the permission hint.
     emu.inject_fault(
-        Op::Pull,
+        FaultOp::Pull,
         Fault::Status {
             status: 403,
             body: r#"{"success":false,"errors":[{"code":10000,"message":"Authentication error"}]}"#

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cfq_relay::emulator::{ContentType, EmulatorOptions};
+use cfq_emulator::{ContentType, EmulatorOptions};
 use cfq_relay::{Config, ReloadSummary};
 use common::{ACCOUNT, Answer, Receiver, TOKEN, emulator, wait_until};
 use tokio_util::sync::CancellationToken;
@@ -37,7 +37,7 @@ fn config(api: &str, grace: &str, consumers: &[C]) -> Config {
     Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
-fn publish(emu: &cfq_relay::emulator::Emulator, queue: &str, n: usize) -> Vec<String> {
+fn publish(emu: &cfq_emulator::Emulator, queue: &str, n: usize) -> Vec<String> {
     (0..n)
         .map(|i| {
             emu.publish(

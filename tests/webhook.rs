@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use base64::Engine;
-use cfq_relay::emulator::{ContentType, EmulatorOptions};
+use cfq_emulator::{ContentType, EmulatorOptions};
 use common::{Answer, Received, Receiver, config, emulator, wait_until};
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +32,7 @@ fn reference_verify(cases: &[(&str, &Received, bool)]) -> Vec<bool> {
 
 async fn relay_until_acked(
     cfg: cfq_relay::Config,
-    emu: &cfq_relay::emulator::Emulator,
+    emu: &cfq_emulator::Emulator,
     queue: &str,
     n: u64,
 ) -> String {
@@ -453,4 +453,19 @@ async fn retry_after_pauses_the_whole_consumer() {
         "a retried after {gap_a:?}"
     );
     stop.cancel();
+}
+
+/// The webhook sink (`cfq-emulator`, which never imports the relay) reads the relay's headers
+/// by names of its own: they must stay the relay's.
+#[test]
+fn the_sinks_header_names_are_the_relays() {
+    use cfq_emulator::sink;
+    use cfq_relay::{delivery, signing};
+    assert_eq!(sink::HEADER_MESSAGE_ID, delivery::HEADER_MESSAGE_ID);
+    assert_eq!(sink::HEADER_ATTEMPT, delivery::HEADER_ATTEMPT);
+    assert_eq!(sink::HEADER_BATCH_SIZE, delivery::HEADER_BATCH_SIZE);
+    assert_eq!(sink::HEADER_BATCH_ID, delivery::HEADER_BATCH_ID);
+    assert_eq!(sink::HEADER_WEBHOOK_ID, signing::HEADER_ID);
+    assert_eq!(sink::HEADER_WEBHOOK_TIMESTAMP, signing::HEADER_TIMESTAMP);
+    assert_eq!(sink::HEADER_WEBHOOK_SIGNATURE, signing::HEADER_SIGNATURE);
 }

@@ -13,8 +13,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use cfq_emulator::{Emulator, EmulatorOptions};
 use cfq_relay::Config;
-use cfq_relay::emulator::{Emulator, EmulatorOptions};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

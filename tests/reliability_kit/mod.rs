@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cfq_relay::emulator::{ContentType, Emulator};
+use cfq_emulator::{ContentType, Emulator};
 
 /// The value of one sample of the Prometheus text `text`: metric `name` whose label set
 /// contains every pair of `labels` (0 if there is none).

@@ -8,18 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use base64::Engine;
+use cfq_emulator::sink::{Answer, HEADER_ATTEMPT, HEADER_MESSAGE_ID, Received, Sink, SinkOptions};
+use cfq_emulator::{ContentType, Emulator, EmulatorOptions};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use crate::emulator::{ContentType, Emulator, EmulatorOptions};
-use crate::webhook::delivery::HEADER_MESSAGE_ID;
 
 /// Options of the demo.
 #[derive(Debug, Clone)]
@@ -55,12 +48,12 @@ struct Expected {
     cf: &'static str,
 }
 
-/// What the receiver saw.
+/// The demo's check of every body the sink receives, byte for byte; its answers fail every
+/// n-th first delivery on purpose.
 #[derive(Default)]
-struct Receiver {
+struct Checker {
     expected: Mutex<HashMap<String, Expected>>,
-    requests: AtomicU64,
-    /// Messages received (a batch counts its messages).
+    /// Messages checked (a batch counts its messages).
     messages: AtomicU64,
     exact: AtomicU64,
     corrupted: AtomicU64,
@@ -68,83 +61,82 @@ struct Receiver {
     fail_every: u64,
 }
 
-async fn receive(State(r): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
-    r.requests.fetch_add(1, Ordering::Relaxed);
-    if headers.contains_key(crate::pipeline::batch::HEADER_BATCH_SIZE) {
-        return receive_batch(&r, &body);
-    }
-    let n = r.messages.fetch_add(1, Ordering::Relaxed) + 1;
-    let attempt = headers
-        .get(crate::webhook::delivery::HEADER_ATTEMPT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(1);
-    if r.fail_every > 0 && attempt == 1 && n.is_multiple_of(r.fail_every) {
-        r.failed_on_purpose.fetch_add(1, Ordering::Relaxed);
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    let id = headers
-        .get(HEADER_MESSAGE_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let content_type = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let ok = match r.expected.lock() {
-        Ok(map) => map
-            .get(id)
-            .is_some_and(|e| e.payload.as_slice() == body.as_ref() && e.mime == content_type),
-        Err(_) => false,
-    };
-    if ok {
-        r.exact.fetch_add(1, Ordering::Relaxed);
-    } else {
-        r.corrupted.fetch_add(1, Ordering::Relaxed);
-    }
-    StatusCode::OK.into_response()
-}
-
-/// A batch: check every message byte for byte, and list the ones failed on purpose (every
-/// n-th first delivery) in `{"failed": [...]}`: only those come back.
-fn receive_batch(r: &Receiver, body: &[u8]) -> Response {
-    #[derive(serde::Deserialize)]
-    struct Batch {
-        messages: Vec<Item>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Item {
-        id: String,
-        attempts: u32,
-        content_type: Option<String>,
-        body: String,
-    }
-    let Ok(batch) = serde_json::from_slice::<Batch>(body) else {
-        r.corrupted.fetch_add(1, Ordering::Relaxed);
-        return StatusCode::BAD_REQUEST.into_response();
-    };
-    let mut failed = Vec::new();
-    for item in batch.messages {
-        let n = r.messages.fetch_add(1, Ordering::Relaxed) + 1;
-        if r.fail_every > 0 && item.attempts == 1 && n.is_multiple_of(r.fail_every) {
-            r.failed_on_purpose.fetch_add(1, Ordering::Relaxed);
-            failed.push(item.id);
-            continue;
+impl Checker {
+    /// The sink's script: check one request, decide its answer.
+    fn answer(&self, req: &Received) -> Answer {
+        if req.batch_len().is_some() {
+            return self.answer_batch(&req.body);
         }
-        let bytes = base64::engine::general_purpose::STANDARD.decode(&item.body);
-        let ok = match (r.expected.lock(), bytes) {
-            (Ok(map), Ok(bytes)) => map
-                .get(&item.id)
-                .is_some_and(|e| e.payload == bytes && item.content_type.as_deref() == Some(e.cf)),
-            _ => false,
+        let n = self.messages.fetch_add(1, Ordering::Relaxed) + 1;
+        let attempt = req
+            .header(HEADER_ATTEMPT)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(1);
+        if self.fail_on_purpose(attempt, n) {
+            return Answer::status(503);
+        }
+        let id = req.header(HEADER_MESSAGE_ID).unwrap_or("");
+        let content_type = req.header("content-type").unwrap_or("");
+        let ok = match self.expected.lock() {
+            Ok(map) => map.get(id).is_some_and(|e| {
+                e.payload.as_slice() == req.body.as_ref() && e.mime == content_type
+            }),
+            Err(_) => false,
         };
-        if ok {
-            r.exact.fetch_add(1, Ordering::Relaxed);
-        } else {
-            r.corrupted.fetch_add(1, Ordering::Relaxed);
-        }
+        self.count(ok);
+        Answer::ok()
     }
-    axum::Json(serde_json::json!({ "failed": failed })).into_response()
+
+    /// A batch: check every message byte for byte, and list the ones failed on purpose
+    /// (every n-th first delivery) in `{"failed": [...]}`: only those come back.
+    fn answer_batch(&self, body: &[u8]) -> Answer {
+        #[derive(serde::Deserialize)]
+        struct Batch {
+            messages: Vec<Item>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Item {
+            id: String,
+            attempts: u32,
+            content_type: Option<String>,
+            body: String,
+        }
+        let Ok(batch) = serde_json::from_slice::<Batch>(body) else {
+            self.corrupted.fetch_add(1, Ordering::Relaxed);
+            return Answer::status(400);
+        };
+        let mut failed = Vec::new();
+        for item in batch.messages {
+            let n = self.messages.fetch_add(1, Ordering::Relaxed) + 1;
+            if self.fail_on_purpose(item.attempts, n) {
+                failed.push(item.id);
+                continue;
+            }
+            let bytes = base64::engine::general_purpose::STANDARD.decode(&item.body);
+            let ok = match (self.expected.lock(), bytes) {
+                (Ok(map), Ok(bytes)) => map.get(&item.id).is_some_and(|e| {
+                    e.payload == bytes && item.content_type.as_deref() == Some(e.cf)
+                }),
+                _ => false,
+            };
+            self.count(ok);
+        }
+        Answer::failed(&failed)
+    }
+
+    /// Every n-th message, on its first delivery.
+    fn fail_on_purpose(&self, attempt: u32, n: u64) -> bool {
+        let fail = self.fail_every > 0 && attempt == 1 && n.is_multiple_of(self.fail_every);
+        if fail {
+            self.failed_on_purpose.fetch_add(1, Ordering::Relaxed);
+        }
+        fail
+    }
+
+    fn count(&self, exact: bool) {
+        let counter = if exact { &self.exact } else { &self.corrupted };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The demo's final figures.
@@ -232,25 +224,27 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         .await
         .context("starting the emulator")?;
 
-    let receiver = Arc::new(Receiver {
+    let checker = Arc::new(Checker {
         fail_every: opts.fail_every,
-        ..Receiver::default()
+        ..Checker::default()
     });
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let hook = listener.local_addr()?;
-    let app = Router::new()
-        .route("/hook", post(receive))
-        .with_state(receiver.clone());
-    let hook_stop = stop.clone();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { hook_stop.cancelled().await })
-            .await;
-    });
+    let script = {
+        let checker = checker.clone();
+        move |req: &Received, _: usize| checker.answer(req)
+    };
+    let sink = Sink::start_scripted(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        SinkOptions::default(),
+        script,
+        stop.clone(),
+    )
+    .await
+    .context("starting the webhook receiver")?;
+    let hook = sink.url();
 
     let mut published = 0u64;
     {
-        let mut expected = receiver
+        let mut expected = checker
             .expected
             .lock()
             .map_err(|_| anyhow::anyhow!("receiver state poisoned"))?;
@@ -272,11 +266,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Summary> {
         emulator.publish(queue, Some(ContentType::V8), &payload, Duration::ZERO)?;
     }
     println!(
-        "demo: emulator at {}, webhook at http://{hook}/hook, {published} messages (text, json, bytes) + {v8} v8 published",
+        "demo: emulator at {}, webhook at {hook}, {published} messages (text, json, bytes) + {v8} v8 published",
         Emulator::base_url(api)
     );
 
-    let config = crate::Config::from_toml(&format!(
+    let config = cfq_relay::Config::from_toml(&format!(
         r#"
 [cloudflare]
 account_id = "0123456789abcdef0123456789abcdef"
@@ -293,7 +287,7 @@ batch_size = 100
 visibility_timeout = "30s"
 concurrency = 64
 [consumers.webhook]
-url = "http://{hook}/hook"
+url = "{hook}"
 timeout = "5s"
 {batch}
 [consumers.retry]
@@ -308,7 +302,7 @@ max_delay = "2s"
     ))?;
     let relay_stop = CancellationToken::new();
     let started = Instant::now();
-    let relay = crate::start(config, relay_stop.clone()).await?;
+    let relay = cfq_relay::start(config, relay_stop.clone()).await?;
     println!(
         "demo: relay running, metrics at http://{}/metrics",
         relay.admin_addr()
@@ -359,13 +353,13 @@ max_delay = "2s"
         .sum();
     let summary = Summary {
         published,
-        requests: receiver.requests.load(Ordering::Relaxed),
-        messages: receiver.messages.load(Ordering::Relaxed),
+        requests: sink.stats().requests,
+        messages: sink.stats().messages,
         acked: s.acked,
         retried: s.retried,
         dead_lettered: s.dead_lettered,
-        exact: receiver.exact.load(Ordering::Relaxed),
-        corrupted: receiver.corrupted.load(Ordering::Relaxed),
+        exact: checker.exact.load(Ordering::Relaxed),
+        corrupted: checker.corrupted.load(Ordering::Relaxed),
         duplicates,
         lease_expired: s.lease_expired,
         delivered_in: delivered_in.unwrap_or(elapsed),
