@@ -6,12 +6,13 @@
 #   bash bench/run.sh --only cpu # one scenario: cpu, latency, knee, producer, idle, batch (or parts: wrk,
 #                                # relay-default, relay-high, naive, lat-default, lat-high, lat-naive)
 #
-# It installs wrk if missing (Debian's package), builds the release binaries, and runs
-# `cfq-bench run` (src/bin/cfq-bench.rs): the emulator, the webhook receiver and the relay
-# each as a process of its own on 127.0.0.1, wrk against the same receiver for the machine's
-# limit, a naive sequential consumer for the floor. Every loop is bounded in count and time.
+# It installs wrk if missing (Debian's package), builds the release binaries (the relay and the
+# workspace's benchmark driver, crates/bench), and runs `cfq-bench run` (crates/bench/src/
+# scenarios.rs): the emulator, the webhook receiver and the relay each as a process of its own
+# on 127.0.0.1, wrk against the same receiver for the machine's limit, a naive sequential
+# consumer for the floor. Every loop is bounded in count and time.
 #
-# Profiling aids (see src/bin/cfq-bench.rs):
+# Profiling aids (see crates/bench/src/runs.rs and bed.rs):
 #   CFQ_BENCH_PROFILE='perf record -g -p $PID -o /tmp/$NAME.perf' bash bench/run.sh --only relay-default
 #   CFQ_BENCH_RELAY_WRAPPER='valgrind --tool=callgrind' bash bench/run.sh --only relay-default --messages 5000
 set -euo pipefail
@@ -26,7 +27,7 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 echo "bench: building the release binaries" >&2
-cargo build --release --locked --quiet --bins
+cargo build --release --locked --quiet -p cfq-relay -p cfq-bench
 
 # 1,000 deliveries in flight need as many sockets, and the receiver as many again.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

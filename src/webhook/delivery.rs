@@ -95,24 +95,11 @@ const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
 const STANDARD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
 const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
 
+/// Standard alphabet, else URL-safe; padding as the engines allow. One crate (`base64`) for
+/// every base64 in the workspace: a SIMD decoder saved 0.23 µs per 1 KB body (0.33 → 0.10 µs),
+/// under 1 % of the relay's CPU per message, not worth a second crate.
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let s = s.trim();
-    // The common case (standard alphabet, padded or not: what Cloudflare sends) through a SIMD
-    // decoder, several times faster per byte; whatever it refuses takes the lenient path below,
-    // which decodes everything the fast one accepts to the same bytes.
-    let fast = if s.len().is_multiple_of(4) {
-        base64_simd::STANDARD
-    } else {
-        base64_simd::STANDARD_NO_PAD
-    };
-    if let Ok(raw) = fast.decode_to_vec(s) {
-        return Some(raw);
-    }
-    lenient_base64_decode(s)
-}
-
-/// Standard alphabet, else URL-safe; padding as the engines allow.
-fn lenient_base64_decode(s: &str) -> Option<Vec<u8>> {
     STANDARD.decode(s).or_else(|_| URL_SAFE.decode(s)).ok()
 }
 
@@ -599,38 +586,43 @@ mod tests {
     }
 
     #[test]
-    fn fast_base64_path_agrees_with_the_lenient_one() {
-        let lenient = |s: &str| lenient_base64_decode(s.trim());
-        let mut cases: Vec<String> = [
-            "",
-            "=",
-            "==",
-            "a",
-            "aA",
-            "aGk",
-            "aGk=",
-            "aGk==",
-            "aGl=",
-            "aGk=aGk=",
-            " aGVsbG8= ",
-            "aGVs\nbG8=",
-            "-_-_",
-            "+/+/",
-            "+/-_",
-            "%%%%",
-            "aGVsbG8",
-            "aGVsbG8==",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    fn base64_is_decoded_leniently_in_either_alphabet() {
+        let hi_fb: &[u8] = &[251, 255, 191];
+        let cases: [(&str, Option<&[u8]>); 18] = [
+            ("", Some(b"")),
+            ("=", None),
+            ("==", None),
+            ("a", None),
+            ("aA", Some(b"h")),
+            ("aGk", Some(b"hi")),
+            ("aGk=", Some(b"hi")),
+            ("aGk==", None),
+            // Trailing bits allowed.
+            ("aGl=", Some(b"hi")),
+            ("aGk=aGk=", None),
+            // Trimmed, but no white space inside.
+            (" aGVsbG8= ", Some(b"hello")),
+            ("aGVs\nbG8=", None),
+            // URL-safe or standard, not both in one body.
+            ("-_-_", Some(hi_fb)),
+            ("+/+/", Some(hi_fb)),
+            ("+/-_", None),
+            ("%%%%", None),
+            ("aGVsbG8", Some(b"hello")),
+            ("aGVsbG8==", None),
+        ];
+        for (case, want) in cases {
+            assert_eq!(base64_decode(case).as_deref(), want, "{case:?}");
+        }
+        // Every length, padded standard and unpadded URL-safe, decodes to its bytes.
         for n in 0..70u8 {
             let raw: Vec<u8> = (0..n).map(|b| b.wrapping_mul(37).wrapping_add(n)).collect();
-            cases.push(base64::engine::general_purpose::STANDARD.encode(&raw));
-            cases.push(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw));
-        }
-        for case in &cases {
-            assert_eq!(base64_decode(case), lenient(case), "{case:?}");
+            for encoded in [
+                base64::engine::general_purpose::STANDARD.encode(&raw),
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw),
+            ] {
+                assert_eq!(base64_decode(&encoded), Some(raw.clone()), "{encoded:?}");
+            }
         }
     }
 

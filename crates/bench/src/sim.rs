@@ -100,71 +100,91 @@ impl Candidate for AimdLoss {
     }
 }
 
-/// Netflix concurrency-limits' Vegas: queue estimate = limit × (1 − rtt_noload / rtt);
-/// grow by log10(limit) under alpha, shrink over beta; a 503 counts as a drop (×0.9 here:
-/// Vegas itself only reacts to drops by reducing).
-struct Vegas {
-    limit: f64,
-    max: f64,
-    rtt_noload: Option<Duration>,
+/// A Netflix concurrency-limits algorithm: the next limit from an RTT sample. A 503 counts as
+/// a drop for all of them (×0.9 here: Vegas itself only reacts to drops by reducing).
+trait RttRule {
+    fn next(&mut self, limit: f64, rtt: Duration) -> f64;
 }
 
-impl Candidate for Vegas {
+/// A limit driven by an [`RttRule`], between 1 and `max`.
+struct Netflix<R> {
+    limit: f64,
+    max: f64,
+    rule: R,
+}
+
+impl<R: RttRule> Netflix<R> {
+    fn new(max: usize, rule: R) -> Self {
+        Self {
+            limit: 32.0,
+            max: max as f64,
+            rule,
+        }
+    }
+}
+
+impl<R: RttRule> Candidate for Netflix<R> {
     fn limit(&self) -> usize {
         self.limit as usize
     }
     fn sample(&mut self, _now: Instant, rtt: Duration, overloaded: bool, _in_use: usize) {
-        if overloaded {
-            self.limit = (self.limit * 0.9).max(1.0);
-            return;
-        }
+        self.limit = if overloaded {
+            (self.limit * 0.9).max(1.0)
+        } else {
+            self.rule.next(self.limit, rtt).clamp(1.0, self.max)
+        };
+    }
+}
+
+/// Vegas: queue estimate = limit × (1 − rtt_noload / rtt); grow by log10(limit) under alpha,
+/// shrink over beta.
+#[derive(Default)]
+struct Vegas {
+    rtt_noload: Option<Duration>,
+}
+
+impl RttRule for Vegas {
+    fn next(&mut self, limit: f64, rtt: Duration) -> f64 {
         let noload = *self.rtt_noload.get_or_insert(rtt);
         if rtt < noload {
             self.rtt_noload = Some(rtt);
         }
         let noload = self.rtt_noload.unwrap_or(rtt).as_secs_f64();
-        let queue = (self.limit * (1.0 - noload / rtt.as_secs_f64())).ceil();
-        let log = self.limit.log10().max(1.0);
+        let queue = (limit * (1.0 - noload / rtt.as_secs_f64())).ceil();
+        let log = limit.log10().max(1.0);
         let (alpha, beta) = (3.0 * log, 6.0 * log);
         // Netflix applies the change per sample, scaled down; per-sample steps of log/limit
         // make one round trip's worth of samples move the limit by about `log`.
-        let step = log / self.limit.max(1.0);
+        let step = log / limit.max(1.0);
         if queue <= alpha {
-            self.limit += step;
+            limit + step
         } else if queue >= beta {
-            self.limit -= step;
+            limit - step
+        } else {
+            limit
         }
-        self.limit = self.limit.clamp(1.0, self.max);
     }
 }
 
-/// Netflix concurrency-limits' Gradient2: limit ← limit·(long RTT / short RTT) + √limit,
-/// smoothed by 0.2; the long RTT is an EWMA over ~600 samples. A 503 counts as a drop.
+/// Gradient2: limit ← limit·(long RTT / short RTT) + √limit, smoothed by 0.2; the long RTT is
+/// an EWMA over ~600 samples.
+#[derive(Default)]
 struct Gradient2 {
-    limit: f64,
-    max: f64,
     long: Option<f64>,
     short: Option<f64>,
 }
 
-impl Candidate for Gradient2 {
-    fn limit(&self) -> usize {
-        self.limit as usize
-    }
-    fn sample(&mut self, _now: Instant, rtt: Duration, overloaded: bool, _in_use: usize) {
-        if overloaded {
-            self.limit = (self.limit * 0.9).max(1.0);
-            return;
-        }
+impl RttRule for Gradient2 {
+    fn next(&mut self, limit: f64, rtt: Duration) -> f64 {
         let r = rtt.as_secs_f64();
         let long = self.long.map_or(r, |l| l + (r - l) / 600.0);
         let short = self.short.map_or(r, |s| s + (r - s) / 10.0);
         self.long = Some(long);
         self.short = Some(short);
         let gradient = (long * 2.0 / short).clamp(0.5, 1.0);
-        let new = self.limit * gradient + self.limit.sqrt();
-        let per_sample = 0.2 / self.limit.max(1.0);
-        self.limit = (self.limit * (1.0 - per_sample) + new * per_sample).clamp(1.0, self.max);
+        let new = limit * gradient + limit.sqrt();
+        let per_sample = 0.2 / limit.max(1.0);
+        limit * (1.0 - per_sample) + new * per_sample
     }
 }
 
@@ -273,22 +293,10 @@ pub fn table(max: usize, secs: u64) -> String {
                     overloaded: false,
                 }),
             ),
-            (
-                "Vegas",
-                Box::new(Vegas {
-                    limit: 32.0,
-                    max: max as f64,
-                    rtt_noload: None,
-                }),
-            ),
+            ("Vegas", Box::new(Netflix::new(max, Vegas::default()))),
             (
                 "Gradient2",
-                Box::new(Gradient2 {
-                    limit: 32.0,
-                    max: max as f64,
-                    long: None,
-                    short: None,
-                }),
+                Box::new(Netflix::new(max, Gradient2::default())),
             ),
             (
                 "cfq-relay (AIMD: 503 + RTT, slow start)",
@@ -310,4 +318,45 @@ pub fn table(max: usize, secs: u64) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netflix_candidates_cut_by_a_tenth_on_503_and_stay_within_bounds() {
+        let now = Instant::now();
+        let mut vegas = Netflix::new(40, Vegas::default());
+        vegas.sample(now, Duration::from_millis(10), true, 32);
+        assert_eq!(vegas.limit, 32.0 * 0.9);
+        // Steady RTTs: no queue, so Vegas grows, up to the bound and no further.
+        for _ in 0..10_000 {
+            vegas.sample(now, Duration::from_millis(10), false, 32);
+        }
+        assert_eq!(vegas.limit(), 40);
+        let mut gradient = Netflix::new(40, Gradient2::default());
+        for _ in 0..100 {
+            gradient.sample(now, Duration::from_millis(10), true, 1);
+        }
+        assert_eq!(gradient.limit, 1.0);
+    }
+
+    #[test]
+    fn the_relay_controller_backs_off_the_knee_receiver() {
+        let knee = Receiver::Knee {
+            capacity: 200,
+            latency: Duration::from_millis(100),
+        };
+        let now = Instant::now();
+        let fixed = run(knee, &mut Ours(Controller::new(Mode::Fixed, 1000, now)), 10);
+        let ours = run(
+            knee,
+            &mut Ours(Controller::new(Mode::Adaptive, 1000, now)),
+            10,
+        );
+        assert!(fixed.overloaded_pct > 50.0, "{}", fixed.overloaded_pct);
+        assert!(ours.overloaded_pct < fixed.overloaded_pct);
+        assert!(ours.served_per_s > 1_000.0, "{}", ours.served_per_s);
+    }
 }
