@@ -190,7 +190,7 @@ enum Command {
         /// Messages per content type (text, json, bytes).
         #[arg(long, default_value_t = 1000, value_name = "N")]
         messages: usize,
-        /// Answer every n-th first delivery with 503, to show retries (0: never); in batch
+        /// Answer every n-th first delivery with 500, to show retries (0: never); in batch
         /// mode, list every n-th first delivery in the answer's `failed`.
         #[arg(long, default_value_t = 20, value_name = "N")]
         fail_every: u64,

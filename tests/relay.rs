@@ -445,3 +445,66 @@ async fn adaptive_concurrency_finds_a_small_receivers_capacity() {
     stop.cancel();
     relay.wait().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_503_from_a_receiver_that_takes_the_rest_is_sent_again_at_once() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default(), &stop).await;
+    // Request 10 (the first after the first ten messages were taken) is turned away while the
+    // other three of its pull are in flight: a receiver at its capacity, not down.
+    let hook = Receiver::start(|_, i| {
+        if i == 10 {
+            Answer::status(503)
+        } else {
+            Answer::ok().delayed(Duration::from_millis(200))
+        }
+    })
+    .await;
+    let publish = |from: usize| {
+        (from..from + 10)
+            .map(|i| {
+                emu.publish(
+                    "q1",
+                    Some(ContentType::Text),
+                    format!("m{i}").as_bytes(),
+                    Duration::ZERO,
+                )
+                .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    publish(0);
+    // Four in flight at most, so four fill the limit. The kit's config pulls an empty queue
+    // every 200 ms at most: the 503 comes while the successes of the first ten are fresh.
+    let cfg = config(&api, &[("q1", &hook.url(), "concurrency = 4", "")]);
+    let relay = cfq_relay::start(cfg, stop.clone()).await.unwrap();
+    wait_until(Duration::from_secs(15), "the first ten acked", || {
+        emu.stats("q1").acked == 10
+    })
+    .await;
+    let ids = publish(10);
+    wait_until(Duration::from_secs(15), "all twenty acked", || {
+        emu.stats("q1").acked == 20
+    })
+    .await;
+    stop.cancel();
+    relay.wait().await.unwrap();
+    let turned_away = hook.received()[10]
+        .header("cfq-message-id")
+        .unwrap()
+        .to_owned();
+    assert!(ids.contains(&turned_away));
+    // Sent again within the same delivery (attempt 1 both times), not retried through
+    // Cloudflare with a delay.
+    let tries = hook.for_id(&turned_away);
+    let attempts: Vec<&str> = tries
+        .iter()
+        .map(|r| r.header("cfq-attempt").unwrap())
+        .collect();
+    assert_eq!(attempts, ["1", "1"]);
+    for b in emu.books("q1") {
+        assert_eq!((b.deliveries, b.acks), (1, 1), "{b:?}");
+        assert!(b.retries.is_empty(), "{b:?}");
+    }
+    assert_eq!(emu.stats("q1").retried, 0);
+}

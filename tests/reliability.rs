@@ -844,6 +844,77 @@ fn api_retry_waits_honour_retry_after_floor_auth_and_cap() {
     assert!(distinct.len() > 5, "jittered at the cap: {waits:?}");
 }
 
+/// One in five pull and ack calls answers 500 (the emulator's `error_ratio`): each failed call
+/// rests on its own and is retried long before the leases end, so every message reaches the
+/// webhook once and is acked once, and none comes back by lease expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_of_failing_ack_calls_costs_only_those_calls() {
+    const N: usize = 1500;
+    let stop = CancellationToken::new();
+    let opts = EmulatorOptions {
+        error_ratio: 0.2,
+        ..Default::default()
+    };
+    let (emu, api) = emulator(opts, &stop).await;
+    let (hook, tally) = ok_hook(Duration::ZERO).await;
+    let ids = publish(&emu, "q1", "m", N);
+    // Smaller calls: more of them, so more fail.
+    let cfg = relay_config(&api, &hook.url(), |c| c.consumers[0].batch_size = 25);
+    let relay_stop = CancellationToken::new();
+    let started = Instant::now();
+    let relay = cfq_relay::start(cfg, relay_stop.clone()).await.unwrap();
+    let metrics = relay.metrics().clone();
+    wait_until(Duration::from_secs(90), "every message acked", || {
+        emu.stats("q1").acked as usize >= N
+    })
+    .await;
+    let took = started.elapsed();
+    let text = metrics.render();
+    relay_stop.cancel();
+    relay.wait().await.unwrap();
+    let failed = |op| {
+        metric(
+            &text,
+            "cfq_relay_api_requests_total",
+            &[("op", op), ("result", "5xx")],
+        )
+    };
+    let ok_acks = metric(
+        &text,
+        "cfq_relay_api_requests_total",
+        &[("op", "ack"), ("result", "ok")],
+    );
+    println!(
+        "RESULT 20 % of API calls answering 500: {N} messages in {took:.1?}, {} ack calls failed, {ok_acks} landed, {} pulls failed",
+        failed("ack"),
+        failed("pull")
+    );
+    assert!(failed("ack") >= 3.0, "ack calls failed: {text}");
+    assert_eq!(
+        metric(&text, "cfq_relay_leases_expired_total", &[]),
+        0.0,
+        "{text}"
+    );
+    let books = emu.books("q1");
+    assert_eq!(books.len(), ids.len());
+    for b in books {
+        assert_eq!(
+            (b.acks, b.deliveries),
+            (1, 1),
+            "acked once, never redelivered: {b:?}"
+        );
+        assert!(b.retries.is_empty(), "{b:?}");
+    }
+    assert_eq!(
+        tally.total(),
+        N as u64,
+        "each message reached the webhook once"
+    );
+    let s = emu.stats("q1");
+    assert_eq!((s.lease_expired, s.double_acks, s.dead_lettered), (0, 0, 0));
+    stop.cancel();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Webhook faults
 

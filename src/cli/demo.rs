@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 pub struct DemoOptions {
     /// Messages per decodable content type (text, json, bytes).
     pub messages_per_type: usize,
-    /// Every n-th first delivery is answered 503, to show retries (0: never).
+    /// Every n-th first delivery is answered 500, to show retries (0: never). Not 503: a 503
+    /// from a receiver that takes the other deliveries reads as "at capacity", and its message
+    /// is sent again at once instead of retried.
     pub fail_every: u64,
     /// Give up after this long.
     pub deadline: Duration,
@@ -73,7 +75,7 @@ impl Checker {
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(1);
         if self.fail_on_purpose(attempt, n) {
-            return Answer::status(503);
+            return Answer::status(500);
         }
         let id = req.header(HEADER_MESSAGE_ID).unwrap_or("");
         let content_type = req.header("content-type").unwrap_or("");

@@ -55,6 +55,8 @@ struct Inner {
     /// Back-pressure answers since `last_good`, and the largest limit in force meanwhile.
     overload_run: u32,
     overload_peak: usize,
+    /// The webhook has taken a delivery since the gate was made.
+    took_any: bool,
 }
 
 /// The gate of one consumer.
@@ -89,6 +91,7 @@ impl Gate {
                 last_good: now,
                 overload_run: 0,
                 overload_peak: 0,
+                took_any: false,
             }),
         }
     }
@@ -189,6 +192,7 @@ impl Gate {
             g.last_good = now;
             g.overload_run = 0;
             g.overload_peak = 0;
+            g.took_any = true;
         }
         g.consecutive = if failed { g.consecutive + 1 } else { 0 };
         let from = g.state;
@@ -237,10 +241,7 @@ impl Gate {
             let mut g = self.lock();
             g.overload_run += 1;
             g.overload_peak = g.overload_peak.max(limit);
-            let outage = at_floor
-                || g.state != BreakerState::Closed
-                || g.overload_run as usize >= g.overload_peak
-                || now.saturating_duration_since(g.last_good) >= quiet;
+            let outage = at_floor || !Self::at_capacity_locked(&g, now, quiet);
             if !outage {
                 return None;
             }
@@ -248,6 +249,24 @@ impl Gate {
             g.consecutive = g.consecutive.max(g.overload_run - 1);
         }
         self.record(now, true)
+    }
+
+    /// The back-pressure answers of late came from a receiver at its capacity, not from one that
+    /// is down: the breaker is closed, the webhook took a delivery within `quiet`, and fewer
+    /// answers than a whole limit's worth turned requests away since (see
+    /// [`Self::record_back_pressure`], which counts the answer first). Only then is a request
+    /// turned away worth sending again at once, in a slot of the shrunk limit.
+    pub fn at_capacity(&self, now: Instant, quiet: Duration) -> bool {
+        let g = self.lock();
+        g.took_any && Self::at_capacity_locked(&g, now, quiet)
+    }
+
+    /// Since the last delivery taken (or the gate's creation), back-pressure is not all the
+    /// receiver answers.
+    fn at_capacity_locked(g: &Inner, now: Instant, quiet: Duration) -> bool {
+        g.state == BreakerState::Closed
+            && (g.overload_run as usize) < g.overload_peak
+            && now.saturating_duration_since(g.last_good) < quiet
     }
 
     /// The half-open probe ended without a verdict (the pull came back empty or failed, or the

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
-use crate::cloudflare::retry::{api_backoff, retry_wait};
+use crate::cloudflare::retry::{Failures, Rest};
 use crate::cloudflare::{ApiError, Op, PulledMessage};
 use crate::logs::{Event, esc};
 use crate::pipeline::ctx::Ctx;
@@ -35,22 +35,8 @@ pub fn idle_backoff(max: Duration) -> impl Iterator<Item = Duration> + Send {
         .map(move |d| d.min(max))
 }
 
-/// Consecutive failed pulls after which the whole consumer backs off (before that, each
-/// failed pull only delays its own retry).
-const CONSUMER_BACKOFF_AFTER_FAILURES: u32 = 3;
-
 /// How long a trickling queue is left to gather messages between pulls.
 const TRICKLE_GATHER: Duration = Duration::from_millis(20);
-
-/// Backoff of one pull slot after a failure of its own: 100 ms doubling to 2 s, jittered.
-pub fn isolated_backoff() -> impl Iterator<Item = Duration> + Send {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
 
 /// How one pull call ended.
 enum Pulled {
@@ -67,9 +53,8 @@ pub async fn run(ctx: Arc<Ctx>) {
     let mut pulls: JoinSet<Pulled> = JoinSet::new();
     let mut next_pull_at = Instant::now();
     let mut idle = idle_backoff(ctx.config.max_idle_backoff);
-    let mut errors = api_backoff();
-    let mut own_retry = isolated_backoff();
-    let mut failures_in_row = 0u32;
+    // A failed pull rests only its own slot unless failures persist (shared with the acker).
+    let mut failures = Failures::default();
     // Pull slots resting after a failed call of their own, until these instants.
     let mut resting: Vec<Instant> = Vec::new();
     // The last pull came back less than half full: the queue trickles, so one pull at a time
@@ -109,9 +94,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                     Pulled::Messages { got, asked } => {
                         debug!(queue = %ctx.label, messages = got, asked, "pulled");
                         idle = idle_backoff(ctx.config.max_idle_backoff);
-                        errors = api_backoff();
-                        own_retry = isolated_backoff();
-                        failures_in_row = 0;
+                        failures.succeeded();
                         ctx.readiness.ready.store(true, Ordering::Relaxed);
                         trickling = got * 2 < asked;
                         if trickling {
@@ -121,35 +104,25 @@ pub async fn run(ctx: Arc<Ctx>) {
                     Pulled::Empty => {
                         ctx.gate.probe_unused();
                         trickling = true;
-                        errors = api_backoff();
-                        own_retry = isolated_backoff();
-                        failures_in_row = 0;
+                        failures.succeeded();
                         ctx.readiness.ready.store(true, Ordering::Relaxed);
                         let wait = idle.next().unwrap_or(ctx.config.max_idle_backoff);
                         next_pull_at = next_pull_at.max(Instant::now() + wait);
                     }
                     Pulled::Failed(err) => {
                         ctx.gate.probe_unused();
-                        failures_in_row += 1;
-                        if failures_in_row >= UNREADY_AFTER_FAILURES {
-                            ctx.readiness.ready.store(false, Ordering::Relaxed);
-                        }
                         // A lone failure costs only its own pull slot, which retries after
                         // a short backoff of its own while the other pulls go on. Failures in a
                         // row, a 429 and an authentication error back the whole consumer off.
-                        let persistent = failures_in_row >= CONSUMER_BACKOFF_AFTER_FAILURES
-                            || err.retry_after().is_some()
-                            || err.is_auth()
-                            || max_pulls == 1;
-                        let wait = if persistent {
-                            let wait = retry_wait(&err, &mut errors);
-                            next_pull_at = next_pull_at.max(Instant::now() + wait);
-                            wait
-                        } else {
-                            let wait = own_retry.next().unwrap_or(Duration::from_secs(1));
-                            resting.push(Instant::now() + wait);
-                            wait
-                        };
+                        let rest = failures.failed(&err, max_pulls > 1);
+                        if failures.in_row() >= UNREADY_AFTER_FAILURES {
+                            ctx.readiness.ready.store(false, Ordering::Relaxed);
+                        }
+                        let wait = rest.wait();
+                        match rest {
+                            Rest::All(_) => next_pull_at = next_pull_at.max(Instant::now() + wait),
+                            Rest::Own(_) => resting.push(Instant::now() + wait),
+                        }
                         if err.is_auth() {
                             error!(queue = %ctx.label, error = %err, retry_in = ?wait, "pull rejected");
                         } else if ctx.logs.allow(Event::PullFailed) {
@@ -355,7 +328,7 @@ mod tests {
 
     #[test]
     fn api_backoff_is_bounded() {
-        let waits: Vec<Duration> = api_backoff().take(40).collect();
+        let waits: Vec<Duration> = crate::cloudflare::retry::api_backoff().take(40).collect();
         assert!(waits[0] >= Duration::from_millis(500));
         for w in &waits {
             assert!(*w <= Duration::from_secs(60), "{w:?}");

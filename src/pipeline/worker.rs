@@ -2,7 +2,7 @@
 //! it, applies the outcome policy and hands the verdict to the acker.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -16,7 +16,7 @@ use crate::pipeline::policy::{Attempt, Decision, delay_seconds, jitter};
 use crate::webhook::delivery::{Message, decode_body};
 
 /// Deliver one message; `slot` is its place in the pool and is released when this ends.
-pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit) {
+pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, mut slot: OwnedSemaphorePermit) {
     let _in_flight = InFlight::new(&ctx);
     if let Some(at) = msg.not_before {
         // The rate limiter's turn for this message (at most one horizon away: the poller
@@ -57,6 +57,7 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     // The body moves into the request: no copy of it is made on the way to the socket.
     let body = std::mem::take(&mut msg.body);
     let mut took: Option<std::time::Duration> = None;
+    let mut resends = 0u32;
     // Refused before any request: an id that cannot be a header, an undecodable or oversized
     // body (crate::webhook::guard).
     let checked = match crate::webhook::guard::check_id(&msg.id) {
@@ -71,10 +72,11 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     };
     let (attempt, detail, outcome) = match checked {
         Err((detail, outcome)) => (Attempt::Undecodable, detail, outcome),
-        Ok(payload) => {
+        Ok(payload) => loop {
             let started = Instant::now();
+            // The payload is reference-counted: a copy for a second send costs no body copy.
             let response = tokio::select! {
-                r = ctx.webhook.post(&msg, payload) => r,
+                r = ctx.webhook.post(&msg, payload.clone()) => r,
                 _ = ctx.hard_stop.cancelled() => {
                     warn!(queue = %ctx.label, id = %esc(&msg.id), "shutdown grace over: abandoning the delivery and handing the message back");
                     release(&ctx, msg, "shutdown").await;
@@ -82,12 +84,28 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
                 }
             };
             let elapsed = started.elapsed();
-            took = Some(elapsed);
             ctx.metrics
                 .webhook(status_class(&response.attempt), elapsed.as_secs_f64());
+            if resends < MAX_RESENDS && turned_away_at_capacity(&ctx, elapsed, &response.attempt) {
+                // The receiver did not take it because it is full right now, not because it
+                // is down: send it again in a slot of the shrunk limit, without spending one
+                // of the message's Cloudflare attempts on a retry delay.
+                resends += 1;
+                slot = match retake_slot(&ctx, slot, &msg).await {
+                    Ok(s) => s,
+                    Err(reason) => {
+                        release(&ctx, msg, reason).await;
+                        return;
+                    }
+                };
+                debug!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, resends,
+                    "webhook at its capacity: sending again in a slot of the shrunk limit");
+                continue;
+            }
+            took = Some(elapsed);
             observe_age(&ctx, msg.timestamp_ms);
-            (response.attempt, response.detail, "")
-        }
+            break (response.attempt, response.detail, "");
+        },
     };
     let decision = ctx.policy.decide(&attempt, msg.attempts, jitter());
     let limit_before = took.map(|rtt| sample(&ctx, rtt, &attempt));
@@ -140,6 +158,79 @@ pub async fn deliver(ctx: Arc<Ctx>, mut msg: Message, slot: OwnedSemaphorePermit
     ctx.limiter.release(slot);
 }
 
+/// Sends of one message, after the first, that a receiver at its capacity may turn away before
+/// the message takes the retry policy's way (a Cloudflare retry after a delay). A receiver
+/// that answers 503 to one message for its own reasons while taking the others sees it at
+/// most 6 times per attempt, a round trip apart; the lease check bounds them in time.
+const MAX_RESENDS: u32 = 5;
+
+/// A 429/503 without `Retry-After`, under the adaptive limit, while at least half the limit is
+/// in use and other deliveries go through ([`crate::pipeline::gate::Gate::at_capacity`]): the
+/// receiver is full, not failing.
+/// Feeds the answer to the limit and the breaker (as every answer) and says whether the
+/// message is worth sending again at once. A `Retry-After`, the limit at its floor, the
+/// fixed mode, a rate limit or a breaker that counted the answer keep the retry policy's way.
+fn turned_away_at_capacity(ctx: &Ctx, rtt: std::time::Duration, attempt: &Attempt) -> bool {
+    // A resend would not wait for the rate limiter's turn: with a rate limit, none.
+    if ctx.config.concurrency_mode == crate::config::ConcurrencyMode::Fixed
+        || ctx.config.webhook.max_requests_per_second.is_some()
+        || !matches!(
+            attempt,
+            Attempt::Status {
+                status: 429 | 503,
+                retry_after: None
+            }
+        )
+    {
+        return false;
+    }
+    // Our own requests filled the receiver only if they used the limit: a 503 while a handful
+    // is in flight under a large limit is the receiver's own trouble, not its capacity.
+    let filled = ctx.limiter.in_use() * 2 >= ctx.limiter.limit();
+    let limit_before = sample(ctx, rtt, attempt);
+    if let Some(t) = judge(ctx, attempt, true, Some(limit_before)) {
+        breaker_changed(ctx, t);
+        return false;
+    }
+    filled
+        && ctx.limiter.request_limit() > crate::pipeline::concurrency::MIN_LIMIT
+        && ctx
+            .gate
+            .at_capacity(Instant::now(), back_pressure_quiet(ctx))
+}
+
+/// Give the slot back to the shrunk limit, let one round trip pass, and wait for a slot the
+/// limit allows, as long as the lease leaves time for a delivery and its ack. `Err` names why
+/// the message goes back instead. The round trip (the RTT baseline, 1 ms to 1 s) lets the
+/// requests sent under the old limit finish: a resend in a slot that is free at once would
+/// meet the receiver as full as before (knee bench: some messages were turned away five times
+/// within 100 µs).
+async fn retake_slot(
+    ctx: &Ctx,
+    slot: OwnedSemaphorePermit,
+    msg: &Message,
+) -> Result<OwnedSemaphorePermit, &'static str> {
+    ctx.limiter.release(slot);
+    let last_start = msg
+        .deadline
+        .checked_sub(ctx.config.webhook.timeout + ctx.lease_margin)
+        .unwrap_or(msg.deadline);
+    let round_trip = ctx
+        .limiter
+        .baseline()
+        .unwrap_or_default()
+        .clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let retake = async {
+        tokio::time::sleep(round_trip).await;
+        ctx.limiter.slots().clone().acquire_owned().await
+    };
+    tokio::select! {
+        permit = retake => permit.map_err(|_| "shutdown"),
+        _ = tokio::time::sleep_until(last_start) => Err("lease"),
+        _ = ctx.shutdown.cancelled() => Err("shutdown"),
+    }
+}
+
 /// What an answer tells the adaptive limit: back-pressure, a latency sample, or nothing.
 /// Report one webhook request (a single message or a batch) to the adaptive limit.
 /// Returns the limit in force before this sample.
@@ -190,18 +281,22 @@ pub fn judge(
         && control_outcome(attempt) == crate::pipeline::concurrency::Outcome::Overloaded
     {
         let limit = ctx.limiter.request_limit();
-        let quiet = ctx
-            .limiter
-            .baseline()
-            .map_or(BACK_PRESSURE_QUIET, |b| (b * 4).max(BACK_PRESSURE_QUIET));
         return ctx.gate.record_back_pressure(
             now,
             limit_before.unwrap_or(limit).max(limit),
             limit <= crate::pipeline::concurrency::MIN_LIMIT,
-            quiet,
+            back_pressure_quiet(ctx),
         );
     }
     ctx.gate.record(now, failed)
+}
+
+/// With no delivery through for this long, back-pressure is all the receiver answers: 1 s, or 4
+/// RTT baselines if longer.
+fn back_pressure_quiet(ctx: &Ctx) -> std::time::Duration {
+    ctx.limiter
+        .baseline()
+        .map_or(BACK_PRESSURE_QUIET, |b| (b * 4).max(BACK_PRESSURE_QUIET))
 }
 
 /// With no delivery through for this long, back-pressure answers count against the breaker.
