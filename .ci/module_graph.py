@@ -171,9 +171,9 @@ def sccs(edges):
 LAYER_ROW_RE = re.compile(r"^//!\s*\|\s*(\d+|tools)\s*\|([^|]*)\|", re.M)
 LAYER_NAME_RE = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
-# Upward edges known and owned by another change in flight; each is reported, not failed.
-# config -> pipeline::gate: `BreakerConfig` moves into config (the config engineer's part).
-ALLOWED_UPWARD = {("config", "pipeline")}
+# Upward edges tolerated while a change that removes them is in flight (reported, not failed).
+# None now: every edge points down.
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def layers(src: pathlib.Path) -> dict[str, int]:

@@ -54,7 +54,6 @@ mod webhook;
 // The flat paths the binary, the tests and the bench use (`cfq_relay::delivery`, …), kept
 // deliberately: each names a module of the layer folders above; the rest stays private.
 pub use cloudflare::{online, retry};
-pub use config::secrets;
 pub use ops::{admin, supervisor};
 pub use pipeline::{batch, concurrency, gate};
 pub use telemetry::metrics;

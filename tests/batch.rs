@@ -12,7 +12,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use cfq_emulator::{ContentType, EmulatorOptions, Fault, FaultOp};
-use cfq_relay::secrets::Secret;
+use cfq_relay::config::Secret;
 use cfq_relay::signing::Signer;
 use support::{
     Answer, Hook, Received, assert_books, config, delivered, emulator, one_consumer, publish_text,

@@ -257,7 +257,7 @@ async fn breaker_opens_under_a_failing_receiver_and_closes_on_recovery() {
         &[("q1", &hook.url(), "concurrency = 4\nbatch_size = 4", "")],
     );
     cfg.consumers[0].retry.base_delay = Duration::ZERO;
-    cfg.consumers[0].breaker = cfq_relay::gate::BreakerConfig {
+    cfg.consumers[0].breaker = cfq_relay::config::BreakerConfig {
         enabled: true,
         consecutive_failures: 4,
         open_for: Duration::from_secs(1),

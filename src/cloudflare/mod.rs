@@ -10,9 +10,9 @@ mod wire;
 use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
+use crate::config::Secret;
 use crate::retry_after::retry_after_header;
 use crate::telemetry::ApiResult;
 
@@ -205,7 +205,7 @@ impl QueueClient {
         api_base_url: &str,
         account_id: &str,
         queue_id: &str,
-        token: &SecretString,
+        token: &Secret,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let base = api_base_url.trim_end_matches('/');
@@ -214,8 +214,8 @@ impl QueueClient {
                 "{base}/accounts/{account_id}/queues/{queue_id}/messages/{op}"
             ))
         };
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
-            .map_err(|_| {
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
                 anyhow::anyhow!("the API token contains characters not allowed in an HTTP header")
             })?;
         auth.set_sensitive(true);
@@ -483,7 +483,7 @@ mod tests {
 
     #[test]
     fn debug_hides_the_token() {
-        let token = SecretString::from("super-secret-token");
+        let token = Secret::new("super-secret-token");
         let c = QueueClient::new(
             reqwest::Client::new(),
             "http://127.0.0.1:1/client/v4",

@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use reqwest::header::{AUTHORIZATION, HeaderValue};
-use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::cloudflare::{ApiError, interpret};
-use crate::config::Config;
+use crate::config::{Config, Secret};
 
 /// A queue as `GET /accounts/{account_id}/queues/{queue_id}` shows it (the fields read here).
 #[derive(Debug, Default, Deserialize)]
@@ -54,7 +53,7 @@ impl std::fmt::Display for Problem {
 
 /// Check every consumer of `config` against the API it names, with `token`. `Ok` holds the
 /// problems found (empty: all good); `Err` only when the check itself cannot be set up.
-pub async fn check(config: &Config, token: &SecretString) -> anyhow::Result<Vec<Problem>> {
+pub async fn check(config: &Config, token: &Secret) -> anyhow::Result<Vec<Problem>> {
     let cf = &config.cloudflare;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -62,10 +61,9 @@ pub async fn check(config: &Config, token: &SecretString) -> anyhow::Result<Vec<
         .timeout(cf.api_timeout)
         .build()
         .context("building the API HTTP client")?;
-    let mut auth =
-        HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).map_err(|_| {
-            anyhow::anyhow!("the API token contains characters not allowed in an HTTP header")
-        })?;
+    let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+        anyhow::anyhow!("the API token contains characters not allowed in an HTTP header")
+    })?;
     auth.set_sensitive(true);
     let base = format!(
         "{}/accounts/{}/queues",

@@ -8,7 +8,6 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
-use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
@@ -17,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::Config;
 use crate::cloudflare::QueueClient;
-use crate::config::ConsumerConfig;
+use crate::config::{ConsumerConfig, Secret};
 use crate::ops::admin::ConsumerSet;
 use crate::pipeline::{Consumer, Readiness};
 use crate::telemetry::Metrics;
@@ -152,7 +151,7 @@ pub(crate) struct Supervisor {
     /// The configuration in effect (its `admin` and `log` are those of the start: they are
     /// not reloaded).
     config: Config,
-    token: SecretString,
+    token: Secret,
     res: Resources,
     timing: watch::Sender<Timing>,
     /// Live consumers by label.
@@ -165,7 +164,7 @@ pub(crate) struct Supervisor {
 impl Supervisor {
     /// Build every consumer of `config` (all or none) and start them; [`Supervisor::run`] then
     /// serves reloads and the shutdown.
-    pub fn new(config: Config, token: SecretString, res: Resources) -> anyhow::Result<Self> {
+    pub fn new(config: Config, token: Secret, res: Resources) -> anyhow::Result<Self> {
         let mut this = Self {
             timing: watch::Sender::new(Timing::of(&config)),
             config,
@@ -192,7 +191,7 @@ impl Supervisor {
     fn prepare(
         &self,
         config: &Config,
-        token: &SecretString,
+        token: &Secret,
         c: &ConsumerConfig,
     ) -> anyhow::Result<Prepared> {
         let label = c.label().to_owned();
@@ -302,7 +301,7 @@ impl Supervisor {
         let cloudflare_changed = old_cf.account_id != new_cf.account_id
             || old_cf.api_base_url != new_cf.api_base_url
             || old_cf.api_timeout != new_cf.api_timeout
-            || self.token.expose_secret() != token.expose_secret();
+            || self.token.expose() != token.expose();
 
         let mut start = Vec::new();
         for c in &new.consumers {

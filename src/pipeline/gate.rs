@@ -7,66 +7,9 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::time::Instant;
 
-/// `[consumers.breaker]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BreakerConfig {
-    /// The circuit breaker is on by default: during a receiver outage messages wait in the
-    /// queue instead of spending their `max_retries` and landing in the dead-letter queue.
-    /// `enabled = false` turns it off (failures then follow the retry policy alone).
-    #[serde(default = "default_enabled")]
-    pub enabled: bool,
-    /// Consecutive failed deliveries that open the breaker.
-    #[serde(default = "default_consecutive")]
-    pub consecutive_failures: u32,
-    /// Failure ratio over `window` that opens the breaker (with at least `min_requests`).
-    #[serde(default = "default_ratio")]
-    pub failure_ratio: f64,
-    /// Window of the failure ratio.
-    #[serde(default = "default_window", with = "humantime_serde")]
-    pub window: Duration,
-    /// Deliveries in `window` needed before the ratio counts.
-    #[serde(default = "default_min_requests")]
-    pub min_requests: u32,
-    /// How long the breaker stays open before a probe delivery is tried.
-    #[serde(default = "default_open_for", with = "humantime_serde")]
-    pub open_for: Duration,
-}
-
-fn default_enabled() -> bool {
-    true
-}
-fn default_consecutive() -> u32 {
-    10
-}
-fn default_ratio() -> f64 {
-    0.5
-}
-fn default_window() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_min_requests() -> u32 {
-    20
-}
-fn default_open_for() -> Duration {
-    Duration::from_secs(30)
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        Self {
-            enabled: default_enabled(),
-            consecutive_failures: default_consecutive(),
-            failure_ratio: default_ratio(),
-            window: default_window(),
-            min_requests: default_min_requests(),
-            open_for: default_open_for(),
-        }
-    }
-}
+use crate::config::BreakerConfig;
 
 /// Breaker states; the numbers are the `cfq_relay_breaker_state` gauge values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -417,7 +417,7 @@ mod tests {
 
     fn webhook(url: &str, http2_prior_knowledge: bool) -> (WebhookConfig, reqwest::Url) {
         let w = WebhookConfig {
-            url: url.to_owned(),
+            url: crate::config::RedactedUrl::new(url),
             http2_prior_knowledge,
             ..WebhookConfig::default()
         };

@@ -12,8 +12,7 @@ use tokio::time::Instant;
 use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
 use reqwest::header::AUTHORIZATION;
 
-use crate::config::secrets::{self, Secret};
-use crate::config::{ConfigError, ConsumerConfig, WebhookConfig};
+use crate::config::{ConfigError, ConsumerConfig, Secret, WebhookConfig};
 use crate::retry_after::retry_after_header;
 use crate::webhook::Attempt;
 use crate::webhook::client::{SendFailure, WebhookClient, WebhookPool};
@@ -212,25 +211,12 @@ impl WebhookAuth {
     /// Resolve `bearer_token*`, `basic_auth.password*` and `signing_secret*`; `prefix` is the
     /// config key of the webhook table for error messages (e.g. `consumers[0].webhook`).
     pub fn resolve(w: &WebhookConfig, prefix: &str) -> Result<Self, ConfigError> {
-        let invalid = |k: &str, m: String| ConfigError::Invalid {
-            key: format!("{prefix}.{k}"),
-            message: m,
-        };
-        let bearer = secrets::resolve(
-            &format!("{prefix}.bearer_token"),
-            w.bearer_token.as_ref(),
-            w.bearer_token_file.as_deref(),
-            w.bearer_token_env.as_deref(),
-        )?;
+        let invalid = |k: &str, m: String| ConfigError::invalid(format!("{prefix}.{k}"), m);
+        let bearer = w.bearer_token_source(prefix).resolve()?;
         let basic = match &w.basic_auth {
             None => None,
             Some(b) => {
-                let password = secrets::resolve(
-                    &format!("{prefix}.basic_auth.password"),
-                    b.password.as_ref(),
-                    b.password_file.as_deref(),
-                    b.password_env.as_deref(),
-                )?;
+                let password = w.password_source(prefix).resolve()?;
                 let pair = format!(
                     "{}:{}",
                     b.username,
@@ -263,16 +249,7 @@ impl WebhookAuth {
             }
             None => None,
         };
-        let secrets: Vec<Secret> = if let Some(s) = secrets::resolve(
-            &format!("{prefix}.signing_secret"),
-            None,
-            w.signing_secret_file.as_deref(),
-            w.signing_secret_env.as_deref(),
-        )? {
-            s.expose().split_whitespace().map(Secret::new).collect()
-        } else {
-            w.signing_secrets.clone()
-        };
+        let secrets = w.resolve_signing_secrets(prefix)?;
         let signer = if secrets.is_empty() {
             None
         } else {
