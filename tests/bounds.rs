@@ -23,7 +23,7 @@ use cfq_emulator::EmulatorOptions;
 use serde_json::{Value, json};
 use support::{
     ACCOUNT, Answer, Cfg, ConsumerCfg, EndState, Hook, RelayProcess, TOKEN, api_requests,
-    check_config, delivered, emulator, metric, publish, released, scrape, wait_until,
+    check_config, delivered, emulator, metric, publish, released, scrape, wait_for, wait_until,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -485,13 +485,19 @@ async fn log_lines_stay_bounded_under_a_failing_webhook() {
     publish(&emu, "q1", "flaky", 5000);
     let relay = RelayProcess::spawn("flaky", &minimal(&api, &hook.url()).text());
     let admin = relay.admin().await;
-    // Past one limiter window, so a summary line has been written.
-    wait_until(Duration::from_secs(60), "a suppression summary", || {
-        relay
-            .lines()
-            .iter()
-            .any(|l| l.contains("similar log lines suppressed"))
-    })
+    // At least 1,000 failures and past one limiter window, so a summary line has been written.
+    // (Waited for, not timed: a loaded machine takes longer to get there.)
+    wait_for(
+        Duration::from_secs(120),
+        "1,000 failures and a suppression summary",
+        || async {
+            delivered(&scrape(admin).await, "retried") >= 1000.0
+                && relay
+                    .lines()
+                    .iter()
+                    .any(|l| l.contains("similar log lines suppressed"))
+        },
+    )
     .await;
     let text = scrape(admin).await;
     let failures = delivered(&text, "retried");

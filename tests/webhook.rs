@@ -318,13 +318,16 @@ async fn rate_limit_holds_within_ten_percent() {
         (18.0..=22.0).contains(&rate),
         "rate {rate:.2}/s over {span:?}"
     );
-    // Never a burst: no second holds more than the limit (+1 for the window edge).
+    // Never a burst: no second holds more than the limit and ten percent. The limiter spaces
+    // sends exactly (unit-tested in `gate.rs`); what arrives here also carries the scheduling
+    // jitter of a loaded machine, which can bunch two sends. Without the limit all 61 arrive
+    // within a second.
     for (i, r) in got.iter().enumerate() {
         let in_window = got[i..]
             .iter()
             .take_while(|o| o.at - r.at < Duration::from_secs(1))
             .count();
-        assert!(in_window <= 21, "burst of {in_window} within a second");
+        assert!(in_window <= 22, "burst of {in_window} within a second");
     }
 }
 
