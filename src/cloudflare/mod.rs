@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::config::Secret;
 use crate::retry_after::retry_after_header;
@@ -214,8 +215,8 @@ impl QueueClient {
                 "{base}/accounts/{account_id}/queues/{queue_id}/messages/{op}"
             ))
         };
-        let mut auth =
-            HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+        let mut auth = HeaderValue::from_str(&Zeroizing::new(format!("Bearer {}", token.expose())))
+            .map_err(|_| {
                 anyhow::anyhow!("the API token contains characters not allowed in an HTTP header")
             })?;
         auth.set_sensitive(true);

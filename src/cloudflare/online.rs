@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde::Deserialize;
+use zeroize::Zeroizing;
 
 use crate::cloudflare::{ApiError, interpret};
 use crate::config::{Config, Secret};
@@ -61,9 +62,10 @@ pub async fn check(config: &Config, token: &Secret) -> anyhow::Result<Vec<Proble
         .timeout(cf.api_timeout)
         .build()
         .context("building the API HTTP client")?;
-    let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
-        anyhow::anyhow!("the API token contains characters not allowed in an HTTP header")
-    })?;
+    let mut auth = HeaderValue::from_str(&Zeroizing::new(format!("Bearer {}", token.expose())))
+        .map_err(|_| {
+            anyhow::anyhow!("the API token contains characters not allowed in an HTTP header")
+        })?;
     auth.set_sensitive(true);
     let base = format!(
         "{}/accounts/{}/queues",

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use serde::Deserialize;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::ConfigError;
 
-/// A secret string. `Debug` prints `"[REDACTED]"`; the value is reachable only via [`Secret::expose`].
+/// A secret string. `Debug` prints `"[REDACTED]"`; the value is reachable only via [`Secret::expose`];
+/// its memory is zeroed when it is dropped (so are the copies this module makes on the way).
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -24,6 +26,12 @@ impl Secret {
     /// The secret itself; call it only where the value is put on the wire.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.0.zeroize();
     }
 }
 
@@ -151,12 +159,12 @@ impl<'a> SecretSource<'a> {
 impl Place<'_> {
     fn read(&self, env: &impl Fn(&str) -> Option<String>) -> Result<Option<Secret>, ConfigError> {
         let key = self.key.as_ref();
-        let (value, empty) = match &self.from {
-            Origin::Inline(s) => (s.expose().to_owned(), "is empty".to_owned()),
+        let (value, empty): (Zeroizing<String>, _) = match &self.from {
+            Origin::Inline(s) => (s.expose().to_owned().into(), "is empty".to_owned()),
             Origin::Env(var) => match (env(var), self.ambient) {
-                (Some(v), true) => (v, "is set but empty".to_owned()),
+                (Some(v), true) => (v.into(), "is set but empty".to_owned()),
                 (Some(v), false) => (
-                    v,
+                    v.into(),
                     format!("names the environment variable {var}, which is empty"),
                 ),
                 (None, true) => return Ok(None),
@@ -168,7 +176,7 @@ impl Place<'_> {
                 }
             },
             Origin::File(path) => match std::fs::read_to_string(path) {
-                Ok(text) => (text, format!("{} is empty", path.display())),
+                Ok(text) => (text.into(), format!("{} is empty", path.display())),
                 Err(e) if self.ambient && e.kind() == std::io::ErrorKind::NotFound => {
                     return Ok(None);
                 }
@@ -190,16 +198,19 @@ impl Place<'_> {
 /// The optional prefix of a Standard Webhooks signing secret.
 const WHSEC_PREFIX: &str = "whsec_";
 
-/// Decode one `whsec_<base64>` secret (the prefix is optional, padding too) into key bytes.
-pub fn decode_secret(secret: &str) -> Result<Vec<u8>, &'static str> {
+/// Decode one `whsec_<base64>` secret (the prefix is optional, padding too) into key bytes
+/// (zeroed when dropped).
+pub fn decode_secret(secret: &str) -> Result<Zeroizing<Vec<u8>>, &'static str> {
     let b64 = secret
         .trim()
         .strip_prefix(WHSEC_PREFIX)
         .unwrap_or(secret.trim());
     let b64 = b64.trim_end_matches('=');
-    let key = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(b64)
-        .map_err(|_| "must be `whsec_` followed by base64")?;
+    let key = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(b64)
+            .map_err(|_| "must be `whsec_` followed by base64")?,
+    );
     if key.len() < 16 {
         return Err("must decode to at least 16 bytes (24 to 64 are usual)");
     }

@@ -8,6 +8,7 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use tokio::time::Instant;
+use zeroize::Zeroizing;
 
 use base64::engine::general_purpose::STANDARD as STANDARD_ENGINE;
 use reqwest::header::AUTHORIZATION;
@@ -217,12 +218,15 @@ impl WebhookAuth {
             None => None,
             Some(b) => {
                 let password = w.password_source(prefix).resolve()?;
-                let pair = format!(
+                let pair = Zeroizing::new(format!(
                     "{}:{}",
                     b.username,
                     password.as_ref().map(Secret::expose).unwrap_or("")
-                );
-                Some(format!("Basic {}", STANDARD_ENGINE.encode(pair)))
+                ));
+                Some(Zeroizing::new(format!(
+                    "Basic {}",
+                    Zeroizing::new(STANDARD_ENGINE.encode(pair.as_bytes())).as_str()
+                )))
             }
         };
         let value = match (bearer, basic) {
@@ -232,7 +236,7 @@ impl WebhookAuth {
                     "and `basic_auth` are both set; choose one".into(),
                 ));
             }
-            (Some(t), None) => Some(format!("Bearer {}", t.expose())),
+            (Some(t), None) => Some(Zeroizing::new(format!("Bearer {}", t.expose()))),
             (None, Some(b)) => Some(b),
             (None, None) => None,
         };
