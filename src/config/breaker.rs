@@ -3,37 +3,38 @@
 
 use std::time::Duration;
 
+use educe::Educe;
 use serde::Deserialize;
-use smart_default::SmartDefault;
 
 use super::checks::check_range;
 use super::{ConfigError, Validate};
 
 /// `[consumers.breaker]`
-#[derive(Debug, Clone, PartialEq, Deserialize, SmartDefault)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Educe)]
+#[educe(Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
     /// The circuit breaker is on by default: during a receiver outage messages wait in the
     /// queue instead of spending their `max_retries` and landing in the dead-letter queue.
     /// `enabled = false` turns it off (failures then follow the retry policy alone).
-    #[default = true]
+    #[educe(Default = true)]
     pub enabled: bool,
     /// Consecutive failed deliveries that open the breaker, at least 1.
-    #[default = 10]
+    #[educe(Default = 10)]
     pub consecutive_failures: u32,
     /// Failure ratio over `window` that opens the breaker (with at least `min_requests`), in
     /// (0, 1].
-    #[default = 0.5]
+    #[educe(Default = 0.5)]
     pub failure_ratio: f64,
     /// Window of the failure ratio, 1s..=1h.
-    #[default(Duration::from_secs(30))]
+    #[educe(Default(expression = Duration::from_secs(30)))]
     #[serde(with = "humantime_serde")]
     pub window: Duration,
     /// Deliveries in `window` needed before the ratio counts.
-    #[default = 20]
+    #[educe(Default = 20)]
     pub min_requests: u32,
     /// How long the breaker stays open before a probe delivery is tried, 1s..=1h.
-    #[default(Duration::from_secs(30))]
+    #[educe(Default(expression = Duration::from_secs(30)))]
     #[serde(with = "humantime_serde")]
     pub open_for: Duration,
 }

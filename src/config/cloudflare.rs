@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use educe::Educe;
 use serde::Deserialize;
-use smart_default::SmartDefault;
 
 use super::checks::{check_http_url, check_range};
 use super::{ConfigError, RedactedUrl, Secret, SecretSource, Validate};
@@ -17,20 +17,21 @@ pub const TOKEN_ENV: &str = "CLOUDFLARE_API_TOKEN";
 pub const TOKEN_CREDENTIAL: &str = "cloudflare-api-token";
 
 /// `[cloudflare]`
-#[derive(Debug, Clone, Deserialize, SmartDefault)]
+#[derive(Debug, Clone, Deserialize, Educe)]
+#[educe(Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct CloudflareConfig {
     /// Cloudflare account id (32 hex characters in the dashboard URL). Required.
     pub account_id: String,
     /// Base URL of the API; point it at `cfq-relay emulate` for local work.
-    #[default(RedactedUrl::new("https://api.cloudflare.com/client/v4"))]
+    #[educe(Default(expression = RedactedUrl::new("https://api.cloudflare.com/client/v4")))]
     pub api_base_url: RedactedUrl,
     /// API token in the file itself (least preferred: use the environment or a file).
     pub api_token: Option<Secret>,
     /// Path of a file that holds the API token (e.g. a systemd credential or a Kubernetes secret).
     pub api_token_file: Option<PathBuf>,
     /// Timeout of one pull or ack API call, 1s..=5m.
-    #[default(Duration::from_secs(15))]
+    #[educe(Default(expression = Duration::from_secs(15)))]
     #[serde(with = "humantime_serde")]
     pub api_timeout: Duration,
 }

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use educe::Educe;
 use serde::Deserialize;
-use smart_default::SmartDefault;
 
 use super::checks::{check_between, check_range, fmt_duration};
 use super::{BreakerConfig, ConfigError, Validate, WebhookConfig};
@@ -17,7 +17,8 @@ const MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(12 * 3600);
 
 /// `[[consumers]]`: one queue delivered to one webhook.
-#[derive(Debug, Clone, PartialEq, Deserialize, SmartDefault)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Educe)]
+#[educe(Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsumerConfig {
     /// A short name used in logs and as the `queue` metric label; defaults to `queue_id`.
@@ -25,10 +26,10 @@ pub struct ConsumerConfig {
     /// The queue id (32 hex characters; `wrangler queues info NAME` shows it). Required.
     pub queue_id: String,
     /// Messages asked for per pull, 1..=100.
-    #[default = 100]
+    #[educe(Default = 100)]
     pub batch_size: u32,
     /// Lease length of a pulled message, 1s..=12h. A message not acked in time is redelivered.
-    #[default(Duration::from_secs(60))]
+    #[educe(Default(expression = Duration::from_secs(60)))]
     #[serde(with = "humantime_serde")]
     pub visibility_timeout: Duration,
     /// Upper bound of deliveries in flight (and messages held) for this consumer, 1..=10000
@@ -36,18 +37,18 @@ pub struct ConsumerConfig {
     /// With `concurrency_mode = "adaptive"` (the default) the relay finds the webhook's limit
     /// below it; with `"fixed"` it always uses this many. The default: 5,000 msg/s (Cloudflare's
     /// per-queue ceiling) at 150 ms round trips needs 750 in flight.
-    #[default = 1000]
+    #[educe(Default = 1000)]
     pub concurrency: usize,
     /// `adaptive` (default): deliveries in flight follow the webhook's latency and its 429/503
     /// answers, up to `concurrency`. `fixed`: always `concurrency`.
     pub concurrency_mode: ConcurrencyMode,
     /// Maximum pull calls in flight at once, 1..=32; several are used when the free
     /// delivery slots exceed one batch.
-    #[default = 4]
+    #[educe(Default = 4)]
     pub max_pulls_in_flight: usize,
     /// Upper bound of the (jittered, exponential) wait between pulls of an empty queue,
     /// 100ms..=60s.
-    #[default(Duration::from_secs(2))]
+    #[educe(Default(expression = Duration::from_secs(2)))]
     #[serde(with = "humantime_serde")]
     pub max_idle_backoff: Duration,
     /// The webhook every message is POSTed to.
@@ -167,15 +168,16 @@ impl Validate for ConsumerConfig {
 }
 
 /// `[consumers.retry]`
-#[derive(Debug, Clone, PartialEq, Deserialize, SmartDefault)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Educe)]
+#[educe(Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     /// Delay before the first redelivery of a failed message; doubles with each attempt.
-    #[default(Duration::from_secs(5))]
+    #[educe(Default(expression = Duration::from_secs(5)))]
     #[serde(with = "humantime_serde")]
     pub base_delay: Duration,
     /// Cap of the retry delay (and of a webhook's Retry-After), at most 12h.
-    #[default(Duration::from_secs(3600))]
+    #[educe(Default(expression = Duration::from_secs(3600)))]
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
 }

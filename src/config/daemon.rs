@@ -4,28 +4,30 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use educe::Educe;
 use serde::Deserialize;
-use smart_default::SmartDefault;
 
 use super::checks::check_range;
 use super::{ConfigError, Validate};
 
 /// `[admin]`
-#[derive(Debug, Clone, PartialEq, Deserialize, SmartDefault)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Educe)]
+#[educe(Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin HTTP server serving /metrics, /healthz and /readyz.
-    #[default(SocketAddr::from(([127, 0, 0, 1], 9464)))]
+    #[educe(Default(expression = SocketAddr::from(([127, 0, 0, 1], 9464))))]
     pub listen: SocketAddr,
 }
 
 /// `[log]`
-#[derive(Debug, Clone, PartialEq, Deserialize, SmartDefault)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Educe)]
+#[educe(Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// Level filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive list).
     /// `RUST_LOG` overrides it.
-    #[default("info".to_owned())]
+    #[educe(Default(expression = "info".to_owned()))]
     pub level: String,
     /// `text` (human-readable) or `json` (one JSON object per line).
     pub format: LogFormat,
@@ -47,14 +49,15 @@ pub enum LogFormat {
 }
 
 /// `[shutdown]`
-#[derive(Debug, Clone, PartialEq, Deserialize, SmartDefault)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Educe)]
+#[educe(Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long in-flight deliveries may take to finish after SIGTERM/SIGINT before they are
     /// abandoned and their messages handed back, 0s..=1h. Must be shorter than every visibility
     /// timeout. Unset: 25s, or half the shortest `visibility_timeout` when that is less
     /// ([`super::Config::grace_period_default`]).
-    #[default(Duration::from_secs(25))]
+    #[educe(Default(expression = Duration::from_secs(25)))]
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
 }

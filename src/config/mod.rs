@@ -1,7 +1,7 @@
 //! The configuration: pure data with its defaults, loading (TOML + environment), validation that
 //! names the offending key, and the sources of secrets. It imports nothing above it.
 //!
-//! One file a section, each with its defaults beside its fields (`#[default(…)]`, read by serde
+//! One file a section, each with its defaults beside its fields (`#[educe(Default = …)]`, read by serde
 //! through `Default`) and its own [`Validate`]: `cloudflare`, `consumer` (+ `breaker`, `webhook`),
 //! `daemon` (admin, log, shutdown). `error` tells what went wrong without quoting values,
 //! `secret` holds and reads secrets, `redact` types the values whose `Debug` must hide

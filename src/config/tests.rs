@@ -511,7 +511,7 @@ fn environment_overrides_keys() {
 }
 
 /// Sections left out, or written empty, are their `Default`: the defaults live in one place
-/// (the `#[default]` beside each field) and serde reads them from there.
+/// (the `#[educe(Default = …)]` beside each field) and serde reads them from there.
 #[test]
 fn sections_left_out_are_their_defaults() {
     let c = Config::from_toml(GOOD).unwrap();

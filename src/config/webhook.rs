@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use educe::Educe;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
-use smart_default::SmartDefault;
 
 use super::checks::{check_between, check_http_url, check_range};
 use super::consumer::lease_margin;
@@ -19,7 +19,8 @@ use super::{
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `[consumers.webhook]`
-#[derive(Debug, Clone, PartialEq, Deserialize, SmartDefault)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Educe)]
+#[educe(Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhookConfig {
     /// URL the bodies are POSTed to (http or https). Required.
@@ -27,7 +28,7 @@ pub struct WebhookConfig {
     /// Timeout of one webhook request (connect to last response byte), 100ms..=12h; shorter
     /// than `visibility_timeout`. Unset: 10s, or less when the lease needs it
     /// ([`webhook_timeout_default`]).
-    #[default(DEFAULT_TIMEOUT)]
+    #[educe(Default(expression = DEFAULT_TIMEOUT))]
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Extra request headers, e.g. `{ "X-Tenant" = "blue" }`.
@@ -72,14 +73,15 @@ pub struct WebhookConfig {
 }
 
 /// `[consumers.webhook.batch]`: opt-in batch delivery.
-#[derive(Debug, Clone, PartialEq, Deserialize, SmartDefault)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Educe)]
+#[educe(Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
     /// Messages per webhook request, 1..=100.
-    #[default = 50]
+    #[educe(Default = 50)]
     pub max_messages: usize,
     /// How long a partial batch may wait for more messages, 0s..=10s.
-    #[default(Duration::from_millis(50))]
+    #[educe(Default(expression = Duration::from_millis(50)))]
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
     /// Cap on the request body in bytes, 1024..=104857600 (unset: no cap beyond
