@@ -36,10 +36,10 @@ struct Item {
 
 fn items(r: &Received) -> Vec<Item> {
     #[derive(serde::Deserialize)]
-    struct Batch {
+    struct SentBatch {
         messages: Vec<Item>,
     }
-    serde_json::from_slice::<Batch>(&r.body)
+    serde_json::from_slice::<SentBatch>(&r.body)
         .unwrap_or_else(|e| panic!("not a batch: {e}: {:?}", r.body))
         .messages
 }

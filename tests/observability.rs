@@ -461,19 +461,19 @@ async fn scraped_metrics_match_the_emulator_and_parse() {
 // /readyz and /healthz
 
 /// A webhook that holds every request until the test opens the gate.
-struct Gate {
+struct HeldAnswers {
     arrived: AtomicUsize,
     open: tokio::sync::Semaphore,
 }
 
-async fn gated(State(g): State<Arc<Gate>>) -> StatusCode {
+async fn gated(State(g): State<Arc<HeldAnswers>>) -> StatusCode {
     g.arrived.fetch_add(1, Ordering::SeqCst);
     let _pass = g.open.acquire().await.unwrap();
     StatusCode::OK
 }
 
-async fn gated_hook() -> (Arc<Gate>, String) {
-    let gate = Arc::new(Gate {
+async fn gated_hook() -> (Arc<HeldAnswers>, String) {
+    let gate = Arc::new(HeldAnswers {
         arrived: AtomicUsize::new(0),
         open: tokio::sync::Semaphore::new(0),
     });

@@ -93,7 +93,7 @@ impl Checker {
     /// (every n-th first delivery) in `{"failed": [...]}`: only those come back.
     fn answer_batch(&self, body: &[u8]) -> Answer {
         #[derive(serde::Deserialize)]
-        struct Batch {
+        struct DemoBatch {
             messages: Vec<Item>,
         }
         #[derive(serde::Deserialize)]
@@ -103,7 +103,7 @@ impl Checker {
             content_type: Option<String>,
             body: String,
         }
-        let Ok(batch) = serde_json::from_slice::<Batch>(body) else {
+        let Ok(batch) = serde_json::from_slice::<DemoBatch>(body) else {
             self.corrupted.fetch_add(1, Ordering::Relaxed);
             return Answer::status(400);
         };

@@ -435,12 +435,12 @@ mod tests {
     /// A fake ack API: records every call (each takes `CALL_TIME`) and answers by `rule`, which sees
     /// the calls before and the one at hand; a call carrying the lease `bad` answers 400.
     #[derive(Clone)]
-    struct FakeApi {
+    struct FakeAckApi {
         calls: Arc<Mutex<Vec<Call>>>,
         rule: Arc<Rule>,
     }
 
-    impl FakeApi {
+    impl FakeAckApi {
         fn new(rule: impl Fn(&[Call], &Call) -> Option<ApiError> + Send + Sync + 'static) -> Self {
             Self {
                 calls: Arc::default(),
@@ -465,7 +465,7 @@ mod tests {
         }
     }
 
-    impl AckApi for FakeApi {
+    impl AckApi for FakeAckApi {
         async fn ack(
             &self,
             acks: &[AckEntry<'_>],
@@ -514,7 +514,7 @@ mod tests {
 
     /// An acker over `api` with 4 calls in flight, and the sender of its channel.
     fn start(
-        api: &FakeApi,
+        api: &FakeAckApi,
     ) -> (
         mpsc::Sender<AckItem>,
         tokio::task::JoinHandle<()>,
@@ -555,7 +555,7 @@ mod tests {
     }
 
     /// Wait (in paused time, bounded) until the fake has seen `n` calls.
-    async fn calls_seen(api: &FakeApi, n: usize) {
+    async fn calls_seen(api: &FakeAckApi, n: usize) {
         for _ in 0..100_000 {
             if api.calls().len() >= n {
                 return;
@@ -572,7 +572,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn acks_and_retries_ride_in_one_call_with_their_exact_delays() {
-        let api = FakeApi::new(|_, _| None);
+        let api = FakeAckApi::new(|_, _| None);
         let (tx, task, metrics) = start(&api);
         let t0 = Instant::now();
         let deadline = t0 + Duration::from_secs(60);
@@ -611,7 +611,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_call_carries_more_than_100_items_and_full_calls_go_at_once() {
-        let api = FakeApi::new(|_, _| None);
+        let api = FakeAckApi::new(|_, _| None);
         let (tx, task, _) = start(&api);
         let t0 = Instant::now();
         let leases = send_acks(&tx, "m", 250).await;
@@ -631,7 +631,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lease_near_its_end_is_flushed_before_its_margin() {
-        let api = FakeApi::new(|_, _| None);
+        let api = FakeAckApi::new(|_, _| None);
         let (tx, task, _) = start(&api);
         let t0 = Instant::now();
         let soon = Duration::from_millis(30);
@@ -653,7 +653,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_item_is_split_off_and_the_rest_land() {
-        let api = FakeApi::new(|_, _| None);
+        let api = FakeAckApi::new(|_, _| None);
         let (tx, task, metrics) = start(&api);
         let mut leases = send_acks(&tx, "m", 3).await;
         tx.send(ack("bad", Instant::now() + Duration::from_secs(60)))
@@ -677,7 +677,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_call_rests_alone_while_the_other_calls_go_on() {
         // The first call carrying `a0` fails once.
-        let api = FakeApi::new(|before, call| {
+        let api = FakeAckApi::new(|before, call| {
             let first = call.leases().any(|l| l == "a0")
                 && !before.iter().any(|c| c.leases().any(|l| l == "a0"));
             first.then(|| status(500, None))
@@ -719,7 +719,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failures_in_a_row_pause_every_call() {
         // The first three calls fail; the ones after succeed.
-        let api = FakeApi::new(|before, _| (before.len() < 3).then(|| status(502, None)));
+        let api = FakeAckApi::new(|before, _| (before.len() < 3).then(|| status(502, None)));
         let (tx, task, _) = start(&api);
         let a = send_acks(&tx, "a", 100).await;
         calls_seen(&api, 3).await;
@@ -745,7 +745,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_429_retry_after_holds_back_every_call() {
         let after = Duration::from_secs(3);
-        let api = FakeApi::new(move |before, _| {
+        let api = FakeAckApi::new(move |before, _| {
             before.is_empty().then_some(ApiError::RateLimited {
                 retry_after: Some(after),
             })
@@ -772,7 +772,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_unreachable_api_gives_up_on_items_at_their_lease_end() {
-        let api = FakeApi::new(|_, _| Some(ApiError::Timeout));
+        let api = FakeAckApi::new(|_, _| Some(ApiError::Timeout));
         let (tx, task, metrics) = start(&api);
         let t0 = Instant::now();
         for i in 0..5 {

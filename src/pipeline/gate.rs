@@ -40,7 +40,7 @@ pub struct Transition {
 }
 
 #[derive(Debug)]
-struct Inner {
+struct GateState {
     state: BreakerState,
     open_until: Instant,
     consecutive: u32,
@@ -65,7 +65,7 @@ pub struct Gate {
     breaker: BreakerConfig,
     /// Spacing between sends, if rate-limited.
     interval: Option<Duration>,
-    inner: Mutex<Inner>,
+    inner: Mutex<GateState>,
 }
 
 /// How far ahead the rate limiter hands out send slots: what the poller pulls never waits
@@ -80,7 +80,7 @@ impl Gate {
             interval: max_requests_per_second
                 .filter(|r| *r > 0.0)
                 .map(|r| Duration::from_secs_f64(1.0 / r)),
-            inner: Mutex::new(Inner {
+            inner: Mutex::new(GateState {
                 state: BreakerState::Closed,
                 open_until: now,
                 consecutive: 0,
@@ -96,7 +96,7 @@ impl Gate {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -259,7 +259,7 @@ impl Gate {
 
     /// Since the last delivery taken (or the gate's creation), back-pressure is not all the
     /// receiver answers.
-    fn at_capacity_locked(g: &Inner, now: Instant, quiet: Duration) -> bool {
+    fn at_capacity_locked(g: &GateState, now: Instant, quiet: Duration) -> bool {
         g.state == BreakerState::Closed
             && (g.overload_run as usize) < g.overload_peak
             && now.saturating_duration_since(g.last_good) < quiet

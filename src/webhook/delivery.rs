@@ -302,17 +302,17 @@ impl Webhook {
     /// `body` is the JSON itself for json, a string for text, base64 for bytes.
     fn envelope(&self, queue: &str, msg: &Message, payload: Payload) -> Payload {
         #[derive(serde::Serialize)]
-        struct Envelope<'a> {
+        struct MessageEnvelope<'a> {
             id: &'a str,
             queue: &'a str,
             attempts: u32,
             timestamp_ms: Option<u64>,
             content_type: Option<&'a str>,
-            body: EnvelopeBody,
+            body: MessageEnvelopeBody,
         }
         #[derive(serde::Serialize)]
         #[serde(untagged)]
-        enum EnvelopeBody {
+        enum MessageEnvelopeBody {
             Json(Box<serde_json::value::RawValue>),
             Text(String),
         }
@@ -320,16 +320,16 @@ impl Webhook {
             "application/json" => String::from_utf8(payload.bytes.to_vec())
                 .ok()
                 .and_then(|s| serde_json::value::RawValue::from_string(s).ok())
-                .map(EnvelopeBody::Json),
-            "application/octet-stream" => {
-                Some(EnvelopeBody::Text(STANDARD_ENGINE.encode(&payload.bytes)))
-            }
-            _ => Some(EnvelopeBody::Text(
+                .map(MessageEnvelopeBody::Json),
+            "application/octet-stream" => Some(MessageEnvelopeBody::Text(
+                STANDARD_ENGINE.encode(&payload.bytes),
+            )),
+            _ => Some(MessageEnvelopeBody::Text(
                 String::from_utf8_lossy(&payload.bytes).into_owned(),
             )),
         }
-        .unwrap_or_else(|| EnvelopeBody::Text(STANDARD_ENGINE.encode(&payload.bytes)));
-        let env = Envelope {
+        .unwrap_or_else(|| MessageEnvelopeBody::Text(STANDARD_ENGINE.encode(&payload.bytes)));
+        let env = MessageEnvelope {
             id: &msg.id,
             queue,
             attempts: msg.attempts,

@@ -38,7 +38,7 @@ mod wrk;
 
 #[derive(Parser)]
 #[command(name = "cfq-bench", about = "The relay's benchmark (see bench/run.sh)")]
-struct Cli {
+struct BenchCli {
     #[command(subcommand)]
     command: Cmd,
 }
@@ -109,7 +109,7 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = BenchCli::parse();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -17,19 +17,19 @@ use tokio::time::Instant;
 /// A local Cloudflare Queues API. Cheap to clone: clones share the queues.
 #[derive(Clone)]
 pub struct Emulator {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) inner: Arc<EmulatorShared>,
 }
 
-pub(crate) struct Inner {
+pub(crate) struct EmulatorShared {
     pub(crate) opts: EmulatorOptions,
     /// Signs lease ids and peek refs, so that an ack can name its message and delivery
     /// without the emulator keeping every lease id it ever issued.
     pub(crate) key: [u8; 32],
-    pub(crate) state: Mutex<State>,
+    pub(crate) state: Mutex<EmulatorState>,
 }
 
 #[derive(Default)]
-pub(crate) struct State {
+pub(crate) struct EmulatorState {
     /// By queue id.
     pub(crate) queues: HashMap<String, StoredQueue>,
     /// Queue name → queue id.
@@ -42,7 +42,7 @@ pub(crate) struct State {
     pub(crate) clock_offset: Duration,
 }
 
-impl State {
+impl EmulatorState {
     pub(crate) fn now(&self) -> Instant {
         Instant::now() + self.clock_offset
     }
@@ -102,12 +102,12 @@ impl Emulator {
     pub fn new(opts: EmulatorOptions) -> Self {
         let mut key = [0u8; 32];
         rand::rng().fill_bytes(&mut key);
-        let mut state = State::default();
+        let mut state = EmulatorState::default();
         for name in &opts.queues {
             state.create(name, true, opts.max_retries);
         }
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(EmulatorShared {
                 opts,
                 key,
                 state: Mutex::new(state),
@@ -200,7 +200,7 @@ impl Emulator {
         st.clock_offset += by;
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, EmulatorState> {
         self.inner
             .state
             .lock()

@@ -9,7 +9,7 @@ use crate::handle::*;
 use crate::store::*;
 use crate::types::*;
 use crate::wire::*;
-use axum::extract::{ConnectInfo, Path, State as Ctx};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -19,7 +19,7 @@ use serde_json::Value;
 use tracing::debug;
 
 #[derive(Deserialize, Default)]
-pub(crate) struct PullRequest {
+pub(crate) struct PullCall {
     pub(crate) batch_size: Option<serde_json::Number>,
     pub(crate) visibility_timeout_ms: Option<serde_json::Number>,
     /// The field's name in older docs: read as milliseconds when `visibility_timeout_ms` is
@@ -28,22 +28,22 @@ pub(crate) struct PullRequest {
 }
 
 #[derive(Serialize)]
-pub(crate) struct PullResult {
+pub(crate) struct PullAnswer {
     pub(crate) messages: Vec<WireMessage>,
     pub(crate) message_backlog_count: u64,
-    pub(crate) metadata: PullMetadata,
+    pub(crate) metadata: PulledMetadata,
 }
 
 #[derive(Serialize)]
-pub(crate) struct PullMetadata {
+pub(crate) struct PulledMetadata {
     pub(crate) metrics: QueueMetrics,
 }
 
 pub(crate) async fn pull_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     ConnectInfo(conn): ConnectInfo<ResetSwitch>,
     Path((account, queue_id)): QueuePath,
-    Body(req): Body<PullRequest>,
+    Body(req): Body<PullCall>,
 ) -> Response {
     if let Some(r) = fault(&app, FaultOp::Pull, &conn).await {
         return r;
@@ -74,10 +74,10 @@ pub(crate) async fn pull_handler(
             Duration::from_millis(visibility_ms),
             |seq, delivery| emu.token_for(&qid, 0, seq, delivery),
         );
-        PullResult {
+        PullAnswer {
             messages,
             message_backlog_count: q.messages.len() as u64,
-            metadata: PullMetadata {
+            metadata: PulledMetadata {
                 metrics: q.metrics(),
             },
         }
@@ -87,12 +87,12 @@ pub(crate) async fn pull_handler(
 
 #[derive(Deserialize, Default)]
 pub(crate) struct AckRequest {
-    pub(crate) acks: Option<Vec<AckItem>>,
+    pub(crate) acks: Option<Vec<AckedLease>>,
     pub(crate) retries: Option<Vec<RetryItem>>,
 }
 
 #[derive(Serialize)]
-pub(crate) struct AckResult {
+pub(crate) struct AckAnswer {
     #[serde(rename = "ackCount")]
     pub(crate) ack_count: u64,
     #[serde(rename = "retryCount")]
@@ -101,7 +101,7 @@ pub(crate) struct AckResult {
 }
 
 pub(crate) async fn ack_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     ConnectInfo(conn): ConnectInfo<ResetSwitch>,
     Path((account, queue_id)): QueuePath,
     Body(req): Body<AckRequest>,
@@ -138,7 +138,7 @@ pub(crate) async fn ack_handler(
     if !out.warnings.is_empty() {
         debug!(queue = %queue_id, unknown = out.warnings.len(), "emulator: ack named unknown leases");
     }
-    ok(AckResult {
+    ok(AckAnswer {
         ack_count: out.ack_count,
         retry_count: out.retry_count,
         warnings: out.warnings,
@@ -151,7 +151,7 @@ pub(crate) struct PeekRequest {
 }
 
 pub(crate) async fn peek_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
     Body(req): Body<PeekRequest>,
 ) -> Response {
@@ -185,7 +185,7 @@ pub(crate) struct PeekRef {
 /// Remove peeked messages by their refs; a ref whose message is gone (or that this queue
 /// never issued) answers a warning.
 pub(crate) async fn purge_messages_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
     Body(req): Body<PurgeMessagesRequest>,
 ) -> Response {
@@ -219,7 +219,7 @@ pub(crate) struct PurgeQueueRequest {
 }
 
 pub(crate) async fn purge_queue_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
     Body(req): Body<PurgeQueueRequest>,
 ) -> Response {
@@ -236,7 +236,7 @@ pub(crate) async fn purge_queue_handler(
 }
 
 pub(crate) async fn purge_status_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
 ) -> Response {
     // A purge completes within its call here.
@@ -249,7 +249,7 @@ pub(crate) async fn purge_status_handler(
 }
 
 pub(crate) async fn metrics_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
 ) -> Response {
     reply(
@@ -279,7 +279,7 @@ pub(crate) fn draft_from_request(
     emu: &Emulator,
     req: PublishRequest,
     batch_delay: u64,
-) -> Result<Draft, Refusal> {
+) -> Result<Draft, CfRefusal> {
     const NOT_BASE64: &str = "a bytes or v8 message's body must be a base64 string";
     let schema = |m: &str| refuse(code::BODY_INVALID, m.to_owned());
     let content_type = match req.content_type.as_deref() {
@@ -366,7 +366,7 @@ pub(crate) fn publish_answer(
 }
 
 pub(crate) async fn publish_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
     Body(req): Body<PublishRequest>,
 ) -> Response {
@@ -378,7 +378,7 @@ pub(crate) async fn publish_handler(
 }
 
 pub(crate) async fn publish_batch_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
     Body(req): Body<PublishBatchRequest>,
 ) -> Response {
@@ -425,7 +425,7 @@ pub(crate) async fn publish_batch_handler(
 }
 
 pub(crate) async fn stats_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path(queue_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {

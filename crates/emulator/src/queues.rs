@@ -3,7 +3,7 @@
 use crate::store::*;
 use crate::types::*;
 use crate::wire::*;
-use axum::extract::{Path, State as Ctx};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -20,7 +20,7 @@ pub(crate) fn unknown_account() -> Response {
 }
 
 pub(crate) async fn list_queues_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path(account): Path<String>,
 ) -> Response {
     if !app.emu.account_known(&account) {
@@ -60,7 +60,7 @@ pub(crate) fn valid_queue_name(name: &str) -> bool {
 }
 
 pub(crate) async fn create_queue_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path(account): Path<String>,
     Body(req): Body<CreateQueueRequest>,
 ) -> Response {
@@ -85,7 +85,7 @@ pub(crate) async fn create_queue_handler(
 }
 
 pub(crate) async fn get_queue_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
 ) -> Response {
     reply(app.emu.with_queue(&account, &queue_id, |q, _, _| q.info()))
@@ -106,7 +106,7 @@ pub(crate) struct UpdateSettings {
 
 /// `PUT` and `PATCH …/queues/{id}`: rename, and change the settings given (others are kept).
 pub(crate) async fn update_queue_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
     Body(req): Body<UpdateQueueRequest>,
 ) -> Response {
@@ -185,7 +185,7 @@ pub(crate) fn deleted() -> Response {
 }
 
 pub(crate) async fn delete_queue_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
 ) -> Response {
     if let Err(r) = app.emu.with_queue(&account, &queue_id, |_, _, _| ()) {
@@ -196,7 +196,7 @@ pub(crate) async fn delete_queue_handler(
 }
 
 pub(crate) async fn list_consumers_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
 ) -> Response {
     reply(
@@ -219,7 +219,7 @@ pub(crate) struct CreateConsumerRequest {
 pub(crate) fn consumer_settings(
     req: &CreateConsumerRequest,
     max_retries: u32,
-) -> Result<ConsumerSettings, Refusal> {
+) -> Result<ConsumerSettings, CfRefusal> {
     if req.kind != "http_pull" {
         return Err(refuse(
             code::BODY_INVALID,
@@ -250,7 +250,7 @@ pub(crate) fn consumer_settings(
 }
 
 pub(crate) async fn create_consumer_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id)): QueuePath,
     Body(req): Body<CreateConsumerRequest>,
 ) -> Response {
@@ -270,7 +270,7 @@ pub(crate) async fn create_consumer_handler(
 
 /// `PUT …/consumers/{id}`: new settings (and dead-letter queue) for an HTTP pull consumer.
 pub(crate) async fn update_consumer_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id, consumer_id)): Path<(String, String, String)>,
     Body(req): Body<CreateConsumerRequest>,
 ) -> Response {
@@ -302,7 +302,7 @@ pub(crate) fn consumer_not_found() -> Response {
 }
 
 pub(crate) async fn get_consumer_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id, consumer_id)): Path<(String, String, String)>,
 ) -> Response {
     match app.emu.with_queue(&account, &queue_id, |q, _, _| {
@@ -318,7 +318,7 @@ pub(crate) async fn get_consumer_handler(
 }
 
 pub(crate) async fn delete_consumer_handler(
-    Ctx(app): Ctx<EmuApp>,
+    State(app): State<EmuApp>,
     Path((account, queue_id, consumer_id)): Path<(String, String, String)>,
 ) -> Response {
     match app.emu.with_queue(&account, &queue_id, |q, _, _| {

@@ -150,10 +150,10 @@ pub fn accept_all(req: &Received, _index: usize) -> Answer {
 /// The number of messages in a batch request's body (`None`: not a batch).
 pub fn batch_len(body: &[u8]) -> Option<usize> {
     #[derive(Deserialize)]
-    struct Batch {
+    struct ReceivedBatch {
         messages: Vec<serde::de::IgnoredAny>,
     }
-    serde_json::from_slice::<Batch>(body)
+    serde_json::from_slice::<ReceivedBatch>(body)
         .ok()
         .map(|b| b.messages.len())
 }

@@ -117,11 +117,11 @@ pub(crate) struct StoredMessage {
     pub(crate) delay_secs: u64,
     /// Deliveries so far; the current lease is that of delivery `attempts - 1`.
     pub(crate) attempts: u32,
-    pub(crate) place: Place,
+    pub(crate) place: MessageState,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Place {
+pub(crate) enum MessageState {
     Ready,
     Delayed(Instant),
     Leased(Instant),
@@ -242,11 +242,11 @@ impl StoredQueue {
         let id = format!("{:032x}", rand::rng().random::<u128>());
         let place = if draft.delay.is_zero() {
             self.ready.push_back(seq);
-            Place::Ready
+            MessageState::Ready
         } else {
             let due = now + draft.delay;
             self.delayed.insert((due, seq));
-            Place::Delayed(due)
+            MessageState::Delayed(due)
         };
         self.backlog_bytes += draft.body.len() as u64;
         self.messages.insert(
@@ -290,7 +290,7 @@ impl StoredQueue {
     pub(crate) fn release(&mut self, key: (Instant, u64)) {
         self.delayed.remove(&key);
         if let Some(m) = self.messages.get_mut(&key.1) {
-            m.place = Place::Ready;
+            m.place = MessageState::Ready;
             self.ready.push_back(key.1);
         }
     }
@@ -305,7 +305,7 @@ impl StoredQueue {
         if m.attempts > max_retries {
             self.dead_letter(seq);
         } else {
-            m.place = Place::Ready;
+            m.place = MessageState::Ready;
             self.ready.push_back(seq);
         }
     }
@@ -314,11 +314,11 @@ impl StoredQueue {
     pub(crate) fn remove(&mut self, seq: u64) -> Option<StoredMessage> {
         let m = self.messages.remove(&seq)?;
         match m.place {
-            Place::Ready => {} // its `ready` entry is skipped when popped
-            Place::Delayed(t) => {
+            MessageState::Ready => {} // its `ready` entry is skipped when popped
+            MessageState::Delayed(t) => {
                 self.delayed.remove(&(t, seq));
             }
-            Place::Leased(t) => {
+            MessageState::Leased(t) => {
                 self.leased.remove(&(t, seq));
             }
         }
@@ -376,12 +376,12 @@ impl StoredQueue {
             let Some(m) = self.messages.get_mut(&seq) else {
                 continue; // removed while ready
             };
-            if m.place != Place::Ready {
+            if m.place != MessageState::Ready {
                 continue;
             }
             let delivery = m.attempts;
             m.attempts += 1;
-            m.place = Place::Leased(until);
+            m.place = MessageState::Leased(until);
             self.leased.insert((until, seq));
             let mut wire = match self.messages.get(&seq) {
                 Some(m) => Self::wire(m),
@@ -410,7 +410,7 @@ impl StoredQueue {
     ) -> Vec<WireMessage> {
         self.messages
             .iter()
-            .filter(|(_, m)| m.place == Place::Ready)
+            .filter(|(_, m)| m.place == MessageState::Ready)
             .take(batch_size)
             .map(|(seq, m)| {
                 let mut w = Self::wire(m);
@@ -444,7 +444,7 @@ impl StoredQueue {
     pub(crate) fn ack(
         &mut self,
         now: Instant,
-        acks: &[AckItem],
+        acks: &[AckedLease],
         retries: &[RetryItem],
         max_retries: u32,
         resolve: impl Fn(&str) -> Option<(u64, u32)>,
@@ -498,17 +498,17 @@ impl StoredQueue {
             let Some(m) = self.messages.get_mut(&seq) else {
                 continue;
             };
-            if let Place::Leased(t) = m.place {
+            if let MessageState::Leased(t) = m.place {
                 self.leased.remove(&(t, seq));
             }
             if m.attempts > max_retries {
                 self.dead_letter(seq);
             } else if delay == 0 {
-                m.place = Place::Ready;
+                m.place = MessageState::Ready;
                 self.ready.push_back(seq);
             } else {
                 let due = now + Duration::from_secs(delay);
-                m.place = Place::Delayed(due);
+                m.place = MessageState::Delayed(due);
                 self.delayed.insert((due, seq));
             }
         }
@@ -517,9 +517,9 @@ impl StoredQueue {
 
     /// Whether delivery `delivery` of message `seq` is still leased (its lease is current).
     pub(crate) fn is_current(&self, seq: u64, delivery: u32) -> bool {
-        self.messages
-            .get(&seq)
-            .is_some_and(|m| matches!(m.place, Place::Leased(_)) && m.attempts == delivery + 1)
+        self.messages.get(&seq).is_some_and(|m| {
+            matches!(m.place, MessageState::Leased(_)) && m.attempts == delivery + 1
+        })
     }
 }
 
@@ -528,7 +528,7 @@ pub(crate) fn rfc3339_now() -> String {
 }
 
 #[derive(Deserialize)]
-pub(crate) struct AckItem {
+pub(crate) struct AckedLease {
     pub(crate) lease_id: String,
 }
 
@@ -592,9 +592,9 @@ mod tests {
             let (retry, ack): (Vec<_>, Vec<_>) = batch
                 .into_iter()
                 .partition(|m| m.attempts == 1 && m.id.ends_with('0'));
-            let acks: Vec<AckItem> = ack
+            let acks: Vec<AckedLease> = ack
                 .into_iter()
-                .map(|m| AckItem {
+                .map(|m| AckedLease {
                     lease_id: m.lease_id.unwrap_or_default(),
                 })
                 .collect();

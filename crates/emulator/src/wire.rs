@@ -9,7 +9,7 @@ use crate::handle::*;
 use crate::store::*;
 use crate::types::*;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Request, State as Ctx};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -70,13 +70,13 @@ pub(crate) fn fail(status: StatusCode, code: u32, message: impl Into<String>) ->
 
 /// An error answer: HTTP status, one of Cloudflare's error codes, and a message.
 #[derive(Debug)]
-pub(crate) struct Refusal {
+pub(crate) struct CfRefusal {
     pub(crate) status: StatusCode,
     pub(crate) code: u32,
     pub(crate) message: String,
 }
 
-impl Refusal {
+impl CfRefusal {
     pub(crate) fn new(status: StatusCode, code: u32, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -86,15 +86,15 @@ impl Refusal {
     }
 }
 
-impl IntoResponse for Refusal {
+impl IntoResponse for CfRefusal {
     fn into_response(self) -> Response {
         fail(self.status, self.code, self.message)
     }
 }
 
 /// A 400 answer with one of Cloudflare's Queues error codes.
-pub(crate) fn refuse(code: u32, message: impl Into<String>) -> Refusal {
-    Refusal::new(StatusCode::BAD_REQUEST, code, message)
+pub(crate) fn refuse(code: u32, message: impl Into<String>) -> CfRefusal {
+    CfRefusal::new(StatusCode::BAD_REQUEST, code, message)
 }
 
 /// [`refuse`], as an answer.
@@ -112,7 +112,7 @@ pub(crate) fn shutting_down() -> Response {
 
 /// Parse a JSON request body; an empty body or `null` is the default. `Err` is the 400 answer:
 /// code 10208 for a body that is not JSON, 10207 for JSON that does not match the schema.
-pub(crate) fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Refusal> {
+pub(crate) fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, CfRefusal> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
@@ -125,25 +125,25 @@ pub(crate) fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Ref
 pub(crate) struct Body<T>(pub(crate) T);
 
 impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for Body<T> {
-    type Rejection = Refusal;
+    type Rejection = CfRefusal;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Refusal> {
+    async fn from_request(req: Request, state: &S) -> Result<Self, CfRefusal> {
         let bytes = Bytes::from_request(req, state)
             .await
-            .map_err(|e| Refusal::new(e.status(), code::BODY_INVALID, e.body_text()))?;
+            .map_err(|e| CfRefusal::new(e.status(), code::BODY_INVALID, e.body_text()))?;
         parse(&bytes).map(Body)
     }
 }
 
 /// A handler's result as an answer: the envelope around it, or the error answer.
-pub(crate) fn reply<T: Serialize>(r: Result<T, Refusal>) -> Response {
+pub(crate) fn reply<T: Serialize>(r: Result<T, CfRefusal>) -> Response {
     match r {
         Ok(v) => ok(v),
         Err(r) => r.into_response(),
     }
 }
 
-pub(crate) fn body_error(e: serde_json::Error) -> Refusal {
+pub(crate) fn body_error(e: serde_json::Error) -> CfRefusal {
     if e.is_syntax() || e.is_eof() {
         refuse(
             code::BODY_MALFORMED,
@@ -158,7 +158,7 @@ pub(crate) fn body_error(e: serde_json::Error) -> Refusal {
 }
 
 /// Latency and authentication, before every Cloudflare API call (a route layer).
-pub(crate) async fn api_gate(Ctx(app): Ctx<EmuApp>, req: Request, next: Next) -> Response {
+pub(crate) async fn api_gate(State(app): State<EmuApp>, req: Request, next: Next) -> Response {
     let latency = app.emu.inner.opts.latency;
     if !latency.is_zero() && !sleep_or_shutdown(latency, &app.shutdown).await {
         return shutting_down();
@@ -229,7 +229,7 @@ pub(crate) fn auth_error() -> Response {
 }
 
 /// `batch_size` of a pull or a peek: 1 to 100, default 5; `Err` is the 400 answer (10207).
-pub(crate) fn batch_size(n: &Option<serde_json::Number>) -> Result<usize, Refusal> {
+pub(crate) fn batch_size(n: &Option<serde_json::Number>) -> Result<usize, CfRefusal> {
     whole("batch_size", n.as_ref(), DEFAULT_BATCH, 1..=MAX_BATCH)
         .map(|v| usize::try_from(v).unwrap_or(1))
         .map_err(|e| refuse(code::BODY_INVALID, e))
@@ -259,9 +259,9 @@ impl Emulator {
         account_id: &str,
         queue_id: &str,
         f: impl FnOnce(&mut StoredQueue, Instant, u32) -> T,
-    ) -> Result<T, Refusal> {
+    ) -> Result<T, CfRefusal> {
         if !self.account_known(account_id) {
-            return Err(Refusal::new(
+            return Err(CfRefusal::new(
                 StatusCode::NOT_FOUND,
                 code::QUEUE_NOT_FOUND,
                 "Queue does not exist: unknown account",
@@ -283,13 +283,13 @@ impl Emulator {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
             {
-                Err(Refusal::new(
+                Err(CfRefusal::new(
                     StatusCode::BAD_REQUEST,
                     code::QUEUE_ID_MALFORMED,
                     "The queue ID in the request URL is not a valid queue identifier",
                 ))
             }
-            None => Err(Refusal::new(
+            None => Err(CfRefusal::new(
                 StatusCode::NOT_FOUND,
                 code::QUEUE_NOT_FOUND,
                 "Queue does not exist",
