@@ -415,3 +415,51 @@ async fn a_503_from_a_receiver_that_takes_the_rest_is_sent_again_at_once() {
     }
     assert_eq!(emu.stats("q1").retried, 0);
 }
+
+/// `concurrency` bounds the messages held, resends included: a receiver that takes 8 at once
+/// and turns the rest away makes the relay send messages again a round trip later, and while
+/// they wait the poller must not pull others into their places. The deliveries in flight
+/// (which count the waiting ones) are sampled every millisecond; they never pass 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_to_be_sent_again_count_against_concurrency() {
+    let stop = CancellationToken::new();
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let opts = SinkOptions {
+        delay: Duration::from_millis(30),
+        capacity: Some(8),
+        ..Default::default()
+    };
+    let hook = Hook::start_with(opts, accept_all).await;
+    let n = 600u64;
+    for i in 0..n {
+        publish_text(&emu, "q1", &format!("m{i}"));
+    }
+    let cfg = config(&api, &[("q1", &hook.url(), "concurrency = 10", "")]);
+    let relay = cfq_relay::start(cfg, stop.clone()).await.unwrap();
+    let metrics = relay.metrics().clone();
+    let in_flight = move || {
+        metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with("cfq_relay_deliveries_in_flight{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let mut peak = 0.0f64;
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while emu.stats("q1").acked < n {
+        assert!(std::time::Instant::now() < end, "{:?}", emu.stats("q1"));
+        peak = peak.max(in_flight());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop.cancel();
+    relay.wait().await.unwrap();
+    let overloaded = hook.stats().overloaded;
+    println!("FIGURES held_bound: peak={peak} overloaded={overloaded}");
+    assert!(
+        overloaded > 0,
+        "the receiver never turned one away: the test tests nothing"
+    );
+    assert!(peak <= 10.0, "{peak} messages held under concurrency = 10");
+    assert_eq!(emu.stats("q1").dead_lettered, 0);
+}

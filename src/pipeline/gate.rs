@@ -251,7 +251,7 @@ impl Gate {
     /// is down: the breaker is closed, the webhook took a delivery within `quiet`, and fewer
     /// answers than a whole limit's worth turned requests away since (see
     /// [`Self::record_back_pressure`], which counts the answer first). Only then is a request
-    /// turned away worth sending again at once, in a slot of the shrunk limit.
+    /// turned away worth sending again a round trip later.
     pub fn at_capacity(&self, now: Instant, quiet: Duration) -> bool {
         let g = self.lock();
         g.took_any && Self::at_capacity_locked(&g, now, quiet)

@@ -22,7 +22,7 @@ use crate::webhook::Attempt;
 use crate::webhook::delivery::{Message, Payload, decode_body};
 
 /// Deliver one message; `slot` is its place in the pool and is released when this ends.
-pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, mut slot: OwnedSemaphorePermit) {
+pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, slot: OwnedSemaphorePermit) {
     let _in_flight = InFlight::new(&ctx, 1);
     match admit(&ctx, &msg).await {
         Admission::Go => {}
@@ -42,15 +42,15 @@ pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, mut slot: OwnedSem
                 };
                 if resends < MAX_RESENDS && turned_away_at_capacity(&ctx, &tried) {
                     // The receiver did not take it because it is full right now, not because
-                    // it is down: send it again in a slot of the shrunk limit, without spending
-                    // one of the message's Cloudflare attempts on a retry delay.
+                    // it is down: send it again a round trip later, without spending one of the
+                    // message's Cloudflare attempts on a retry delay.
                     resends += 1;
-                    slot = match retake_slot(&ctx, slot, &msg).await {
-                        Ok(s) => s,
-                        Err(reason) => return release(&ctx, msg, reason).await,
-                    };
+                    if let Err(reason) = wait_a_round_trip(&ctx, &msg).await {
+                        ctx.limiter.release(slot);
+                        return release(&ctx, msg, reason).await;
+                    }
                     debug!(queue = %ctx.label, id = %esc(&msg.id), attempt = msg.attempts, resends,
-                        "webhook at its capacity: sending again in a slot of the shrunk limit");
+                        "webhook at its capacity: sending again after a round trip");
                     continue;
                 }
                 observe_age(&ctx, msg.timestamp_ms);
@@ -107,18 +107,14 @@ fn turned_away_at_capacity(ctx: &DeliveryCtx, tried: &Tried) -> bool {
             .at_capacity(Instant::now(), back_pressure_quiet(ctx))
 }
 
-/// Give the slot back to the shrunk limit, let one round trip pass, and wait for a slot the
-/// limit allows, as long as the lease leaves time for a delivery and its ack. `Err` names why
-/// the message goes back instead. The round trip (the RTT baseline, 1 ms to 1 s) lets the
-/// requests sent under the old limit finish: a resend in a slot that is free at once would
-/// meet the receiver as full as before (knee bench: some messages were turned away five times
-/// within 100 µs).
-async fn retake_slot(
-    ctx: &DeliveryCtx,
-    slot: OwnedSemaphorePermit,
-    msg: &Message,
-) -> Result<OwnedSemaphorePermit, ReleaseReason> {
-    ctx.limiter.release(slot);
+/// Let one round trip pass before a resend, as long as the lease leaves time for a delivery
+/// and its ack; `Err` names why the message goes back instead. The round trip (the RTT
+/// baseline, 1 ms to 1 s) lets the requests sent under the old limit finish: a resend at once
+/// would meet the receiver as full as before (knee bench: some messages were turned away five
+/// times within 100 µs). The message keeps its slot meanwhile, so messages held never pass
+/// the pool (`concurrency` stays the bound of messages held) and the deliveries in flight
+/// shrink by the ones waiting; the slot's release at the end pays any debt of the shrunk limit.
+async fn wait_a_round_trip(ctx: &DeliveryCtx, msg: &Message) -> Result<(), ReleaseReason> {
     let last_start = msg
         .deadline
         .checked_sub(ctx.timeout + ctx.lease_margin)
@@ -128,14 +124,12 @@ async fn retake_slot(
         .baseline()
         .unwrap_or_default()
         .clamp(Duration::from_millis(1), Duration::from_secs(1));
-    let retake = async {
-        tokio::time::sleep(round_trip).await;
-        ctx.limiter.slots().clone().acquire_owned().await
-    };
+    if Instant::now() + round_trip > last_start {
+        return Err(ReleaseReason::Lease);
+    }
     tokio::select! {
-        permit = retake => permit.map_err(|_| ReleaseReason::Shutdown),
-        _ = tokio::time::sleep_until(last_start) => Err(ReleaseReason::Lease),
-        _ = ctx.shutdown.cancelled() => Err(ReleaseReason::Shutdown),
+        () = tokio::time::sleep(round_trip) => Ok(()),
+        () = ctx.shutdown.cancelled() => Err(ReleaseReason::Shutdown),
     }
 }
 
