@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::time::Instant;
+use zeroize::Zeroizing;
 
 use crate::config::WebhookConfig;
 
@@ -89,8 +90,9 @@ impl std::fmt::Debug for WebhookClient {
 struct Settings {
     /// Extra trusted roots (`ca_file`).
     roots: Vec<CertificateDer<'static>>,
-    /// Client certificate chain and key (`client_cert_file` + `client_key_file`), as PEM.
-    identity: Option<Vec<u8>>,
+    /// Client certificate chain and key (`client_cert_file` + `client_key_file`), as PEM
+    /// (zeroed when dropped, as every secret).
+    identity: Option<Zeroizing<Vec<u8>>>,
     http2_prior_knowledge: bool,
 }
 
@@ -110,15 +112,15 @@ impl Settings {
                     anyhow::anyhow!("webhook.ca_file {} is not a PEM bundle", ca.display())
                 })?;
         }
-        if let (Some(cert), Some(key)) = (&w.client_cert_file, &w.client_key_file) {
-            let mut pem = std::fs::read(cert)
-                .with_context(|| format!("reading webhook.client_cert_file {}", cert.display()))?;
+        if let Some(cert) = &w.client_cert_file {
+            let mut pem =
+                Zeroizing::new(std::fs::read(cert).with_context(|| {
+                    format!("reading webhook.client_cert_file {}", cert.display())
+                })?);
             pem.push(b'\n');
-            pem.extend(
-                std::fs::read(key).with_context(|| {
-                    format!("reading webhook.client_key_file {}", key.display())
-                })?,
-            );
+            // The key is a secret: read as every secret is (`config::SecretSource`).
+            let key = w.client_key_source("webhook").resolve()?;
+            pem.extend_from_slice(key.as_ref().ok_or_else(bad_identity)?.expose().as_bytes());
             s.identity = Some(pem);
         }
         Ok(s)
