@@ -56,7 +56,7 @@ pub struct BacklogMetrics {
 }
 
 /// One pulled message as it comes off the wire; every field may be missing. Deserialized by
-/// hand ([`MessageVisitor`]) in one pass over the answer: a field of the wrong type is `None`.
+/// hand (`MessageVisitor`) in one pass over the answer: a field of the wrong type is `None`.
 #[derive(Debug, Default)]
 pub struct PulledMessage {
     pub id: Option<String>,

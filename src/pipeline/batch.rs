@@ -1,7 +1,7 @@
 //! Batch delivery (`[consumers.webhook.batch]`): many messages per webhook request, with a
 //! result per message. The batcher groups one consumer's pulled messages (up to
 //! `max_messages` / `max_bytes`, never held past `max_wait` nor past the point where a lease
-//! could no longer cover the request and the ack); [`deliver`] POSTs a batch as
+//! could no longer cover the request and the ack); `deliver` POSTs a batch as
 //! `{"messages": [...]}`, signed over the whole body, and turns the answer into one verdict per
 //! message: a 2xx acks all but the ids listed in `{"failed": [...]}`, any other answer applies
 //! the status policy to the whole batch.

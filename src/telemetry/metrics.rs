@@ -1,6 +1,6 @@
 //! Every Prometheus metric of the relay, registered once in a per-process registry, and the
 //! per-consumer handles the hot path uses (label lookups happen at start-up, not per message;
-//! labelled series are arrays indexed by the typed label values of [`super::labels`]).
+//! labelled series are arrays indexed by the typed label values of `telemetry::labels`).
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,

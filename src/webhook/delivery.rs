@@ -1,5 +1,5 @@
 //! One delivery: decode a message body by its `CF-Content-Type` and POST it, byte for byte, to
-//! the webhook; classify what happened as a [`Attempt`].
+//! the webhook; classify what happened as an `Attempt`.
 
 use std::time::{Duration, SystemTime};
 
@@ -371,7 +371,7 @@ impl Webhook {
         headers
     }
 
-    /// POST one payload. Never fails: every error becomes an [`Attempt`].
+    /// POST one payload. Never fails: every error becomes an `Attempt`.
     pub async fn post(&self, msg: &Message, payload: Payload) -> Response {
         let payload = match &self.envelope {
             Some(queue) => self.envelope(queue, msg, payload),
@@ -395,7 +395,7 @@ impl Webhook {
 
     /// POST one batch (`body` is `{"messages": [...]}`): the fixed headers, the batch's size
     /// and id, and a Standard Webhooks signature over the whole body with the batch id as
-    /// `webhook-id`. Never fails: every error becomes an [`Attempt`]; a 2xx answer's body is in
+    /// `webhook-id`. Never fails: every error becomes an `Attempt`; a 2xx answer's body is in
     /// [`Response::answer`].
     pub async fn post_batch(&self, batch_id: &str, messages: usize, body: Bytes) -> Response {
         // Three per-batch headers.

@@ -82,7 +82,7 @@ pub struct EmulatorOptions {
     /// `true` (the in-process default, so that a test needs no set-up): a call that names a
     /// queue that does not exist creates it, with an HTTP pull consumer. `false` (what
     /// `cfq-relay emulate` runs): such a call answers 404 with code 10104, as Cloudflare does.
-    /// The in-process [`Emulator::publish`] creates its queue either way.
+    /// The in-process [`Emulator::publish`](crate::Emulator::publish) creates its queue either way.
     pub create_queues_on_use: bool,
 }
 
@@ -227,7 +227,7 @@ pub struct MessageBook {
     pub lease_answers: Vec<u32>,
 }
 
-/// Why [`Emulator::publish`] refused a message.
+/// Why [`Emulator::publish`](crate::Emulator::publish) refused a message.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
     #[error("a text (or untyped) message must be UTF-8")]
