@@ -350,6 +350,10 @@ async fn admit(ctx: &DeliveryCtx, batch: Vec<Entry>) -> Option<Vec<Entry>> {
         }
         sending
     };
+    if batch.is_empty() {
+        // Handed back unsent: if it held the half-open breaker's probe, the next pull probes.
+        ctx.gate.probe_unused();
+    }
     (!batch.is_empty()).then_some(batch)
 }
 
@@ -674,6 +678,41 @@ mod tests {
             );
             assert!(text.contains(&line), "{line}\n{text}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_open_probe_handed_back_for_its_lease_lets_the_next_pull_probe() {
+        use crate::pipeline::gate::{Admit, BreakerState};
+        let (ctx, mut rx, _metrics) = crate::pipeline::ctx::fixture(
+            "[consumers.breaker]\nconsecutive_failures = 1\nopen_for = \"1s\"",
+        );
+        crate::pipeline::worker::judge(&ctx, &Attempt::Connect, true, None).expect("opened");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The breaker's probe: one message pulled, in a batch of its own.
+        let (admit, t) = ctx.gate.admit(Instant::now(), 10);
+        assert!(matches!(admit, Admit::Now { max: 1, .. }), "{admit:?}");
+        assert_eq!(t.map(|t| t.to), Some(BreakerState::HalfOpen));
+        // Its lease no longer leaves room for the request.
+        let mut msg = held("probe");
+        msg.deadline = Instant::now() + Duration::from_secs(1);
+        let slot = ctx.limiter.slots().clone().acquire_owned().await.unwrap();
+        let entry = Entry {
+            msg,
+            slot,
+            json: Vec::new(),
+        };
+        deliver(ctx.clone(), vec![entry]).await;
+        assert_eq!(
+            rx.try_recv().unwrap().kind,
+            AckKind::Retry { delay_seconds: 0 }
+        );
+        // Nothing judged the webhook: the next pull must be able to probe again.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let (admit, _) = ctx.gate.admit(Instant::now(), 10);
+        assert!(
+            matches!(admit, Admit::Now { max: 1, .. }),
+            "the consumer never pulls again: {admit:?}"
+        );
     }
 
     #[test]

@@ -26,7 +26,11 @@ pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, slot: OwnedSemapho
     let _in_flight = InFlight::new(&ctx, 1);
     match admit(&ctx, &msg).await {
         Admission::Go => {}
-        Admission::Release(reason) => return release(&ctx, msg, reason).await,
+        Admission::Release(reason) => {
+            // Handed back unsent: if it was the half-open breaker's probe, the next pull probes.
+            ctx.gate.probe_unused();
+            return release(&ctx, msg, reason).await;
+        }
         Admission::BreakerOpen { delay_seconds } => {
             return hold_back(&ctx, msg, delay_seconds).await;
         }
@@ -693,6 +697,34 @@ mod tests {
             metrics
                 .render()
                 .contains("cfq_relay_messages_released_total{queue=\"q1\",reason=\"breaker\"} 1")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_half_open_probe_handed_back_for_its_lease_lets_the_next_pull_probe() {
+        let (ctx, mut rx, _metrics) =
+            fixture("[consumers.breaker]\nconsecutive_failures = 1\nopen_for = \"1s\"");
+        judge(&ctx, &Attempt::Connect, true, None).expect("opened");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The breaker's probe: one message pulled.
+        let (admit, t) = ctx.gate.admit(Instant::now(), 10);
+        assert!(matches!(admit, Admit::Now { max: 1, .. }), "{admit:?}");
+        assert_eq!(t.map(|t| t.to), Some(BreakerState::HalfOpen));
+        // The pull was slow: the probe's lease no longer leaves room for the request.
+        let mut msg = message("probe", None, "x".into());
+        msg.deadline = Instant::now() + Duration::from_secs(1);
+        let slot = ctx.limiter.slots().clone().acquire_owned().await.unwrap();
+        deliver(ctx.clone(), msg, slot).await;
+        assert_eq!(
+            rx.try_recv().unwrap().kind,
+            AckKind::Retry { delay_seconds: 0 }
+        );
+        // Nothing judged the webhook: the next pull must be able to probe again.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let (admit, _) = ctx.gate.admit(Instant::now(), 10);
+        assert!(
+            matches!(admit, Admit::Now { max: 1, .. }),
+            "the consumer never pulls again: {admit:?}"
         );
     }
 
