@@ -373,6 +373,44 @@ async fn pull_api_transport_faults_and_malformed_answers_lose_nothing() {
     pull_faults("pull API transport faults, malformed answers", faults, 2.0).await;
 }
 
+/// A pulled message whose `body` is not a string (a number, an object) cannot be read. It must
+/// never reach the webhook as an empty body and be acked on its 2xx: that would destroy it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_a_string_is_never_delivered_empty_nor_acked() {
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let (hook, _tally) = ok_hook(Duration::ZERO).await;
+    emu.inject_fault(
+        FaultOp::Pull,
+        status_fault(
+            200,
+            r#"{"success":true,"result":{"messages":[
+              {"id":"m-num","body":12345,"lease_id":"L-num","attempts":1,"metadata":{"CF-Content-Type":"text"}},
+              {"id":"m-obj","body":{"order":42},"lease_id":"L-obj","attempts":1,"metadata":{"CF-Content-Type":"bytes"}}]}}"#,
+            None,
+        ),
+    );
+    let relay = start(relay_config(&api, &hook.url(), |_| {})).await;
+    wait_until(Duration::from_secs(10), "both leases answered", || {
+        emu.stats("q1").unknown_leases >= 2
+    })
+    .await;
+    let text = relay.metrics().render();
+    relay.stop().await;
+    let sent: Vec<(String, usize)> = hook
+        .received()
+        .iter()
+        .map(|r| {
+            (
+                r.header("cfq-message-id").unwrap_or("?").to_owned(),
+                r.body.len(),
+            )
+        })
+        .collect();
+    assert!(sent.is_empty(), "delivered (id, body length): {sent:?}");
+    assert_eq!(support::delivered(&text, "acked"), 0.0, "{text}");
+    assert_eq!(support::delivered(&text, "undecodable"), 2.0, "{text}");
+}
+
 /// Inject each pull fault in turn; after each, 3 new messages must go through. `invalid`:
 /// how many pulled messages without a usable lease id the faults hold.
 async fn pull_faults(scenario: &str, faults: Vec<(&str, Fault, &str)>, invalid: f64) {

@@ -242,7 +242,7 @@ fn flush(ctx: &Arc<DeliveryCtx>, pending: &mut Vec<Entry>, size: &mut usize) {
 
 /// A message that cannot travel (undecodable or oversized body) is retried by policy, like a
 /// single one: the queue's `max_retries` and dead-letter queue end it.
-async fn refuse(ctx: &DeliveryCtx, msg: Message, refused: Refused) {
+pub(super) async fn refuse(ctx: &DeliveryCtx, msg: Message, refused: Refused) {
     let decision = ctx
         .policy
         .decide(&Attempt::Undecodable, msg.attempts, jitter());

@@ -16,7 +16,7 @@ use crate::cloudflare::{ApiError, PulledMessage};
 use crate::logs::{Event, esc};
 use crate::pipeline::ctx::PollCtx;
 use crate::pipeline::gate::Admit;
-use crate::telemetry::{ApiOp, ApiResult, ReleaseReason};
+use crate::telemetry::{ApiOp, ApiResult, DeliveryOutcome, ReleaseReason};
 use crate::webhook::delivery::Message;
 
 /// Pull failures in a row after which the consumer reports not ready.
@@ -233,9 +233,20 @@ async fn pull(
     let mut index = 0u32;
     let mut usable = 0usize;
     for raw in result.messages {
+        let unreadable = raw.body_unreadable;
         let Some(mut msg) = to_message(&ctx, raw, deadline) else {
             continue;
         };
+        if unreadable {
+            // Its body is not a string: never send it as an empty one (a 2xx would ack it).
+            let refused = crate::pipeline::worker::Refused {
+                outcome: DeliveryOutcome::Undecodable,
+                event: Event::DeliveryFailed,
+                detail: "the pulled message's body is not a string".into(),
+            };
+            crate::pipeline::batch::refuse(&ctx.delivery, msg, refused).await;
+            continue;
+        }
         msg.not_before = pacing.map(|(first, pace)| first + pace * index);
         index += 1;
         usable += 1;
