@@ -300,6 +300,42 @@ async fn breaker_opens_under_a_failing_receiver_and_closes_on_recovery() {
     assert_eq!((s.acked, s.dead_lettered, s.lease_expired), (50, 0, 0));
 }
 
+/// One failed request is one failure for the breaker: a 503 without `Retry-After` (which the
+/// worker weighs for a resend before the policy decides) must not count twice.
+#[tokio::test]
+async fn one_503_counts_once_against_the_breaker() {
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::status(503)).await;
+    publish_text(&emu, "q1", "m0");
+    let mut cfg = config(
+        &api,
+        &[("q1", &hook.url(), "concurrency = 1\nbatch_size = 1", "")],
+    );
+    cfg.consumers[0].retry.base_delay = Duration::from_secs(60);
+    cfg.consumers[0].breaker = cfq_relay::config::BreakerConfig {
+        enabled: true,
+        consecutive_failures: 2,
+        open_for: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let stop_relay = CancellationToken::new();
+    let relay = cfq_relay::start(cfg, stop_relay.clone()).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the 503 answered with a retry",
+        || emu.stats("q1").retried == 1,
+    )
+    .await;
+    let text = relay.metrics().render();
+    stop_relay.cancel();
+    relay.wait().await.unwrap();
+    assert_eq!(hook.count(), 1);
+    assert!(
+        text.contains("cfq_relay_breaker_state{queue=\"q1\"} 0"),
+        "one failure of the two configured opened the breaker:\n{text}"
+    );
+}
+
 #[tokio::test]
 async fn rate_limit_holds_within_ten_percent() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;

@@ -35,8 +35,9 @@ pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, slot: OwnedSemapho
             return hold_back(&ctx, msg, delay_seconds).await;
         }
     }
-    let tried = match prepare(&mut msg) {
-        Err(refused) => Tried::Refused(refused),
+    // `fed`: the answer was already fed to the limit and the breaker (weighed for a resend).
+    let (tried, fed) = match prepare(&mut msg) {
+        Err(refused) => (Tried::Refused(refused), false),
         Ok(payload) => {
             let mut resends = 0u32;
             loop {
@@ -44,7 +45,12 @@ pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, slot: OwnedSemapho
                 let Some(tried) = post(&ctx, &msg, payload.clone()).await else {
                     return release(&ctx, msg, ReleaseReason::Shutdown).await;
                 };
-                if resends < MAX_RESENDS && turned_away_at_capacity(&ctx, &tried) {
+                let capacity = if resends < MAX_RESENDS {
+                    turned_away_at_capacity(&ctx, &tried)
+                } else {
+                    None
+                };
+                if capacity == Some(true) {
                     // The receiver did not take it because it is full right now, not because
                     // it is down: send it again a round trip later, without spending one of the
                     // message's Cloudflare attempts on a retry delay.
@@ -58,11 +64,11 @@ pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, slot: OwnedSemapho
                     continue;
                 }
                 observe_age(&ctx, msg.timestamp_ms);
-                break tried;
+                break (tried, capacity.is_some());
             }
         }
     };
-    let decision = decide(&ctx, &tried, msg.attempts);
+    let decision = decide(&ctx, &tried, msg.attempts, fed);
     report(&ctx, msg, &tried, decision).await;
     ctx.limiter.release(slot);
 }
@@ -79,9 +85,11 @@ const MAX_RESENDS: u32 = 5;
 /// Feeds the answer to the limit and the breaker (as every answer) and says whether the
 /// message is worth sending again at once. A `Retry-After`, the limit at its floor, the
 /// fixed mode, a rate limit or a breaker that counted the answer keep the retry policy's way.
-fn turned_away_at_capacity(ctx: &DeliveryCtx, tried: &Tried) -> bool {
+/// `None` when the answer was not such a 429/503 (and so was not fed to the limit and the
+/// breaker here: [`decide`] feeds it).
+fn turned_away_at_capacity(ctx: &DeliveryCtx, tried: &Tried) -> Option<bool> {
     let Tried::Answered { attempt, took, .. } = tried else {
-        return false;
+        return None;
     };
     // A resend would not wait for the rate limiter's turn: with a rate limit, none.
     if ctx.fixed_limit
@@ -94,7 +102,7 @@ fn turned_away_at_capacity(ctx: &DeliveryCtx, tried: &Tried) -> bool {
             }
         )
     {
-        return false;
+        return None;
     }
     // Our own requests filled the receiver only if they used the limit: a 503 while a handful
     // is in flight under a large limit is the receiver's own trouble, not its capacity.
@@ -102,13 +110,15 @@ fn turned_away_at_capacity(ctx: &DeliveryCtx, tried: &Tried) -> bool {
     let limit_before = sample(ctx, *took, attempt);
     if let Some(t) = judge(ctx, attempt, true, Some(limit_before)) {
         breaker_changed(ctx, t);
-        return false;
+        return Some(false);
     }
-    filled
-        && ctx.limiter.request_limit() > MIN_LIMIT
-        && ctx
-            .gate
-            .at_capacity(Instant::now(), back_pressure_quiet(ctx))
+    Some(
+        filled
+            && ctx.limiter.request_limit() > MIN_LIMIT
+            && ctx
+                .gate
+                .at_capacity(Instant::now(), back_pressure_quiet(ctx)),
+    )
 }
 
 /// Let one round trip pass before a resend, as long as the lease leaves time for a delivery
@@ -269,22 +279,24 @@ async fn post(ctx: &DeliveryCtx, msg: &Message, payload: Payload) -> Option<Trie
 }
 
 /// Step 3: the policy's verdict on the message. An answer also feeds the adaptive limit, may
-/// pause the consumer (the verdict says so) and counts for the breaker; a refused message
-/// leaves the breaker's probe unused.
-fn decide(ctx: &DeliveryCtx, tried: &Tried, attempts: u32) -> Decision {
+/// pause the consumer (the verdict says so) and counts for the breaker, once: not again when
+/// it was `fed` already; a refused message leaves the breaker's probe unused.
+fn decide(ctx: &DeliveryCtx, tried: &Tried, attempts: u32, fed: bool) -> Decision {
     match tried {
         Tried::Refused(_) => {
             ctx.gate.probe_unused();
             ctx.policy.decide(&Attempt::Undecodable, attempts, jitter())
         }
         Tried::Answered { attempt, took, .. } => {
-            let limit_before = sample(ctx, *took, attempt);
+            let limit_before = (!fed).then(|| sample(ctx, *took, attempt));
             let verdict = ctx
                 .policy
                 .verdict(attempt, attempts, jitter(), headroom(ctx));
             pause(ctx, attempt, verdict.pause);
             let failed = matches!(verdict.decision, Decision::Retry { .. });
-            if let Some(t) = judge(ctx, attempt, failed, Some(limit_before)) {
+            if let Some(limit_before) = limit_before
+                && let Some(t) = judge(ctx, attempt, failed, Some(limit_before))
+            {
                 breaker_changed(ctx, t);
             }
             verdict.decision
@@ -579,7 +591,7 @@ mod tests {
         for (i, (tried, outcome, want)) in cases.into_iter().enumerate() {
             let before = count(&metrics, outcome);
             let msg = message(&format!("m{i}"), None, String::new());
-            let decision = decide(&ctx, &tried, msg.attempts);
+            let decision = decide(&ctx, &tried, msg.attempts, false);
             report(&ctx, msg, &tried, decision).await;
             let item = rx.try_recv().expect("one verdict per message");
             assert_eq!(item.lease_id, format!("lease-m{i}"));
@@ -734,17 +746,17 @@ mod tests {
         let paused = |ctx: &DeliveryCtx| matches!(ctx.gate.admit(Instant::now(), 1).0, Admit::Later(at) if at >= now + Duration::from_secs(29));
         // Fixed limit: the pause is the only way to slow down.
         let (fixed, _rx, _m) = fixture("concurrency_mode = \"fixed\"");
-        decide(&fixed, &answered(429, Some(30)), 1);
+        decide(&fixed, &answered(429, Some(30)), 1, false);
         assert!(paused(&fixed));
         // Adaptive, above its floor: the limit shrinks, the consumer goes on.
         let (adaptive, _rx, _m) = fixture("concurrency = 64");
         let before = adaptive.limiter.request_limit();
-        decide(&adaptive, &answered(429, Some(30)), 1);
+        decide(&adaptive, &answered(429, Some(30)), 1, false);
         assert!(!paused(&adaptive));
         assert!(adaptive.limiter.request_limit() <= before);
         // A 500 with Retry-After never pauses, even at a fixed limit.
         let (fixed, _rx, _m) = fixture("concurrency_mode = \"fixed\"");
-        decide(&fixed, &answered(500, Some(30)), 1);
+        decide(&fixed, &answered(500, Some(30)), 1, false);
         assert!(!paused(&fixed));
     }
 
