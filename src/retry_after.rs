@@ -10,8 +10,13 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     if value.is_empty() {
         return None;
     }
+    // At most 1e9 s (~31 years) either way: every caller adds it to an `Instant`, which panics
+    // past its range (`u64::MAX` seconds did, and killed the consumer that read it).
     if value.bytes().all(|b| b.is_ascii_digit()) {
-        return value.parse::<u64>().ok().map(Duration::from_secs);
+        return value
+            .parse::<u64>()
+            .ok()
+            .map(|secs| Duration::from_secs(secs.min(1_000_000_000)));
     }
     if let Ok(secs) = value.parse::<f64>()
         && secs.is_finite()
@@ -52,6 +57,7 @@ mod tests {
             ("soon", None),
             ("-5", None),
             ("99999999999999999999999", None),
+            ("18446744073709551615", Some(1_000_000_000)),
         ];
         for (value, want) in cases {
             let got = parse_retry_after(value, now).map(|d| d.as_secs());

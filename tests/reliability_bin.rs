@@ -208,6 +208,51 @@ async fn kill_9_mid_run_then_restart_delivers_and_acks_everything() {
     );
 }
 
+/// A `Retry-After` too large to add to a clock (`u64::MAX` seconds) on a 429 of the pull API is
+/// bad input like any other: the consumer must not panic on it (and so stop for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_retry_after_from_the_api_does_not_kill_the_consumer() {
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let (hook, _tally) = ok_hook(Duration::ZERO).await;
+    let cfg = cfg(&api, q1(&hook.url()));
+    let mut relay = RelayProcess::spawn("huge-retry-after", &cfg.text());
+    let admin = relay.wait_ready().await;
+    emu.inject_fault(
+        FaultOp::Pull,
+        Fault::Status {
+            status: 429,
+            body: String::new(),
+            retry_after: Some(u64::MAX.to_string()),
+        },
+    );
+    let scrape = || async {
+        match reqwest::get(format!("http://{admin}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    };
+    let mut seen = false;
+    for _ in 0..1000 {
+        if api_requests(&scrape().await, "pull", "429") >= 1.0 || !relay.running() {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen, "the 429 was never counted");
+    // Give a panic time to print.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(relay.running(), "the relay exited:\n{}", relay.output());
+    relay.signal("TERM");
+    let status = relay.exit(Duration::from_secs(15)).await;
+    let output = relay.output();
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(
+        !output.contains("panicked") && !output.contains("consumer task failed"),
+        "{output}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Multiple replicas
 
