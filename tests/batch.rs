@@ -261,6 +261,85 @@ async fn unknown_ids_alone_change_nothing_and_malformed_results_retry_the_batch(
     });
 }
 
+/// A 2xx whose body never arrives (it did not end within `webhook.timeout`, or broke off before
+/// its first byte) may have listed failures: nothing is taken as delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_whose_body_never_arrives_takes_nothing_as_delivered() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    publish(&emu, "q1", "m", 3);
+    // The first request gets a 200 head at once and its body (listing its first message as
+    // failed) only after the webhook timeout; later requests get an empty 200.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let head_end = loop {
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+                if n == 0 {
+                    let sent: serde_json::Value =
+                        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
+                    let first = &sent["messages"][0]["id"];
+                    let body = format!(r#"{{"failed":[{first}]}}"#);
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                    let _ = s.flush().await;
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    let _ = s.write_all(body.as_bytes()).await;
+                } else {
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                }
+            });
+        }
+    });
+    let mut cfg = one_consumer(&api, &format!("http://{addr}/hook"), &batch(10, "300ms"));
+    cfg.consumers[0].webhook.timeout = Duration::from_secs(1);
+    cfg.consumers[0].retry.base_delay = Duration::ZERO;
+    let _ = start(cfg).await.until_acked(&emu, "q1", 3).await;
+    // The first message was not delivered (the answer said so, too late): every message of
+    // that request must have come back.
+    let books = emu.books("q1");
+    assert!(
+        books
+            .iter()
+            .all(|b| b.deliveries == 2 && b.retries.len() == 1),
+        "taken as delivered on a 2xx whose body never came: {books:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_refused_whole_is_redelivered_whole() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;

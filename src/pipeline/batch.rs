@@ -108,8 +108,10 @@ pub enum BatchAnswer {
 
 /// Read a 2xx answer's body (`complete`: it was read to its end). A body that starts like a
 /// JSON object but does not parse (or broke off) is unreadable: it may have listed failures.
+/// So is one that broke off (or did not end in time) before its first byte.
 pub fn parse_answer(body: &[u8], complete: bool) -> BatchAnswer {
-    let object = body.trim_ascii_start().starts_with(b"{");
+    let start = body.trim_ascii_start();
+    let object = start.starts_with(b"{") || (!complete && start.is_empty());
     let failed = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(mut map)) if complete => map.remove("failed"),
         _ if object => return BatchAnswer::Unreadable,
@@ -496,6 +498,9 @@ mod tests {
             parse_answer(br#"{"failed":["a"]}"#, false),
             BatchAnswer::Unreadable
         );
+        // Nothing of it arrived: it may have listed failures too.
+        assert_eq!(parse_answer(b"", false), BatchAnswer::Unreadable);
+        assert_eq!(parse_answer(b" \r\n", false), BatchAnswer::Unreadable);
     }
 
     #[test]
