@@ -202,7 +202,7 @@ pub async fn batcher(ctx: Arc<DeliveryCtx>, mut rx: mpsc::Receiver<Held>) {
                     Ok(p) => p,
                     Err(refused) => {
                         refuse(&ctx, msg, refused).await;
-                        drop(slot);
+                        ctx.limiter.release(slot);
                         continue;
                     }
                 };
@@ -308,6 +308,7 @@ async fn deliver(ctx: Arc<DeliveryCtx>, batch: Vec<Entry>) {
 async fn hand_back(ctx: &DeliveryCtx, batch: Vec<Entry>, reason: ReleaseReason) {
     for e in batch {
         release(ctx, e.msg, reason).await;
+        ctx.limiter.release(e.slot);
     }
 }
 
@@ -328,6 +329,7 @@ async fn admit(ctx: &DeliveryCtx, batch: Vec<Entry>) -> Option<Vec<Entry>> {
         let delay = delay_seconds(ctx.gate.open_remaining(Instant::now()));
         for e in batch {
             hold_back(ctx, e.msg, delay).await;
+            ctx.limiter.release(e.slot);
         }
         return None;
     }
@@ -346,6 +348,7 @@ async fn admit(ctx: &DeliveryCtx, batch: Vec<Entry>) -> Option<Vec<Entry>> {
         for (i, e) in batch.into_iter().enumerate() {
             if back.contains(&i) {
                 release(ctx, e.msg, ReleaseReason::Lease).await;
+                ctx.limiter.release(e.slot);
             } else {
                 sending.push(e);
             }

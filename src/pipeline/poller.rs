@@ -258,7 +258,7 @@ async fn pull(
         };
         if ctx.delivery.shutdown.is_cancelled() {
             crate::pipeline::worker::release(&ctx.delivery, msg, ReleaseReason::Shutdown).await;
-            drop(slot);
+            ctx.delivery.limiter.release(slot);
             continue;
         }
         if let Some(tx) = &batches {
@@ -267,6 +267,7 @@ async fn pull(
             {
                 crate::pipeline::worker::release(&ctx.delivery, held.msg, ReleaseReason::Shutdown)
                     .await;
+                ctx.delivery.limiter.release(held.slot);
             }
             continue;
         }

@@ -29,10 +29,12 @@ pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, slot: OwnedSemapho
         Admission::Release(reason) => {
             // Handed back unsent: if it was the half-open breaker's probe, the next pull probes.
             ctx.gate.probe_unused();
-            return release(&ctx, msg, reason).await;
+            release(&ctx, msg, reason).await;
+            return ctx.limiter.release(slot);
         }
         Admission::BreakerOpen { delay_seconds } => {
-            return hold_back(&ctx, msg, delay_seconds).await;
+            hold_back(&ctx, msg, delay_seconds).await;
+            return ctx.limiter.release(slot);
         }
     }
     // `fed`: the answer was already fed to the limit and the breaker (weighed for a resend).
@@ -43,7 +45,8 @@ pub async fn deliver(ctx: Arc<DeliveryCtx>, mut msg: Message, slot: OwnedSemapho
             loop {
                 // The payload is reference-counted: a copy for a second send costs no body copy.
                 let Some(tried) = post(&ctx, &msg, payload.clone()).await else {
-                    return release(&ctx, msg, ReleaseReason::Shutdown).await;
+                    release(&ctx, msg, ReleaseReason::Shutdown).await;
+                    return ctx.limiter.release(slot);
                 };
                 let capacity = if resends < MAX_RESENDS {
                     turned_away_at_capacity(&ctx, &tried)
@@ -709,6 +712,39 @@ mod tests {
             metrics
                 .render()
                 .contains("cfq_relay_messages_released_total{queue=\"q1\",reason=\"breaker\"} 1")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_handed_back_unsent_pays_the_debt_of_a_shrunk_limit() {
+        let (ctx, mut rx, _metrics) = fixture("");
+        let limit = ctx.limiter.limit();
+        // Every slot is held when the limit shrinks: the slots past it are owed.
+        let mut held = ctx
+            .limiter
+            .slots()
+            .clone()
+            .try_acquire_many_owned(limit as u32)
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(20)).await;
+        let shrunk = ctx
+            .limiter
+            .sample(Duration::from_millis(20), Control::Overloaded);
+        assert!(shrunk < limit, "{shrunk} < {limit}");
+        // One of them is handed back unsent (its lease is too close).
+        let mut msg = message("m1", None, "x".into());
+        msg.deadline = Instant::now() + Duration::from_secs(1);
+        deliver(ctx.clone(), msg, held.split(1).unwrap()).await;
+        assert_eq!(
+            rx.try_recv().unwrap().kind,
+            AckKind::Retry { delay_seconds: 0 }
+        );
+        // Its slot paid the debt: more held than the limit allows, none free.
+        assert_eq!(
+            ctx.limiter.slots().available_permits(),
+            0,
+            "{} held under a limit of {shrunk}",
+            limit - 1
         );
     }
 
