@@ -176,6 +176,82 @@ async fn add_change_remove_while_delivering_loses_nothing() {
     relay.stop().await;
 }
 
+/// Two reloads in a row change a consumer twice while its first version still drains: the
+/// third version starts only once the first has finished (the second never ran), so two
+/// versions never deliver side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_changed_twice_while_draining_waits_for_the_first() {
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook_a = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(2))).await;
+    let hook_b = Hook::start(|_, _| Answer::ok()).await;
+    let hook_c = Hook::start(|_, _| Answer::ok()).await;
+    publish(&emu, "qa", "qa", 20);
+    let version = |hook: &Hook| cfg(&api, "10s", &[consumer("qa", &hook.url(), 4, "")]).config();
+    let relay = start(version(&hook_a)).await;
+    wait_until(Duration::from_secs(10), "4 deliveries in flight", || {
+        hook_a.count() == 4
+    })
+    .await;
+    relay.reload(version(&hook_b)).await.unwrap();
+    relay.reload(version(&hook_c)).await.unwrap();
+    wait_until(Duration::from_secs(20), "all acked", || {
+        emu.stats("qa").acked == 20
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(hook_a.count(), 4);
+    assert_eq!(hook_b.count(), 0, "the second version never ran");
+    // The first version's deliveries were answered 2 s after they arrived.
+    let last_a = hook_a.received().iter().map(|r| r.at).max().unwrap();
+    let first_c = hook_c.received().iter().map(|r| r.at).min().unwrap();
+    assert!(
+        first_c.saturating_duration_since(last_a) >= Duration::from_millis(1900),
+        "the third version delivered {:?} after the first's last delivery began, while it was in flight",
+        first_c.saturating_duration_since(last_a)
+    );
+}
+
+/// A consumer removed by a reload and added back by the next one while it still drains: the
+/// new one starts only once the old one has finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_removed_and_added_back_while_draining_waits_for_the_old_one() {
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook_a = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(2))).await;
+    let hook_c = Hook::start(|_, _| Answer::ok()).await;
+    let other = Hook::start(|_, _| Answer::ok()).await;
+    publish(&emu, "qa", "qa", 20);
+    let relay = start(cfg(&api, "10s", &[consumer("qa", &hook_a.url(), 4, "")]).config()).await;
+    wait_until(Duration::from_secs(10), "4 deliveries in flight", || {
+        hook_a.count() == 4
+    })
+    .await;
+    let without = cfg(&api, "10s", &[consumer("qo", &other.url(), 4, "")]).config();
+    let back = cfg(
+        &api,
+        "10s",
+        &[
+            consumer("qo", &other.url(), 4, ""),
+            consumer("qa", &hook_c.url(), 4, ""),
+        ],
+    )
+    .config();
+    assert_eq!(relay.reload(without).await.unwrap().removed, names(&["qa"]));
+    assert_eq!(relay.reload(back).await.unwrap().added, names(&["qa"]));
+    wait_until(Duration::from_secs(20), "all acked", || {
+        emu.stats("qa").acked == 20
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(hook_a.count(), 4);
+    let last_a = hook_a.received().iter().map(|r| r.at).max().unwrap();
+    let first_c = hook_c.received().iter().map(|r| r.at).min().unwrap();
+    assert!(
+        first_c.saturating_duration_since(last_a) >= Duration::from_millis(1900),
+        "the new consumer delivered {:?} after the old one's last delivery began, while it was in flight",
+        first_c.saturating_duration_since(last_a)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_reload_changes_nothing() {
     let (emu, api) = emulator(EmulatorOptions::default()).await;

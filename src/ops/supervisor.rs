@@ -158,6 +158,9 @@ pub(crate) struct Supervisor {
     slots: HashMap<String, LiveConsumer>,
     /// Every consumer task, draining ones included; each returns (label, generation).
     tasks: JoinSet<(String, u64)>,
+    /// By label, when the last consumer stopped under it will have finished draining: the next
+    /// one of that label starts after it, even if a reload in between removed the label.
+    draining: HashMap<String, CancellationToken>,
     next_generation: u64,
 }
 
@@ -172,6 +175,7 @@ impl Supervisor {
             res,
             slots: HashMap::new(),
             tasks: JoinSet::new(),
+            draining: HashMap::new(),
             next_generation: 0,
         };
         let prepared = this
@@ -342,16 +346,16 @@ impl Supervisor {
 
         // Nothing failed: apply.
         self.timing.send_replace(Timing::of(&new));
-        let mut previous: HashMap<String, CancellationToken> = HashMap::new();
+        self.draining.retain(|_, finished| !finished.is_cancelled());
         for label in summary.removed.iter().chain(&summary.changed) {
             if let Some(slot) = self.slots.remove(label) {
                 info!(queue = %label, "reload: draining the consumer");
                 slot.stop.cancel();
-                previous.insert(label.clone(), slot.finished);
+                self.draining.insert(label.clone(), slot.finished);
             }
         }
         for p in start {
-            let after = previous.remove(&p.label);
+            let after = self.draining.remove(&p.label);
             self.launch(p, after);
         }
         self.config = new;
@@ -465,8 +469,12 @@ async fn supervise(
     if let Some(previous) = after {
         tokio::select! {
             _ = previous.cancelled() => {}
-            // Stopped before it ever started: nothing was pulled.
-            _ = stop.cancelled() => return (label, generation),
+            // Stopped before it ever started: nothing was pulled. Its own successor waits on
+            // it, so it ends only when its predecessor has (a reload before the drain is over).
+            _ = stop.cancelled() => {
+                previous.cancelled().await;
+                return (label, generation);
+            }
         }
     }
     let mut run = tokio::spawn(consumer.run());
