@@ -78,6 +78,8 @@ fn bad_configs_exit_2_naming_the_key() {
         ("url.toml", "http://127.0.0.1:9/hook", "ftp://x/y", "consumers[0].webhook.url"),
         ("notoken.toml", "api_token = \"tok-123\"", "", "no API token"),
         ("tokenfile.toml", "api_token = \"tok-123\"", "api_token_file = \"/nonexistent/token\"", "cloudflare.api_token_file"),
+        // Above 0, but one request per 1e300 s is no Duration: `run` panicked building the gate.
+        ("rps.toml", "/hook\"", "/hook\"\nmax_requests_per_second = 1e-300", "consumers[0].webhook.max_requests_per_second"),
         ("syntax.toml", "", "", "TOML"),
     ];
     for (name, from, to, want) in cases {

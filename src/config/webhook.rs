@@ -258,12 +258,14 @@ impl Validate for WebhookConfig {
                 format!("{s} already counts as delivered"),
             ));
         }
+        // At least one request per 1e9 s: the gate spaces requests by 1 / rate, a `Duration`
+        // added to instants (a smaller rate made `run` panic instead of failing here).
         if let Some(rps) = self.max_requests_per_second
-            && !(rps > 0.0 && rps <= 100_000.0)
+            && !((1e-9..=100_000.0).contains(&rps))
         {
             return Err(ConfigError::invalid(
                 key("max_requests_per_second"),
-                format!("must be above 0 and at most 100000, got {rps}"),
+                format!("must be between 0.000000001 and 100000, got {rps}"),
             ));
         }
         if let Some(b) = &self.batch {
