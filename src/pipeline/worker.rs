@@ -89,7 +89,8 @@ const MAX_RESENDS: u32 = 5;
 /// message is worth sending again at once. A `Retry-After`, the limit at its floor, the
 /// fixed mode, a rate limit or a breaker that counted the answer keep the retry policy's way.
 /// `None` when the answer was not such a 429/503 (and so was not fed to the limit and the
-/// breaker here: [`decide`] feeds it).
+/// breaker here: [`decide`] feeds it), and when the policy does not retry it: a status listed
+/// in `success_statuses` or `drop_statuses` is acked or dropped as configured, never resent.
 fn turned_away_at_capacity(ctx: &DeliveryCtx, tried: &Tried) -> Option<bool> {
     let Tried::Answered { attempt, took, .. } = tried else {
         return None;
@@ -104,6 +105,7 @@ fn turned_away_at_capacity(ctx: &DeliveryCtx, tried: &Tried) -> Option<bool> {
                 retry_after: None
             }
         )
+        || !matches!(ctx.policy.decide(attempt, 1, 0.0), Decision::Retry { .. })
     {
         return None;
     }
@@ -529,6 +531,26 @@ mod tests {
             deadline: Instant::now() + Duration::from_secs(600),
             not_before: None,
         }
+    }
+
+    /// A 429/503 the user listed in `drop_statuses` or `success_statuses` takes the policy's
+    /// way (drop, ack) and is never weighed for a resend at capacity.
+    #[tokio::test]
+    async fn a_503_the_policy_drops_or_acks_is_never_resent() {
+        for (list, expected) in [("drop", Decision::Drop), ("success", Decision::Ack)] {
+            let (mut ctx, _rx, _metrics) = fixture("");
+            let policy = &mut Arc::get_mut(&mut ctx).expect("the only handle").policy;
+            match list {
+                "drop" => policy.drop_statuses = vec![503],
+                _ => policy.success_statuses = vec![503],
+            }
+            let tried = answered(503, None);
+            assert_eq!(turned_away_at_capacity(&ctx, &tried), None, "{list}");
+            assert_eq!(decide(&ctx, &tried, 1, false), expected, "{list}");
+        }
+        // Without the lists, the same answer is weighed (and fed to the limit there).
+        let (ctx, _rx, _metrics) = fixture("");
+        assert!(turned_away_at_capacity(&ctx, &answered(503, None)).is_some());
     }
 
     fn answered(status: u16, retry_after: Option<u64>) -> Tried {
