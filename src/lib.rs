@@ -81,7 +81,7 @@ pub struct Running {
     admin_addr: SocketAddr,
     metrics: Metrics,
     reloader: Reloader,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
@@ -106,9 +106,10 @@ impl Running {
         self.reloader.reload(config).await
     }
 
-    /// Wait until the relay has shut down (after the token passed to [`start`] is cancelled).
+    /// Wait until the relay has shut down (after the token passed to [`start`] is cancelled):
+    /// `Err` when it stopped because a consumer failed.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.task.await.context("relay task failed")
+        self.task.await.context("relay task failed")?
     }
 }
 
@@ -156,12 +157,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     let task = tokio::spawn(async move {
         // Readiness turns 503 as soon as the drain begins.
-        supervisor
+        let result = supervisor
             .run(reload_rx, || shutting_down.store(true, Ordering::Relaxed))
             .await;
         admin_stop.cancel();
         let _ = admin.await;
         info!("shutdown complete");
+        result
     });
     Ok(Running {
         admin_addr,

@@ -40,7 +40,9 @@ Signals:
 
 Exit status:
   0    stopped by a signal after draining
-  1    a failure while starting or running (e.g. the admin address is in use)
+  1    a failure while starting or running (e.g. the admin address is in use), or a
+       consumer that failed (a bug): every consumer drains first, then the relay exits so
+       that the service manager restarts it (systemd: Restart=on-failure)
   2    configuration error: the message names the key (systemd: RestartPreventExitStatus=2)
   130  a second SIGTERM/SIGINT during the drain
 

@@ -364,46 +364,62 @@ impl Supervisor {
         Ok(summary)
     }
 
-    /// A consumer task ended.
-    fn on_finished(&mut self, label: &str, generation: u64) {
+    /// A consumer task ended. `Err` when it ended while it should run: only a bug gets there.
+    fn on_finished(&mut self, label: &str, generation: u64) -> Result<(), String> {
         match self.slots.get(label) {
             Some(slot) if slot.generation == generation => {
-                // Ended while it should run: only a bug or a panic gets here.
                 if !slot.stop.is_cancelled() {
-                    error!(queue = %label, "consumer stopped without a shutdown request");
+                    return Err(format!(
+                        "consumer {label} stopped without a shutdown request"
+                    ));
                 }
             }
             // Replaced by a newer consumer of the same label: its series live on.
             Some(_) => {}
             None => self.res.metrics.forget_consumer(label),
         }
+        Ok(())
     }
 
-    /// Run until `shutdown` is cancelled (or every consumer has ended), serving reloads; then
-    /// call `draining` and drain every consumer.
+    /// Run until `shutdown` is cancelled, serving reloads; then call `draining` and drain every
+    /// consumer. A consumer that fails (its task panicked, or it ended while it should run)
+    /// drains them all as a shutdown does, and the result is that failure: the binary exits 1,
+    /// so that the service manager restarts the relay instead of leaving a queue unconsumed
+    /// behind a process that looks healthy. Nothing is lost: the failed consumer's messages
+    /// come back when their leases expire, the others' are handed back by the drain.
     pub async fn run(
         mut self,
         mut reloads: mpsc::Receiver<ReloadRequest>,
         draining: impl FnOnce(),
-    ) {
-        loop {
+    ) -> anyhow::Result<()> {
+        let failure = loop {
             tokio::select! {
                 // Shutdown first: consumers stop on the same token, and an idle one may end
                 // before this loop looks; that is the drain, not "stopped without a request".
                 biased;
-                _ = self.res.shutdown.cancelled() => break,
+                _ = self.res.shutdown.cancelled() => break None,
                 Some(req) = reloads.recv() => {
                     let result = self.reload(req.config);
                     let _ = req.reply.send(result);
                 }
                 joined = self.tasks.join_next() => match joined {
-                    Some(Ok((label, generation))) => self.on_finished(&label, generation),
-                    Some(Err(e)) => error!(error = %e, "consumer task failed"),
-                    None => {
-                        error!("every consumer stopped without a shutdown request");
-                        break;
+                    Some(Ok((label, generation))) => {
+                        if let Err(failure) = self.on_finished(&label, generation) {
+                            break Some(failure);
+                        }
                     }
+                    Some(Err(e)) => break Some(format!("a consumer task failed: {e}")),
+                    None => break Some("every consumer stopped without a shutdown request".into()),
                 },
+            }
+        };
+        if let Some(failure) = &failure {
+            error!(
+                error = %failure,
+                "stopping the relay: every consumer drains, then it exits with an error (a service manager restarts it)"
+            );
+            for slot in self.slots.values() {
+                slot.stop.cancel();
             }
         }
         draining();
@@ -427,6 +443,10 @@ impl Supervisor {
                 "consumers did not stop in time; unacknowledged messages return when their leases expire"
             );
             self.tasks.abort_all();
+        }
+        match failure {
+            Some(failure) => Err(anyhow::anyhow!(failure)),
+            None => Ok(()),
         }
     }
 }
@@ -515,4 +535,89 @@ pub fn check_secrets(config: &Config) -> Result<(), crate::config::ConfigError> 
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A supervisor of two consumers whose API (a closed port) never answers a pull: they run,
+    /// back off, and drain on their stop tokens.
+    fn supervisor() -> (Supervisor, CancellationToken) {
+        let config = Config::from_toml(
+            "[cloudflare]\naccount_id = \"abc\"\napi_token = \"t\"\n\
+             api_base_url = \"http://127.0.0.1:9\"\n\
+             [[consumers]]\nqueue_id = \"q1\"\n[consumers.webhook]\nurl = \"http://127.0.0.1:9/a\"\n\
+             [[consumers]]\nqueue_id = \"q2\"\n[consumers.webhook]\nurl = \"http://127.0.0.1:9/b\"\n",
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let res = Resources {
+            api_http: reqwest::Client::new(),
+            webhook_http: crate::webhook::client::WebhookPool::new().unwrap(),
+            metrics: Metrics::new(),
+            shutdown: shutdown.clone(),
+            readiness: Arc::new(std::sync::RwLock::new(Vec::new())),
+        };
+        let token = config.resolve_token().unwrap();
+        (Supervisor::new(config, token, res).unwrap(), shutdown)
+    }
+
+    /// Run `sup` until it returns (bounded), with no reloads.
+    async fn run(sup: Supervisor) -> (anyhow::Result<()>, bool) {
+        let (_reloads, rx) = mpsc::channel(1);
+        let drained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = drained.clone();
+        let result = timeout(
+            Duration::from_secs(30),
+            sup.run(rx, move || {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst)
+            }),
+        )
+        .await
+        .expect("the supervisor returned");
+        (result, drained.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn a_panicking_consumer_drains_the_others_and_fails_the_run() {
+        let (mut sup, shutdown) = supervisor();
+        let others: Vec<_> = sup.slots.values().map(|s| s.stop.clone()).collect();
+        sup.tasks.spawn(async { panic!("injected") });
+        let (result, drained) = run(sup).await;
+        let e = result.expect_err("the run fails");
+        assert!(e.to_string().contains("a consumer task failed"), "{e}");
+        assert!(drained, "readiness turned 503 for the drain");
+        assert!(others.iter().all(CancellationToken::is_cancelled));
+        // The process's token is the caller's: the failure drains without cancelling it.
+        assert!(!shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_ends_while_it_should_run_fails_the_run() {
+        let (mut sup, _shutdown) = supervisor();
+        let (label, generation) = sup
+            .slots
+            .iter()
+            .map(|(l, s)| (l.clone(), s.generation))
+            .next()
+            .unwrap();
+        // As if that consumer's task had returned on its own.
+        sup.tasks.spawn(async move { (label, generation) });
+        let (result, _) = run(sup).await;
+        let e = result.expect_err("the run fails");
+        assert!(
+            e.to_string().contains("stopped without a shutdown request"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_drains_and_succeeds() {
+        let (sup, shutdown) = supervisor();
+        shutdown.cancel();
+        let (result, drained) = run(sup).await;
+        result.unwrap();
+        assert!(drained);
+    }
 }
