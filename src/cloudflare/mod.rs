@@ -92,6 +92,11 @@ pub enum ApiError {
     Transport(String),
 }
 
+/// The longest an API `Retry-After` is believed: Cloudflare's rate limit counts over five
+/// minutes, so a longer wait (a broken proxy, a hostile answer) would only park the consumer;
+/// after it the call is tried again and a real limit answers 429 again.
+pub const MAX_API_RETRY_AFTER: Duration = Duration::from_secs(300);
+
 impl ApiError {
     /// How the call ended, for the `result` metric label.
     pub fn class(&self) -> ApiResult {
@@ -107,11 +112,11 @@ impl ApiError {
         }
     }
 
-    /// A server-given minimum wait, if any.
+    /// A server-given minimum wait, if any, at most [`MAX_API_RETRY_AFTER`].
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ApiError::RateLimited { retry_after } | ApiError::Status { retry_after, .. } => {
-                *retry_after
+                retry_after.map(|d| d.min(MAX_API_RETRY_AFTER))
             }
             _ => None,
         }

@@ -159,4 +159,19 @@ mod tests {
         };
         assert!(matches!(f.failed(&auth, true), Rest::All(d) if d >= Duration::from_secs(30)));
     }
+
+    #[test]
+    fn an_api_retry_after_is_believed_up_to_five_minutes() {
+        let mut backoff = jittered_backoff(Duration::from_millis(100), Duration::from_secs(2));
+        for (asked, waited) in [(7, 7), (300, 300), (301, 300), (1_000_000_000, 300)] {
+            let limited = ApiError::RateLimited {
+                retry_after: Some(Duration::from_secs(asked)),
+            };
+            assert_eq!(
+                retry_wait(&limited, &mut backoff),
+                Duration::from_secs(waited),
+                "Retry-After: {asked}"
+            );
+        }
+    }
 }
