@@ -209,8 +209,8 @@ impl<'de> de::Visitor<'de> for LenientString {
     skip!(None; u64, i64, f64, bool, unit, none, seq, map);
 }
 
-/// A message's `body`: a string; `null` counts as absent; any other value is read to its end
-/// and marked unreadable (`true`).
+/// A message's `body`: a string; any other value (`null` too) is read to its end and marked
+/// unreadable (`true`).
 fn lenient_body<'de, D: Deserializer<'de>>(d: D) -> Result<(Option<String>, bool), D::Error> {
     struct V;
     impl<'de> de::Visitor<'de> for V {
@@ -224,8 +224,7 @@ fn lenient_body<'de, D: Deserializer<'de>>(d: D) -> Result<(Option<String>, bool
         fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
             Ok((Some(v), false))
         }
-        skip!((None, false); unit, none);
-        skip!((None, true); u64, i64, f64, bool, seq, map);
+        skip!((None, true); unit, none, u64, i64, f64, bool, seq, map);
     }
     d.deserialize_any(V)
 }

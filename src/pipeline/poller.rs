@@ -233,16 +233,18 @@ async fn pull(
     let mut index = 0u32;
     let mut usable = 0usize;
     for raw in result.messages {
-        let unreadable = raw.body_unreadable;
+        // A body that is not a string, or none at all (Cloudflare always sends one, `""` for
+        // an empty message): unreadable, never taken for an empty one.
+        let unreadable = raw.body_unreadable || raw.body.is_none();
         let Some(mut msg) = to_message(&ctx, raw, deadline) else {
             continue;
         };
         if unreadable {
-            // Its body is not a string: never send it as an empty one (a 2xx would ack it).
+            // Never send it as an empty one (a 2xx would ack it).
             let refused = crate::pipeline::worker::Refused {
                 outcome: DeliveryOutcome::Undecodable,
                 event: Event::DeliveryFailed,
-                detail: "the pulled message's body is not a string".into(),
+                detail: "the pulled message's body is missing or not a string".into(),
             };
             crate::pipeline::batch::refuse(&ctx.delivery, msg, refused).await;
             continue;
