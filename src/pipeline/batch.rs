@@ -286,6 +286,8 @@ async fn deliver(ctx: Arc<DeliveryCtx>, batch: Vec<Entry>) {
     let body = encode_body(batch.iter().map(|e| e.json.as_slice()));
     let started = Instant::now();
     let response = tokio::select! {
+        // An answer that is there wins over the hard stop (see `worker::post`).
+        biased;
         r = ctx.webhook.post_batch(&id, n, body) => r,
         _ = ctx.hard_stop.cancelled() => {
             warn!(queue = %ctx.label, batch = %id, messages = n,

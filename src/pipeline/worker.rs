@@ -267,6 +267,9 @@ pub(super) fn decode_checked(msg: &mut Message) -> Result<Payload, Refused> {
 async fn post(ctx: &DeliveryCtx, msg: &Message, payload: Payload) -> Option<Tried> {
     let started = Instant::now();
     let response = tokio::select! {
+        // An answer that is there wins over the hard stop: handing back a message the webhook
+        // took would only deliver it twice.
+        biased;
         r = ctx.webhook.post(msg, payload) => r,
         _ = ctx.hard_stop.cancelled() => {
             warn!(queue = %ctx.label, id = %esc(&msg.id), "shutdown grace over: abandoning the delivery and handing the message back");
