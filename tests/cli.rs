@@ -112,6 +112,48 @@ fn bad_configs_exit_2_naming_the_key() {
     }
 }
 
+/// The TLS files a webhook names are checked as every other value: `check-config` catches
+/// them and `run` exits 2 naming the key (before, `check-config` said "config ok" and `run`
+/// failed at start with exit 1).
+#[test]
+fn bad_tls_files_exit_2_naming_the_key() {
+    let garbage = temp_file("tls-garbage.pem", "not a certificate\n");
+    let garbage = garbage.display();
+    let cases = [
+        (
+            "ca-missing.toml",
+            "ca_file = \"/nonexistent/ca.pem\"".to_owned(),
+            "consumers[0].webhook.ca_file",
+        ),
+        (
+            "ca-garbage.toml",
+            format!("ca_file = \"{garbage}\""),
+            "consumers[0].webhook.ca_file",
+        ),
+        (
+            "cert-garbage.toml",
+            format!("client_cert_file = \"{garbage}\"\nclient_key_file = \"{garbage}\""),
+            "consumers[0].webhook.client_cert_file",
+        ),
+    ];
+    for (name, line, want) in cases {
+        let text = BASE
+            .replace("BATCH", "")
+            .replace("/hook\"", &format!("/hook\"\n{line}"));
+        let path = temp_file(name, &text);
+        for cmd in ["check-config", "run"] {
+            let out = run(&[cmd], &path);
+            let stderr = String::from_utf8(out.stderr).unwrap();
+            assert_eq!(out.status.code(), Some(2), "{cmd} {name}: {stderr}");
+            assert!(
+                stderr.contains(want),
+                "{cmd} {name}: want {want:?} in {stderr:?}"
+            );
+            assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+        }
+    }
+}
+
 #[test]
 fn missing_config_file_exits_2() {
     let out = run(&["check-config"], Path::new("/nonexistent/cfq.toml"));
