@@ -595,6 +595,82 @@ mod tests {
         assert_eq!(custom.headers[ACCEPT], "application/json");
     }
 
+    /// A receiver that answers 204 to one request and hands back what it read of it.
+    async fn raw_receiver() -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Up to the end of the head, then what its Content-Length announces.
+            loop {
+                let n = conn.read(&mut buf).await.unwrap();
+                seen.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if seen.len() >= end + 4 + len || n == 0 {
+                        conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                            .await
+                            .unwrap();
+                        return seen[end + 4..].to_vec();
+                    }
+                }
+            }
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn configured_headers_cannot_change_the_framing_of_the_body() {
+        // A `Content-Length` among `webhook.headers` made hyper send only that many bytes of
+        // the body: the receiver answered 2xx to a truncated message, which was then acked.
+        let text = "queue_id = \"q\"\n[webhook]\nurl = \"http://127.0.0.1:9/hook\"\n\
+                    headers = { Content-Length = \"2\" }";
+        let c: ConsumerConfig = toml::from_str(text).unwrap();
+        let e = crate::config::Validate::validate(&c.webhook, "consumers[0].webhook")
+            .expect_err("a framing header is refused");
+        assert!(
+            e.to_string()
+                .starts_with("`consumers[0].webhook.headers.Content-Length`"),
+            "{e}"
+        );
+        // And what went wrong without the check, for every framing header a config can hold.
+        for header in ["Content-Length = \"2\"", "Transfer-Encoding = \"chunked\""] {
+            let (url, got) = raw_receiver().await;
+            let c: ConsumerConfig = toml::from_str(&format!(
+                "queue_id = \"q\"\n[webhook]\nurl = \"{url}\"\nheaders = {{ {header} }}"
+            ))
+            .unwrap();
+            if crate::config::Validate::validate(&c.webhook, "w").is_err() {
+                continue;
+            }
+            let hook = Webhook::new(&WebhookPool::new().unwrap(), &c).unwrap();
+            let msg = Message {
+                id: "m1".into(),
+                lease_id: "l".into(),
+                attempts: 1,
+                timestamp_ms: None,
+                content_type: None,
+                body: "hello".into(),
+                deadline: Instant::now() + Duration::from_secs(30),
+                not_before: None,
+            };
+            let payload = decode_body(None, msg.body.clone()).unwrap();
+            let r = hook.post(&msg, payload).await;
+            let body = got.await.unwrap();
+            panic!(
+                "{header}: validated, then sent {body:?} for \"hello\" ({:?})",
+                r.attempt
+            );
+        }
+    }
+
     #[test]
     fn attempt_values_are_the_numbers() {
         for n in [0, 1, 9, 10, 11, 4_294_967_295] {
