@@ -74,8 +74,10 @@ fn layers(text: &str, with_env: bool) -> Result<config::Config, ConfigError> {
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true),
+                // Not parsed: every key the environment can reach is a string (durations
+                // and numbers parse from strings), and parsing turned an all-digit account id
+                // into a float and stripped a numeric token's leading zeros.
+                .separator("__"),
         );
     }
     builder.build().map_err(config_error)
