@@ -413,9 +413,11 @@ impl Webhook {
         // The timeout covers the whole exchange, the (bounded) read of the answer included: it
         // is read so the connection can be reused and a failure logged with an excerpt.
         let deadline = Instant::now() + self.timeout;
-        let reply = match self
+        // One byte past the limit tells an answer of exactly the limit (complete) from a
+        // longer one (cut).
+        let mut reply = match self
             .client
-            .post(headers, body, deadline, MAX_RESPONSE_BODY)
+            .post(headers, body, deadline, MAX_RESPONSE_BODY + 1)
             .await
         {
             Ok(r) => r,
@@ -439,7 +441,8 @@ impl Webhook {
             retry_after: retry_after_header(&reply.headers),
         };
         let success = (200..300).contains(&status);
-        let complete = reply.broken.is_none() && reply.body.len() < MAX_RESPONSE_BODY;
+        let complete = reply.broken.is_none() && reply.body.len() <= MAX_RESPONSE_BODY;
+        reply.body.truncate(MAX_RESPONSE_BODY);
         if let Some(e) = reply.broken
             && !success
         {
@@ -597,6 +600,12 @@ mod tests {
 
     /// A receiver that answers 204 to one request and hands back what it read of it.
     async fn raw_receiver() -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+        raw_receiver_answering(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()).await
+    }
+
+    /// A receiver that answers `answer` (a whole HTTP/1.1 response) to one request and hands
+    /// back what it read of the request.
+    async fn raw_receiver_answering(answer: Vec<u8>) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
@@ -615,9 +624,7 @@ mod tests {
                         .find_map(|l| l.strip_prefix("content-length:"))
                         .map_or(0, |v| v.trim().parse().unwrap());
                     if seen.len() >= end + 4 + len || n == 0 {
-                        conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                            .await
-                            .unwrap();
+                        conn.write_all(&answer).await.unwrap();
                         return seen[end + 4..].to_vec();
                     }
                 }
@@ -668,6 +675,48 @@ mod tests {
                 "{header}: validated, then sent {body:?} for \"hello\" ({:?})",
                 r.attempt
             );
+        }
+    }
+
+    fn message(id: &str, body: &str) -> Message {
+        Message {
+            id: id.into(),
+            lease_id: "l".into(),
+            attempts: 1,
+            timestamp_ms: None,
+            content_type: None,
+            body: body.into(),
+            deadline: Instant::now() + Duration::from_secs(30),
+            not_before: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_exactly_the_read_limit_is_complete() {
+        // A batch answer that ends exactly at the limit was taken as cut off: its `failed`
+        // list unreadable, the whole batch retried (every delivered message sent again).
+        for (len, complete) in [
+            (MAX_RESPONSE_BODY - 1, true),
+            (MAX_RESPONSE_BODY, true),
+            (MAX_RESPONSE_BODY + 1, false),
+        ] {
+            let head = br#"{"failed":["m1"],"pad":""#;
+            let mut body = head.to_vec();
+            body.resize(len - 2, b'x');
+            body.extend_from_slice(b"\"}");
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+            answer.extend_from_slice(&body);
+            let (url, _) = raw_receiver_answering(answer).await;
+            let c: ConsumerConfig =
+                toml::from_str(&format!("queue_id = \"q\"\n[webhook]\nurl = \"{url}\"\n")).unwrap();
+            let hook = Webhook::new(&WebhookPool::new().unwrap(), &c).unwrap();
+            let r = hook.post_batch("b1", 1, Bytes::from_static(b"{}")).await;
+            assert_eq!(r.answer_complete, complete, "answer of {len} bytes");
+            assert_eq!(r.answer.len(), len.min(MAX_RESPONSE_BODY), "{len}");
+            if complete {
+                assert_eq!(r.answer, body);
+            }
         }
     }
 
