@@ -658,16 +658,7 @@ mod tests {
                 continue;
             }
             let hook = Webhook::new(&WebhookPool::new().unwrap(), &c).unwrap();
-            let msg = Message {
-                id: "m1".into(),
-                lease_id: "l".into(),
-                attempts: 1,
-                timestamp_ms: None,
-                content_type: None,
-                body: "hello".into(),
-                deadline: Instant::now() + Duration::from_secs(30),
-                not_before: None,
-            };
+            let msg = message("m1", "hello");
             let payload = decode_body(None, msg.body.clone()).unwrap();
             let r = hook.post(&msg, payload).await;
             let body = got.await.unwrap();
