@@ -106,7 +106,8 @@ enum Command {
     /// For container health checks (the Dockerfile's HEALTHCHECK): needs no shell, curl or wget.
     Healthcheck {
         /// Configuration file, for `admin.listen` (an unspecified address such as 0.0.0.0 is
-        /// asked on loopback); without one, 127.0.0.1:9464.
+        /// asked on loopback); without one, or when it no longer parses, the
+        /// CFQ_RELAY__ADMIN__LISTEN address, else 127.0.0.1:9464.
         #[arg(long, short, env = "CFQ_RELAY_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
         /// Admin address to ask instead of the configured one.
