@@ -88,8 +88,8 @@ enum Command {
     /// Validate a configuration file and print a one-line summary; exit 0 or 2.
     ///
     /// Reads the file and the CFQ_RELAY__* overrides as `run` would, checks every value, and
-    /// resolves every secret (API token, webhook credentials, signing secrets) without calling
-    /// any API (`--online` does). Exit 0 with a one-line summary, or 2 with one line naming the
+    /// resolves every secret (API token, webhook credentials, signing secrets) and TLS file
+    /// (`ca_file`, client certificate) without calling any API (`--online` does). Exit 0 with a one-line summary, or 2 with one line naming the
     /// bad key; with `--online`, 1 when a check against the API failed.
     CheckConfig {
         /// Configuration file (TOML) to check.
@@ -106,7 +106,8 @@ enum Command {
     /// For container health checks (the Dockerfile's HEALTHCHECK): needs no shell, curl or wget.
     Healthcheck {
         /// Configuration file, for `admin.listen` (an unspecified address such as 0.0.0.0 is
-        /// asked on loopback); without one, 127.0.0.1:9464.
+        /// asked on loopback); without one, or when it no longer parses, the
+        /// CFQ_RELAY__ADMIN__LISTEN address, else 127.0.0.1:9464.
         #[arg(long, short, env = "CFQ_RELAY_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
         /// Admin address to ask instead of the configured one.

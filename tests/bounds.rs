@@ -466,6 +466,58 @@ async fn idle_admin_connections_cannot_starve_health_or_descriptors() {
     drop(idle);
 }
 
+/// The same flood, each connection having sent the start of a request head (the shape of a
+/// slowloris attack): an evicted connection was shut down gracefully, which waits for the
+/// head, so every one of them held its descriptor until the 5 s header timeout, past the
+/// 64-connection cap and up to the process's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_admin_requests_cannot_exhaust_descriptors() {
+    use tokio::io::AsyncWriteExt;
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hook = Hook::start(|_, _| Answer::ok()).await;
+    publish(&emu, "q1", "before", 10);
+    let relay = RelayProcess::launch("admin-slowloris", &minimal(&api, &hook.url()).text())
+        .nofile(1024)
+        .spawn();
+    let admin = relay.admin().await;
+    wait_until(Duration::from_secs(20), "first deliveries", || {
+        hook.count() >= 10
+    })
+    .await;
+
+    let mut slow = Vec::with_capacity(1100);
+    let flood = Instant::now();
+    for _ in 0..1100 {
+        let Ok(mut conn) = tokio::net::TcpStream::connect(admin).await else {
+            continue;
+        };
+        let _ = conn
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            .await;
+        slow.push(conn);
+    }
+    // Within the header timeout of the first ones: still open were they not closed.
+    let fds = relay.fd_count();
+    assert!(
+        flood.elapsed() < Duration::from_secs(4),
+        "the flood was too slow to tell"
+    );
+    let health = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .get(format!("http://{admin}/healthz"))
+        .send()
+        .await;
+    let status = health.map(|r| r.status().as_u16()).unwrap_or(0);
+    println!(
+        "FIGURES admin_slowloris: half_sent=1100 nofile_limit=1024 healthz={status} relay_fds={fds}"
+    );
+    assert!(fds < 300, "the relay holds {fds} descriptors");
+    assert_eq!(status, 200, "healthz must answer within a second");
+    drop(slow);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Log hygiene
 

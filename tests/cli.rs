@@ -112,6 +112,91 @@ fn bad_configs_exit_2_naming_the_key() {
     }
 }
 
+/// The TLS files a webhook names are checked as every other value: `check-config` catches
+/// them and `run` exits 2 naming the key (before, `check-config` said "config ok" and `run`
+/// failed at start with exit 1).
+#[test]
+fn bad_tls_files_exit_2_naming_the_key() {
+    let garbage = temp_file("tls-garbage.pem", "not a certificate\n");
+    let garbage = garbage.display();
+    let cases = [
+        (
+            "ca-missing.toml",
+            "ca_file = \"/nonexistent/ca.pem\"".to_owned(),
+            "consumers[0].webhook.ca_file",
+        ),
+        (
+            "ca-garbage.toml",
+            format!("ca_file = \"{garbage}\""),
+            "consumers[0].webhook.ca_file",
+        ),
+        (
+            "cert-garbage.toml",
+            format!("client_cert_file = \"{garbage}\"\nclient_key_file = \"{garbage}\""),
+            "consumers[0].webhook.client_cert_file",
+        ),
+    ];
+    for (name, line, want) in cases {
+        let text = BASE
+            .replace("BATCH", "")
+            .replace("/hook\"", &format!("/hook\"\n{line}"));
+        let path = temp_file(name, &text);
+        for cmd in ["check-config", "run"] {
+            let out = run(&[cmd], &path);
+            let stderr = String::from_utf8(out.stderr).unwrap();
+            assert_eq!(out.status.code(), Some(2), "{cmd} {name}: {stderr}");
+            assert!(
+                stderr.contains(want),
+                "{cmd} {name}: want {want:?} in {stderr:?}"
+            );
+            assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
+        }
+    }
+}
+
+/// `healthcheck` asks a running relay where the file and the environment say it listens; a
+/// file since edited into something that does not parse does not move the running relay, and
+/// the container image gives the address in the environment. Before, the probe failed
+/// (exit 1, "configuration error") while the relay answered 200: an unhealthy container, and
+/// under an orchestrator that replaces those, a replacement that cannot start.
+#[test]
+fn healthcheck_finds_the_relay_when_the_file_no_longer_parses() {
+    use std::io::{Read, Write};
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = admin.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in admin.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+            );
+        }
+    });
+    let broken = temp_file("health-broken.toml", "[cloudflare\n");
+    let out = bin()
+        .args(["healthcheck", "--timeout", "5s", "--config"])
+        .arg(&broken)
+        .env("CFQ_RELAY__ADMIN__LISTEN", addr.to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    // No relay at all: still exit 1.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = bin()
+        .args(["healthcheck", "--timeout", "2s", "--config"])
+        .arg(&broken)
+        .env("CFQ_RELAY__ADMIN__LISTEN", closed.to_string())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
 #[test]
 fn missing_config_file_exits_2() {
     let out = run(&["check-config"], Path::new("/nonexistent/cfq.toml"));

@@ -581,3 +581,50 @@ async fn sighup_reloads_the_file_and_a_bad_edit_keeps_the_running_config() {
         }
     }
 }
+
+/// A SIGHUP during the drain changes nothing and tells systemd nothing: before, the reload
+/// "failed" with an error log ("the relay is shutting down") and the binary then sent
+/// READY=1 / STATUS=running after STOPPING=1, while it was still draining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_during_the_drain_is_ignored() {
+    let (emu, api) = emulator(EmulatorOptions::default()).await;
+    let hang = Hook::start(|_, _| Answer::ok().delayed(Duration::from_secs(60))).await;
+    let socket = temp_path("sighup-drain-notify.sock");
+    let _ = std::fs::remove_file(&socket);
+    let notify = Notifications(tokio::net::UnixDatagram::bind(&socket).unwrap());
+    let text = cfg(
+        &api,
+        "2s",
+        &[consumer("q1", &hang.url(), 4, "").timeout("20s")],
+    )
+    .text();
+    let mut relay = RelayProcess::launch("sighup-drain", &text)
+        .env("NOTIFY_SOCKET", socket.to_str().unwrap())
+        .spawn();
+    notify.expect("READY=1").await;
+    publish(&emu, "q1", "m", 1);
+    wait_until(Duration::from_secs(10), "a delivery hanging", || {
+        hang.count() == 1
+    })
+    .await;
+    relay.signal("TERM");
+    notify.expect("STOPPING=1").await;
+    relay.reload_file(&text);
+    let status = relay.exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status:?}\n{}", relay.output());
+    // Every notification sent after STOPPING=1 is in the socket by now.
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = notify.0.try_recv(&mut buf) {
+        let msg = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            !msg.lines().any(|l| l == "READY=1"),
+            "READY=1 while draining: {msg}\n{}",
+            relay.output()
+        );
+    }
+    assert!(
+        !relay.logged("configuration reload failed"),
+        "{}",
+        relay.output()
+    );
+}

@@ -25,10 +25,15 @@ pub fn run(path: PathBuf) -> ExitCode {
         // SIGHUP's default action ends the process: take it over before anything runs.
         let hangups = signal_hook_tokio::Signals::new([signal_hook::consts::SIGHUP])?;
         log_startup(&config);
-        let running = cfq_relay::start(config, shutdown).await?;
+        let running = cfq_relay::start(config, shutdown.clone()).await?;
         // systemd (Type=notify): started means admin bound and consumers running.
         notify(&[NotifyState::Ready, NotifyState::Status("running")]);
-        tokio::spawn(reload_on_hangup(hangups, path, running.reloader()));
+        tokio::spawn(reload_on_hangup(
+            hangups,
+            path,
+            running.reloader(),
+            shutdown,
+        ));
         running.wait().await
     }))
 }
@@ -45,14 +50,20 @@ fn log_startup(config: &Config) {
 }
 
 /// SIGHUP: re-read and validate the file, apply it if valid; otherwise keep running on the
-/// previous configuration and say why.
+/// previous configuration and say why. Once the drain has begun a SIGHUP is ignored: there is
+/// nothing to reload into, and systemd must not hear "ready" from a stopping relay.
 async fn reload_on_hangup(
     mut hangups: signal_hook_tokio::Signals,
     path: PathBuf,
     reloader: Reloader,
+    shutdown: tokio_util::sync::CancellationToken,
 ) {
     use futures_util::StreamExt;
     while hangups.next().await.is_some() {
+        if shutdown.is_cancelled() {
+            tracing::info!("SIGHUP during the shutdown: ignored");
+            continue;
+        }
         tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
         let mut states = vec![NotifyState::Reloading];
         // systemd wants the time of the reload request with RELOADING=1.
@@ -69,6 +80,11 @@ async fn reload_on_hangup(
                         "these settings changed but apply only after a restart; the running values stay"
                     );
                 }
+            }
+            // The drain began while the file was read: nothing changed, nothing to say.
+            Err(_) if shutdown.is_cancelled() => {
+                tracing::info!("SIGHUP during the shutdown: ignored");
+                continue;
             }
             Err(e) => tracing::error!(
                 error = %format!("{e:#}"),

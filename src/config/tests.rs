@@ -510,6 +510,38 @@ fn environment_overrides_keys() {
     assert!(out.contains("1 passed"), "the child ran no test: {out}");
 }
 
+/// An override is the text of its variable, as the file's string would be: with the
+/// variables parsed as numbers, an all-digit account id became a float (`0123…` turned into
+/// `1234567890123456800000000000000`) and a numeric token lost its leading zeros, both passing
+/// validation.
+#[test]
+fn environment_overrides_keep_the_text_as_written() {
+    let exe = std::env::current_exe().unwrap();
+    let account = "01234567890123456789012345678901";
+    if std::env::var("CFQ_RELAY_ENV_CHILD").is_ok() {
+        let c = Config::from_toml_with_env(GOOD).unwrap();
+        assert_eq!(c.cloudflare.account_id, account);
+        assert_eq!(c.cloudflare.api_token.as_ref().unwrap().expose(), "00420");
+        assert_eq!(c.shutdown.grace_period, Duration::from_secs(3));
+        return;
+    }
+    let status = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "config::tests::environment_overrides_keep_the_text_as_written",
+            "--nocapture",
+        ])
+        .env("CFQ_RELAY_ENV_CHILD", "1")
+        .env("CFQ_RELAY__CLOUDFLARE__ACCOUNT_ID", account)
+        .env("CFQ_RELAY__CLOUDFLARE__API_TOKEN", "00420")
+        .env("CFQ_RELAY__SHUTDOWN__GRACE_PERIOD", "3s")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{out}");
+    assert!(out.contains("1 passed"), "the child ran no test: {out}");
+}
+
 /// Sections left out, or written empty, are their `Default`: the defaults live in one place
 /// (the `#[educe(Default = …)]` beside each field) and serde reads them from there.
 #[test]

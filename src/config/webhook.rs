@@ -18,6 +18,18 @@ use super::{
 /// The webhook timeout when neither it nor a short lease says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Headers that frame the request body or manage the connection: never from `headers`.
+const FRAMING_HEADERS: [&str; 8] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
 /// `[consumers.webhook]`
 #[derive(Debug, Clone, PartialEq, Deserialize, Educe)]
 #[educe(Default)]
@@ -226,6 +238,15 @@ impl Validate for WebhookConfig {
                 return Err(ConfigError::invalid(
                     key("headers"),
                     format!("has an invalid header name {name:?}"),
+                ));
+            }
+            // The HTTP client frames the body by these: a `Content-Length` of the operator's
+            // made it send only that many bytes of every message (and the receiver's 2xx
+            // acked the rest away).
+            if FRAMING_HEADERS.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+                return Err(ConfigError::invalid(
+                    format!("{}.{name}", key("headers")),
+                    "frames the request body or the connection: the relay sets it itself; remove it",
                 ));
             }
             if HeaderValue::from_str(value).is_err() {

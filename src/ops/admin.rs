@@ -145,6 +145,7 @@ async fn serve_connection(
     close: CancellationToken,
     stop: CancellationToken,
 ) {
+    let serving = busy.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let app = app.clone();
         let busy = busy.clone();
@@ -171,7 +172,14 @@ async fn serve_connection(
             }
             return;
         }
-        _ = close.cancelled() => {}
+        _ = close.cancelled() => {
+            // Evicted for a new connection: closed at once unless an answer is under way. A
+            // graceful shutdown waits for a half-sent request head, so a slowloris connection
+            // kept its descriptor until the header timeout, past the cap.
+            if serving.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+        }
         _ = stop.cancelled() => {}
         _ = &mut age => {}
     }

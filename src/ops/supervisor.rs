@@ -524,15 +524,15 @@ async fn supervise(
     (label, generation)
 }
 
-/// Resolve every secret (API token, webhook credentials and signing secrets) the way `run`
-/// will, so `check-config` catches an unreadable file or an unset variable.
+/// Resolve every secret (API token, webhook credentials and signing secrets) and read every
+/// TLS file the way `run` will, so `check-config` catches an unreadable file or an unset
+/// variable.
 pub fn check_secrets(config: &Config) -> Result<(), crate::config::ConfigError> {
     config.resolve_token()?;
     for (i, c) in config.consumers.iter().enumerate() {
-        crate::webhook::delivery::WebhookAuth::resolve(
-            &c.webhook,
-            &format!("consumers[{i}].webhook"),
-        )?;
+        let at = format!("consumers[{i}].webhook");
+        crate::webhook::delivery::WebhookAuth::resolve(&c.webhook, &at)?;
+        crate::webhook::client::check_tls_files(&c.webhook, &at)?;
     }
     Ok(())
 }

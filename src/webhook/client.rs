@@ -27,7 +27,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use crate::config::WebhookConfig;
+use crate::config::{ConfigError, WebhookConfig};
 
 /// How long a TCP (and TLS) connect may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,28 +99,53 @@ struct Settings {
 impl Settings {
     /// Read the files a webhook's TLS settings name.
     fn of(w: &WebhookConfig) -> anyhow::Result<Self> {
+        Ok(Self::read(w, "webhook")?)
+    }
+
+    /// Read the files a webhook's TLS settings name; errors name the key under `at` (e.g.
+    /// `consumers[0].webhook`). A `ca_file` without a single certificate is an error: ignoring
+    /// it would leave the receiver's private CA untrusted without a word.
+    fn read(w: &WebhookConfig, at: &str) -> Result<Self, ConfigError> {
+        let invalid = |k: &str, m: String| ConfigError::invalid(format!("{at}.{k}"), m);
         let mut s = Settings {
             http2_prior_knowledge: w.http2_prior_knowledge,
             ..Settings::default()
         };
         if let Some(ca) = &w.ca_file {
-            let pem = std::fs::read(ca)
-                .with_context(|| format!("reading webhook.ca_file {}", ca.display()))?;
+            let pem = std::fs::read(ca).map_err(|e| {
+                invalid(
+                    "ca_file",
+                    format!("cannot be read ({}): {}", ca.display(), e.kind()),
+                )
+            })?;
             s.roots = CertificateDer::pem_slice_iter(&pem)
                 .collect::<Result<_, _>>()
-                .map_err(|_| {
-                    anyhow::anyhow!("webhook.ca_file {} is not a PEM bundle", ca.display())
+                .ok()
+                .filter(|roots: &Vec<_>| !roots.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "ca_file",
+                        format!("({}) is not a PEM bundle of certificates", ca.display()),
+                    )
                 })?;
         }
         if let Some(cert) = &w.client_cert_file {
-            let mut pem =
-                Zeroizing::new(std::fs::read(cert).with_context(|| {
-                    format!("reading webhook.client_cert_file {}", cert.display())
-                })?);
+            let mut pem = Zeroizing::new(std::fs::read(cert).map_err(|e| {
+                invalid(
+                    "client_cert_file",
+                    format!("cannot be read ({}): {}", cert.display(), e.kind()),
+                )
+            })?);
             pem.push(b'\n');
             // The key is a secret: read as every secret is (`config::SecretSource`).
-            let key = w.client_key_source("webhook").resolve()?;
-            pem.extend_from_slice(key.as_ref().ok_or_else(bad_identity)?.expose().as_bytes());
+            let key = w.client_key_source(at).resolve()?;
+            let key = key.ok_or_else(|| {
+                invalid(
+                    "client_cert_file",
+                    "and `client_key_file` must be set together (mutual TLS)".into(),
+                )
+            })?;
+            pem.extend_from_slice(key.expose().as_bytes());
             s.identity = Some(pem);
         }
         Ok(s)
@@ -130,6 +155,33 @@ impl Settings {
     fn is_default(&self) -> bool {
         self.roots.is_empty() && self.identity.is_none() && !self.http2_prior_knowledge
     }
+}
+
+/// Check the TLS files of webhook `w` (its key is `at`, e.g. `consumers[0].webhook`) as its
+/// client will use them, so that `check-config` and the start report a missing or unusable one
+/// as a configuration error naming the key (exit 2), not as a failure of the start.
+pub fn check_tls_files(w: &WebhookConfig, at: &str) -> Result<(), ConfigError> {
+    if w.ca_file.is_none() && w.client_cert_file.is_none() {
+        return Ok(());
+    }
+    let s = Settings::read(w, at)?;
+    let roots_only = Settings {
+        roots: s.roots.clone(),
+        ..Settings::default()
+    };
+    tls_config(&roots_only).map_err(|e| {
+        ConfigError::invalid(format!("{at}.ca_file"), format!("cannot be used: {e:#}"))
+    })?;
+    if s.identity.is_some() {
+        // Generic, as `bad_identity`: the message must never echo a part of the key.
+        tls_config(&s).map_err(|_| {
+            ConfigError::invalid(
+                format!("{at}.client_cert_file"),
+                "and `client_key_file` are not a PEM certificate and its private key",
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// The error for a certificate and key that cannot be used; generic, so that it can never

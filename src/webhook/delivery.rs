@@ -413,9 +413,11 @@ impl Webhook {
         // The timeout covers the whole exchange, the (bounded) read of the answer included: it
         // is read so the connection can be reused and a failure logged with an excerpt.
         let deadline = Instant::now() + self.timeout;
-        let reply = match self
+        // One byte past the limit tells an answer of exactly the limit (complete) from a
+        // longer one (cut).
+        let mut reply = match self
             .client
-            .post(headers, body, deadline, MAX_RESPONSE_BODY)
+            .post(headers, body, deadline, MAX_RESPONSE_BODY + 1)
             .await
         {
             Ok(r) => r,
@@ -439,7 +441,8 @@ impl Webhook {
             retry_after: retry_after_header(&reply.headers),
         };
         let success = (200..300).contains(&status);
-        let complete = reply.broken.is_none() && reply.body.len() < MAX_RESPONSE_BODY;
+        let complete = reply.broken.is_none() && reply.body.len() <= MAX_RESPONSE_BODY;
+        reply.body.truncate(MAX_RESPONSE_BODY);
         if let Some(e) = reply.broken
             && !success
         {
@@ -593,6 +596,119 @@ mod tests {
         assert_eq!(hook("").headers[ACCEPT], "*/*");
         let custom = hook("headers = { Accept = \"application/json\" }");
         assert_eq!(custom.headers[ACCEPT], "application/json");
+    }
+
+    /// A receiver that answers 204 to one request and hands back what it read of it.
+    async fn raw_receiver() -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+        raw_receiver_answering(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()).await
+    }
+
+    /// A receiver that answers `answer` (a whole HTTP/1.1 response) to one request and hands
+    /// back what it read of the request.
+    async fn raw_receiver_answering(answer: Vec<u8>) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Up to the end of the head, then what its Content-Length announces.
+            loop {
+                let n = conn.read(&mut buf).await.unwrap();
+                seen.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if seen.len() >= end + 4 + len || n == 0 {
+                        conn.write_all(&answer).await.unwrap();
+                        return seen[end + 4..].to_vec();
+                    }
+                }
+            }
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn configured_headers_cannot_change_the_framing_of_the_body() {
+        // A `Content-Length` among `webhook.headers` made hyper send only that many bytes of
+        // the body: the receiver answered 2xx to a truncated message, which was then acked.
+        let text = "queue_id = \"q\"\n[webhook]\nurl = \"http://127.0.0.1:9/hook\"\n\
+                    headers = { Content-Length = \"2\" }";
+        let c: ConsumerConfig = toml::from_str(text).unwrap();
+        let e = crate::config::Validate::validate(&c.webhook, "consumers[0].webhook")
+            .expect_err("a framing header is refused");
+        assert!(
+            e.to_string()
+                .starts_with("`consumers[0].webhook.headers.Content-Length`"),
+            "{e}"
+        );
+        // And what went wrong without the check, for every framing header a config can hold.
+        for header in ["Content-Length = \"2\"", "Transfer-Encoding = \"chunked\""] {
+            let (url, got) = raw_receiver().await;
+            let c: ConsumerConfig = toml::from_str(&format!(
+                "queue_id = \"q\"\n[webhook]\nurl = \"{url}\"\nheaders = {{ {header} }}"
+            ))
+            .unwrap();
+            if crate::config::Validate::validate(&c.webhook, "w").is_err() {
+                continue;
+            }
+            let hook = Webhook::new(&WebhookPool::new().unwrap(), &c).unwrap();
+            let msg = message("m1", "hello");
+            let payload = decode_body(None, msg.body.clone()).unwrap();
+            let r = hook.post(&msg, payload).await;
+            let body = got.await.unwrap();
+            panic!(
+                "{header}: validated, then sent {body:?} for \"hello\" ({:?})",
+                r.attempt
+            );
+        }
+    }
+
+    fn message(id: &str, body: &str) -> Message {
+        Message {
+            id: id.into(),
+            lease_id: "l".into(),
+            attempts: 1,
+            timestamp_ms: None,
+            content_type: None,
+            body: body.into(),
+            deadline: Instant::now() + Duration::from_secs(30),
+            not_before: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_exactly_the_read_limit_is_complete() {
+        // A batch answer that ends exactly at the limit was taken as cut off: its `failed`
+        // list unreadable, the whole batch retried (every delivered message sent again).
+        for (len, complete) in [
+            (MAX_RESPONSE_BODY - 1, true),
+            (MAX_RESPONSE_BODY, true),
+            (MAX_RESPONSE_BODY + 1, false),
+        ] {
+            let head = br#"{"failed":["m1"],"pad":""#;
+            let mut body = head.to_vec();
+            body.resize(len - 2, b'x');
+            body.extend_from_slice(b"\"}");
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").into_bytes();
+            answer.extend_from_slice(&body);
+            let (url, _) = raw_receiver_answering(answer).await;
+            let c: ConsumerConfig =
+                toml::from_str(&format!("queue_id = \"q\"\n[webhook]\nurl = \"{url}\"\n")).unwrap();
+            let hook = Webhook::new(&WebhookPool::new().unwrap(), &c).unwrap();
+            let r = hook.post_batch("b1", 1, Bytes::from_static(b"{}")).await;
+            assert_eq!(r.answer_complete, complete, "answer of {len} bytes");
+            assert_eq!(r.answer.len(), len.min(MAX_RESPONSE_BODY), "{len}");
+            if complete {
+                assert_eq!(r.answer, body);
+            }
+        }
     }
 
     #[test]
