@@ -60,10 +60,9 @@ pub struct BacklogMetrics {
 #[derive(Debug, Default)]
 pub struct PulledMessage {
     pub id: Option<String>,
+    /// `None` when missing or not a string (a number, an object, `null`): the message cannot
+    /// be read, and must never be taken for an empty one (`""`).
     pub body: Option<String>,
-    /// `body` was there but not a string (a number, an object…): the message cannot be read,
-    /// and must not be taken for an empty one.
-    pub body_unreadable: bool,
     pub attempts: Option<u64>,
     pub lease_id: Option<String>,
     /// `None` when absent or not an object.
@@ -209,26 +208,6 @@ impl<'de> de::Visitor<'de> for LenientString {
     skip!(None; u64, i64, f64, bool, unit, none, seq, map);
 }
 
-/// A message's `body`: a string; any other value (`null` too) is read to its end and marked
-/// unreadable (`true`).
-fn lenient_body<'de, D: Deserializer<'de>>(d: D) -> Result<(Option<String>, bool), D::Error> {
-    struct V;
-    impl<'de> de::Visitor<'de> for V {
-        type Value = (Option<String>, bool);
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("anything (a string counts)")
-        }
-        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-            Ok((Some(v.to_owned()), false))
-        }
-        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-            Ok((Some(v), false))
-        }
-        skip!((None, true); unit, none, u64, i64, f64, bool, seq, map);
-    }
-    d.deserialize_any(V)
-}
-
 /// `messages`: an array whose objects become messages; anything else in it (or instead of it)
 /// is skipped.
 fn lenient_messages<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PulledMessage>, D::Error> {
@@ -300,13 +279,12 @@ impl<'de> de::Visitor<'de> for MessageVisitor {
         lenient!(Option<String>, lenient_string);
         lenient!(Option<u64>, lenient_u64);
         lenient!(Option<MessageMetadata>, lenient_metadata);
-        lenient!((Option<String>, bool), lenient_body);
 
         let mut m = PulledMessage::default();
         while let Some(Key(key)) = map.next_key::<Key<MessageKey>>()? {
             match key {
                 MessageKey::Id => m.id = map.next_value::<Field<_>>()?.0,
-                MessageKey::Body => (m.body, m.body_unreadable) = map.next_value::<Field<_>>()?.0,
+                MessageKey::Body => m.body = map.next_value::<Field<_>>()?.0,
                 MessageKey::Attempts => m.attempts = map.next_value::<Field<_>>()?.0,
                 MessageKey::LeaseId => m.lease_id = map.next_value::<Field<_>>()?.0,
                 MessageKey::Metadata => m.metadata = map.next_value::<Field<_>>()?.0,
@@ -543,12 +521,7 @@ mod tests {
         // Fields of the wrong type or missing are None; the message itself is kept.
         assert_eq!(r.messages.len(), 3);
         assert_eq!(r.messages[0].lease_id, None);
-        assert_eq!(r.messages[1].body, None);
-        assert!(
-            r.messages[1].body_unreadable,
-            "a body of 5 is not an empty body"
-        );
-        assert!(!r.messages[0].body_unreadable && !r.messages[2].body_unreadable);
+        assert_eq!(r.messages[1].body, None, "a body of 5 is not an empty body");
         assert_eq!(r.messages[2].attempts, Some(1));
         assert_eq!(r.messages[2].timestamp_ms, Some(12));
     }

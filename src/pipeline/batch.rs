@@ -244,7 +244,7 @@ fn flush(ctx: &Arc<DeliveryCtx>, pending: &mut Vec<Entry>, size: &mut usize) {
 
 /// A message that cannot travel (undecodable or oversized body) is retried by policy, like a
 /// single one: the queue's `max_retries` and dead-letter queue end it.
-pub(super) async fn refuse(ctx: &DeliveryCtx, msg: Message, refused: Refused) {
+async fn refuse(ctx: &DeliveryCtx, msg: Message, refused: Refused) {
     let decision = ctx
         .policy
         .decide(&Attempt::Undecodable, msg.attempts, jitter());
@@ -525,7 +525,7 @@ mod tests {
             attempts: 2,
             timestamp_ms: Some(7),
             content_type: Some("bytes".into()),
-            body: String::new(),
+            body: Some(String::new()),
             deadline: Instant::now(),
             not_before: None,
         };
@@ -605,7 +605,7 @@ mod tests {
             attempts: 1,
             timestamp_ms: None,
             content_type: None,
-            body: String::new(),
+            body: Some(String::new()),
             deadline: Instant::now() + Duration::from_secs(600),
             not_before: None,
         }

@@ -16,7 +16,7 @@ use crate::cloudflare::{ApiError, PulledMessage};
 use crate::logs::{Event, esc};
 use crate::pipeline::ctx::PollCtx;
 use crate::pipeline::gate::Admit;
-use crate::telemetry::{ApiOp, ApiResult, DeliveryOutcome, ReleaseReason};
+use crate::telemetry::{ApiOp, ApiResult, ReleaseReason};
 use crate::webhook::delivery::Message;
 
 /// Pull failures in a row after which the consumer reports not ready.
@@ -233,22 +233,9 @@ async fn pull(
     let mut index = 0u32;
     let mut usable = 0usize;
     for raw in result.messages {
-        // A body that is not a string, or none at all (Cloudflare always sends one, `""` for
-        // an empty message): unreadable, never taken for an empty one.
-        let unreadable = raw.body_unreadable || raw.body.is_none();
         let Some(mut msg) = to_message(&ctx, raw, deadline) else {
             continue;
         };
-        if unreadable {
-            // Never send it as an empty one (a 2xx would ack it).
-            let refused = crate::pipeline::worker::Refused {
-                outcome: DeliveryOutcome::Undecodable,
-                event: Event::DeliveryFailed,
-                detail: "the pulled message's body is missing or not a string".into(),
-            };
-            crate::pipeline::batch::refuse(&ctx.delivery, msg, refused).await;
-            continue;
-        }
         msg.not_before = pacing.map(|(first, pace)| first + pace * index);
         index += 1;
         usable += 1;
@@ -312,7 +299,7 @@ fn to_message(ctx: &PollCtx, mut raw: PulledMessage, deadline: Instant) -> Optio
             .max(1),
         timestamp_ms: raw.timestamp_ms.filter(|t| *t > 0),
         content_type,
-        body: raw.body.unwrap_or_default(),
+        body: raw.body,
         deadline,
         not_before: None,
     })

@@ -249,7 +249,13 @@ pub(super) fn prepare(msg: &mut Message) -> Result<Payload, Refused> {
 
 /// The body of `msg`, taken out, decoded for its content type and within the size limit.
 pub(super) fn decode_checked(msg: &mut Message) -> Result<Payload, Refused> {
-    let body = std::mem::take(&mut msg.body);
+    let Some(body) = msg.body.take() else {
+        return Err(Refused {
+            outcome: DeliveryOutcome::Undecodable,
+            event: Event::DeliveryFailed,
+            detail: "the pulled message's body is missing or not a string".into(),
+        });
+    };
     let payload = decode_body(msg.content_type.as_deref(), body).map_err(|e| Refused {
         outcome: DeliveryOutcome::Undecodable,
         event: Event::DeliveryFailed,
@@ -530,7 +536,7 @@ mod tests {
             attempts: 1,
             timestamp_ms: None,
             content_type: content_type.map(str::to_owned),
-            body,
+            body: Some(body),
             deadline: Instant::now() + Duration::from_secs(600),
             not_before: None,
         }
@@ -677,7 +683,7 @@ mod tests {
         let mut ok = message("m1", Some("bytes"), "aGk=".into());
         let payload = prepare(&mut ok).unwrap();
         assert_eq!(&payload.bytes[..], b"hi");
-        assert!(ok.body.is_empty(), "the body moved into the payload");
+        assert!(ok.body.is_none(), "the body moved into the payload");
         let refused = |mut m: Message| prepare(&mut m).unwrap_err().outcome;
         assert_eq!(
             refused(message("a\r\nb", None, "x".into())),

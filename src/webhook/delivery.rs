@@ -86,7 +86,9 @@ pub struct Message {
     /// Publish time, Unix ms.
     pub timestamp_ms: Option<u64>,
     pub content_type: Option<String>,
-    pub body: String,
+    /// As pulled; `None` when it was missing or not a string: refused as undecodable, never
+    /// sent as an empty body (a 2xx would ack it).
+    pub body: Option<String>,
     /// When the lease runs out (pull start + visibility timeout: conservative).
     pub deadline: Instant,
     /// Rate limit: the send must not start before this.
@@ -659,7 +661,7 @@ mod tests {
             }
             let hook = Webhook::new(&WebhookPool::new().unwrap(), &c).unwrap();
             let msg = message("m1", "hello");
-            let payload = decode_body(None, msg.body.clone()).unwrap();
+            let payload = decode_body(None, msg.body.clone().unwrap()).unwrap();
             let r = hook.post(&msg, payload).await;
             let body = got.await.unwrap();
             panic!(
@@ -676,7 +678,7 @@ mod tests {
             attempts: 1,
             timestamp_ms: None,
             content_type: None,
-            body: body.into(),
+            body: Some(body.into()),
             deadline: Instant::now() + Duration::from_secs(30),
             not_before: None,
         }
