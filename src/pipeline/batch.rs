@@ -692,16 +692,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_half_open_probe_handed_back_for_its_lease_lets_the_next_pull_probe() {
-        use crate::pipeline::gate::{Admit, BreakerState};
-        let (ctx, mut rx, _metrics) = crate::pipeline::ctx::fixture(
-            "[consumers.breaker]\nconsecutive_failures = 1\nopen_for = \"1s\"",
-        );
-        crate::pipeline::worker::judge(&ctx, &Attempt::Connect, true, None).expect("opened");
-        tokio::time::advance(Duration::from_secs(1)).await;
+        use crate::pipeline::worker::probe;
+        let (ctx, mut rx, _metrics) = crate::pipeline::ctx::fixture(probe::BREAKER);
         // The breaker's probe: one message pulled, in a batch of its own.
-        let (admit, t) = ctx.gate.admit(Instant::now(), 10);
-        assert!(matches!(admit, Admit::Now { max: 1, .. }), "{admit:?}");
-        assert_eq!(t.map(|t| t.to), Some(BreakerState::HalfOpen));
+        probe::take(&ctx).await;
         // Its lease no longer leaves room for the request.
         let mut msg = held("probe");
         msg.deadline = Instant::now() + Duration::from_secs(1);
@@ -716,13 +710,7 @@ mod tests {
             rx.try_recv().unwrap().kind,
             AckKind::Retry { delay_seconds: 0 }
         );
-        // Nothing judged the webhook: the next pull must be able to probe again.
-        tokio::time::advance(Duration::from_secs(5)).await;
-        let (admit, _) = ctx.gate.admit(Instant::now(), 10);
-        assert!(
-            matches!(admit, Admit::Now { max: 1, .. }),
-            "the consumer never pulls again: {admit:?}"
-        );
+        probe::assert_next_pull_probes(&ctx).await;
     }
 
     #[test]

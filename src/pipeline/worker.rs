@@ -519,6 +519,36 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The half-open breaker's probe, for the tests of the worker and the batch path.
+#[cfg(test)]
+pub(super) mod probe {
+    use super::*;
+    use crate::pipeline::gate::Admit;
+
+    /// A `fixture` consumer whose breaker opens on one failure, for 1 s.
+    pub const BREAKER: &str = "[consumers.breaker]\nconsecutive_failures = 1\nopen_for = \"1s\"";
+
+    /// Open the breaker of a [`BREAKER`] consumer, wait it out, and take the half-open probe's
+    /// pull (one message).
+    pub async fn take(ctx: &DeliveryCtx) {
+        judge(ctx, &Attempt::Connect, true, None).expect("opened");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (admit, t) = ctx.gate.admit(Instant::now(), 10);
+        assert!(matches!(admit, Admit::Now { max: 1, .. }), "{admit:?}");
+        assert_eq!(t.map(|t| t.to), Some(BreakerState::HalfOpen));
+    }
+
+    /// Nothing judged the webhook: the next pull must be able to probe again.
+    pub async fn assert_next_pull_probes(ctx: &DeliveryCtx) {
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let (admit, _) = ctx.gate.admit(Instant::now(), 10);
+        assert!(
+            matches!(admit, Admit::Now { max: 1, .. }),
+            "the consumer never pulls again: {admit:?}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The worker's steps with fakes: a real context whose webhook is never asked (the answers
@@ -781,14 +811,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_half_open_probe_handed_back_for_its_lease_lets_the_next_pull_probe() {
-        let (ctx, mut rx, _metrics) =
-            fixture("[consumers.breaker]\nconsecutive_failures = 1\nopen_for = \"1s\"");
-        judge(&ctx, &Attempt::Connect, true, None).expect("opened");
-        tokio::time::advance(Duration::from_secs(1)).await;
-        // The breaker's probe: one message pulled.
-        let (admit, t) = ctx.gate.admit(Instant::now(), 10);
-        assert!(matches!(admit, Admit::Now { max: 1, .. }), "{admit:?}");
-        assert_eq!(t.map(|t| t.to), Some(BreakerState::HalfOpen));
+        let (ctx, mut rx, _metrics) = fixture(super::probe::BREAKER);
+        super::probe::take(&ctx).await;
         // The pull was slow: the probe's lease no longer leaves room for the request.
         let mut msg = message("probe", None, "x".into());
         msg.deadline = Instant::now() + Duration::from_secs(1);
@@ -798,13 +822,7 @@ mod tests {
             rx.try_recv().unwrap().kind,
             AckKind::Retry { delay_seconds: 0 }
         );
-        // Nothing judged the webhook: the next pull must be able to probe again.
-        tokio::time::advance(Duration::from_secs(5)).await;
-        let (admit, _) = ctx.gate.admit(Instant::now(), 10);
-        assert!(
-            matches!(admit, Admit::Now { max: 1, .. }),
-            "the consumer never pulls again: {admit:?}"
-        );
+        super::probe::assert_next_pull_probes(&ctx).await;
     }
 
     #[tokio::test]
