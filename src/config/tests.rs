@@ -481,33 +481,40 @@ fn log_levels_must_be_real_levels() {
     );
 }
 
-#[test]
-fn environment_overrides_keys() {
-    // Setting variables in this process would race the other tests (and is `unsafe` in
-    // edition 2024), so the test re-runs itself in a child process with the variables set.
-    let exe = std::env::current_exe().unwrap();
+/// Setting variables in this process would race the other tests (and is `unsafe` in edition
+/// 2024), so a test of the environment re-runs itself in a child process with `vars` set.
+/// `true` in the child: the caller then checks the config; in the parent this asserts the child
+/// ran that one test and it passed.
+fn in_child_with_env(test: &str, vars: &[(&str, &str)]) -> bool {
     if std::env::var("CFQ_RELAY_ENV_CHILD").is_ok() {
-        let c = Config::from_toml_with_env(GOOD).unwrap();
-        assert_eq!(c.cloudflare.account_id, "fromenv");
-        assert_eq!(c.log.level, "debug");
-        assert_eq!(c.admin.listen, "127.0.0.1:9999".parse().unwrap());
-        return;
+        return true;
     }
+    let exe = std::env::current_exe().unwrap();
     let status = std::process::Command::new(exe)
-        .args([
-            "--exact",
-            "config::tests::environment_overrides_keys",
-            "--nocapture",
-        ])
+        .args(["--exact", &format!("config::tests::{test}"), "--nocapture"])
         .env("CFQ_RELAY_ENV_CHILD", "1")
-        .env("CFQ_RELAY__CLOUDFLARE__ACCOUNT_ID", "fromenv")
-        .env("CFQ_RELAY__LOG__LEVEL", "debug")
-        .env("CFQ_RELAY__ADMIN__LISTEN", "127.0.0.1:9999")
+        .envs(vars.iter().copied())
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{out}");
     assert!(out.contains("1 passed"), "the child ran no test: {out}");
+    false
+}
+
+#[test]
+fn environment_overrides_keys() {
+    let vars = [
+        ("CFQ_RELAY__CLOUDFLARE__ACCOUNT_ID", "fromenv"),
+        ("CFQ_RELAY__LOG__LEVEL", "debug"),
+        ("CFQ_RELAY__ADMIN__LISTEN", "127.0.0.1:9999"),
+    ];
+    if in_child_with_env("environment_overrides_keys", &vars) {
+        let c = Config::from_toml_with_env(GOOD).unwrap();
+        assert_eq!(c.cloudflare.account_id, "fromenv");
+        assert_eq!(c.log.level, "debug");
+        assert_eq!(c.admin.listen, "127.0.0.1:9999".parse().unwrap());
+    }
 }
 
 /// An override is the text of its variable, as the file's string would be: with the
@@ -516,30 +523,18 @@ fn environment_overrides_keys() {
 /// validation.
 #[test]
 fn environment_overrides_keep_the_text_as_written() {
-    let exe = std::env::current_exe().unwrap();
     let account = "01234567890123456789012345678901";
-    if std::env::var("CFQ_RELAY_ENV_CHILD").is_ok() {
+    let vars = [
+        ("CFQ_RELAY__CLOUDFLARE__ACCOUNT_ID", account),
+        ("CFQ_RELAY__CLOUDFLARE__API_TOKEN", "00420"),
+        ("CFQ_RELAY__SHUTDOWN__GRACE_PERIOD", "3s"),
+    ];
+    if in_child_with_env("environment_overrides_keep_the_text_as_written", &vars) {
         let c = Config::from_toml_with_env(GOOD).unwrap();
         assert_eq!(c.cloudflare.account_id, account);
         assert_eq!(c.cloudflare.api_token.as_ref().unwrap().expose(), "00420");
         assert_eq!(c.shutdown.grace_period, Duration::from_secs(3));
-        return;
     }
-    let status = std::process::Command::new(exe)
-        .args([
-            "--exact",
-            "config::tests::environment_overrides_keep_the_text_as_written",
-            "--nocapture",
-        ])
-        .env("CFQ_RELAY_ENV_CHILD", "1")
-        .env("CFQ_RELAY__CLOUDFLARE__ACCOUNT_ID", account)
-        .env("CFQ_RELAY__CLOUDFLARE__API_TOKEN", "00420")
-        .env("CFQ_RELAY__SHUTDOWN__GRACE_PERIOD", "3s")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "{out}");
-    assert!(out.contains("1 passed"), "the child ran no test: {out}");
 }
 
 /// Sections left out, or written empty, are their `Default`: the defaults live in one place
