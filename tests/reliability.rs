@@ -23,11 +23,11 @@ use cfq_relay::Config;
 use cfq_relay::cloudflare::ApiError;
 use cfq_relay::retry::retry_wait;
 use support::{
-    Answer, Cfg, ConsumerCfg, EndState, Hook, InProcess, Tally, TestEmulator, api_requests,
-    assert_books, assert_handed_back, config, emulator, http_status, metric, ok_hook, publish,
-    publish_and_ack, released, start, wait_until,
+    Answer, Cfg, ConsumerCfg, EndState, Hook, InProcess, RawRequest, Tally, TestEmulator,
+    api_requests, assert_books, assert_handed_back, config, emulator, http_status, metric, ok_hook,
+    publish, publish_and_ack, released, start, wait_until,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -979,33 +979,11 @@ async fn raw_answer(
     tally: Tally,
     huge: Arc<Mutex<Vec<(u64, bool)>>>,
 ) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
+    let Some(request) = RawRequest::read(&mut s).await else {
+        return;
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    let header = |name: &str| {
-        head.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .map(|v| v.trim().to_owned())
-    };
-    let len: usize = header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + len {
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string();
+    let body = String::from_utf8_lossy(&request.body).to_string();
+    let header = |name: &str| request.header(name);
     let id = header("cfq-message-id").unwrap_or_default();
     let first = header("cfq-attempt").as_deref() == Some("1");
     let kind = if first {

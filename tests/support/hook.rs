@@ -110,3 +110,55 @@ impl Tally {
         self.0.lock().unwrap().get(id).copied().unwrap_or(0)
     }
 }
+
+/// One HTTP/1.1 request read off a raw socket, for the tests whose webhook must misbehave at
+/// the TCP level (answer in pieces, reset, hold the body), which the sink cannot.
+pub struct RawRequest {
+    /// The request line and headers, lowercased.
+    pub head: String,
+    /// The body: `content-length` bytes.
+    pub body: Vec<u8>,
+}
+
+impl RawRequest {
+    /// Read one request from `s`; `None` when the connection ends first.
+    pub async fn read(s: &mut tokio::net::TcpStream) -> Option<Self> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let mut request = Self {
+            head,
+            body: Vec::new(),
+        };
+        let len: usize = request
+            .header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        request.body = buf[head_end..head_end + len].to_vec();
+        Some(request)
+    }
+
+    /// The value of header `name` (lowercase), trimmed.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map(|v| v.trim().to_owned())
+    }
+}

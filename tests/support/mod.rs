@@ -30,7 +30,7 @@ pub use books::{
 };
 pub use child::{RelayProcess, bin, check_config, temp_file, temp_path};
 pub use config::{Cfg, ConsumerCfg, config, one_consumer};
-pub use hook::{Answer, Hook, Received, Tally, ok_hook};
+pub use hook::{Answer, Hook, RawRequest, Received, Tally, ok_hook};
 pub use inproc::{InProcess, start};
 
 /// The API token every test emulator accepts.
