@@ -89,13 +89,7 @@ fn bad_configs_exit_2_naming_the_key() {
         };
         let path = temp_file(name, &text);
         for cmd in ["check-config", "run"] {
-            let out = run(&[cmd], &path);
-            let stderr = String::from_utf8(out.stderr).unwrap();
-            assert_eq!(out.status.code(), Some(2), "{cmd} {name}: {stderr}");
-            assert!(
-                stderr.contains(want),
-                "{cmd} {name}: want {want:?} in {stderr:?}"
-            );
+            let stderr = exits_2_saying(cmd, &path, name, want);
             let lines: Vec<&str> = stderr.trim_end().lines().collect();
             if name == "syntax.toml" {
                 // One message line, then a gutter with a caret under the column, the line's
@@ -110,6 +104,19 @@ fn bad_configs_exit_2_naming_the_key() {
             assert!(!stderr.contains("tok-123"), "{stderr}");
         }
     }
+}
+
+/// Run `cmd` on the config at `path` (case `name`): it must exit 2 with `want` in its stderr,
+/// which is returned.
+fn exits_2_saying(cmd: &str, path: &Path, name: &str, want: &str) -> String {
+    let out = run(&[cmd], path);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{cmd} {name}: {stderr}");
+    assert!(
+        stderr.contains(want),
+        "{cmd} {name}: want {want:?} in {stderr:?}"
+    );
+    stderr
 }
 
 /// The TLS files a webhook names are checked as every other value: `check-config` catches
@@ -142,13 +149,7 @@ fn bad_tls_files_exit_2_naming_the_key() {
             .replace("/hook\"", &format!("/hook\"\n{line}"));
         let path = temp_file(name, &text);
         for cmd in ["check-config", "run"] {
-            let out = run(&[cmd], &path);
-            let stderr = String::from_utf8(out.stderr).unwrap();
-            assert_eq!(out.status.code(), Some(2), "{cmd} {name}: {stderr}");
-            assert!(
-                stderr.contains(want),
-                "{cmd} {name}: want {want:?} in {stderr:?}"
-            );
+            let stderr = exits_2_saying(cmd, &path, name, want);
             assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr:?}");
         }
     }
